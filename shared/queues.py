@@ -1,0 +1,49 @@
+"""Celery wiring both sides share: queue declarations, routing by priority, serialisation.
+
+Producers publish by task *name* through an app built here, so they never import worker code
+(torch, transformers). Workers build their app from the same function and add worker settings.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared.config import Settings
+from shared.schemas import Priority
+
+GENERATE_TASK = "autoglm.generate"
+CLASSIFY_TASK = "autoglm.classify"
+
+
+def declared_queues(settings: Settings) -> list[Queue]:
+    """One direct exchange + routing key per queue, declared explicitly (see FACTS.md: an undeclared
+    exchange silently bound both queues to the app's default key)."""
+    ordered = sorted(settings.queues.values(), key=lambda q: q.priority)
+    return [Queue(q.name, Exchange(q.name, type="direct"), routing_key=q.name) for q in ordered]
+
+
+def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Celery:
+    app = Celery(name, broker=redis_url, backend=redis_url)
+    interactive = settings.queue_name(Priority.INTERACTIVE)
+    app.conf.update(
+        task_queues=declared_queues(settings),
+        task_default_queue=interactive,
+        task_default_exchange=interactive,
+        task_default_routing_key=interactive,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_expires=settings.broker.result_expires_s,
+        result_extended=True,
+        task_track_started=True,
+        # Redis lists are polled in the order the worker lists its queues: interactive first.
+        broker_transport_options={
+            "queue_order_strategy": "priority",
+            "visibility_timeout": settings.broker.visibility_timeout_s,
+        },
+        result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+    )
+    return app

@@ -1,0 +1,145 @@
+"""Task schemas: what a producer puts on the queue and what a worker stores as the result.
+
+Both sides validate with the same models, so a request the producer accepts is one the worker can
+parse; requests that bypass the producer (raw messages) are validated again by the worker.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_TEXT_CHARS = 32_000
+MAX_LABELS = 32
+
+
+class TaskType(StrEnum):
+    TEXT_GENERATION = "text_generation"
+    CLASSIFICATION = "classification"
+
+
+class Priority(StrEnum):
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+class _RequestBase(_Strict):
+    model: str | None = Field(
+        default=None, description="Model alias from the config; None picks the default for the task."
+    )
+    priority: Priority = Priority.INTERACTIVE
+    submitted_at: float = Field(default_factory=time.time, description="Producer wall clock, epoch s.")
+    deadline: float | None = Field(
+        default=None, description="Epoch seconds after which the request must not run."
+    )
+
+
+class GenerateRequest(_RequestBase):
+    """Chat-style text generation. Give ``prompt`` (one user turn) or ``messages``."""
+
+    task_type: Literal[TaskType.TEXT_GENERATION] = TaskType.TEXT_GENERATION
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=64)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=1, le=2048)] = 64
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=8)] = []
+    chat_template: bool = Field(
+        default=True, description="Wrap the prompt in the model's chat template (instruct models)."
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        if self.messages is not None:
+            return [m.model_dump() for m in self.messages]
+        return [{"role": "user", "content": self.prompt or ""}]
+
+
+class ClassifyRequest(_RequestBase):
+    """Zero-shot classification: pick the most likely of ``labels`` for ``text``.
+
+    ``prompt_template`` must contain ``{text}``; it may contain ``{labels}`` (comma-joined).
+    """
+
+    task_type: Literal[TaskType.CLASSIFICATION] = TaskType.CLASSIFICATION
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    labels: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=2, max_length=MAX_LABELS)
+    ]
+    prompt_template: str | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels: list[str]) -> list[str]:
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be unique")
+        if any(not label.strip() for label in labels):
+            raise ValueError("labels must not be blank")
+        return labels
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_text(cls, template: str | None) -> str | None:
+        if template is not None and "{text}" not in template:
+            raise ValueError("prompt_template must contain '{text}'")
+        return template
+
+
+TaskRequest = Annotated[GenerateRequest | ClassifyRequest, Field(discriminator="task_type")]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Timings(BaseModel):
+    """Where the request's time went, in milliseconds (wall clocks of producer and worker)."""
+
+    queue_wait_ms: float = 0.0  # producer submit -> worker picked the message
+    batch_wait_ms: float = 0.0  # handed to the batcher -> its batch started
+    inference_ms: float = 0.0  # the batch's model time (shared by all members)
+    total_ms: float = 0.0  # producer submit -> result ready
+
+
+class GenerateOutput(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+class ClassifyOutput(BaseModel):
+    label: str
+    scores: dict[str, float]  # probability per label, sums to 1
+
+
+class TaskResult(BaseModel):
+    """What a worker stores for a successful request."""
+
+    task_type: TaskType
+    model: str
+    output: GenerateOutput | ClassifyOutput
+    usage: Usage
+    timings: Timings
+    batch_size: int
+    worker: str = ""
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> TaskResult:
+        return cls.model_validate(data)

@@ -1,0 +1,1 @@
+"""The worker side: Celery app, tasks, micro-batcher and inference engine."""

@@ -1,0 +1,59 @@
+"""The worker's Celery app: shared queue wiring plus the settings that make batching and priority work.
+
+Why these settings (measured, see ../shared/FACTS.md and docs/architecture.md):
+- threads pool: one process owns the model; many task threads park on the batcher at once.
+- prefetch 1 + acks_late: a worker never holds more messages than it has threads, so interactive
+  messages are not stuck behind a reserved bulk backlog; a crash redelivers unacked work.
+- queues listed interactive first with ``queue_order_strategy=priority``: Redis is polled in order.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, signals
+
+from shared.config import Settings, load_settings
+from shared.errors import ErrorCode, FleetError
+from shared.queues import make_celery
+from workers import runtime
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Celery:
+    if not settings.redis_url:
+        raise FleetError(
+            ErrorCode.BROKER_UNAVAILABLE, "the worker needs REDIS_URL (or run `autoglm worker`, which can embed one)"
+        )
+    app = make_celery(settings, settings.redis_url, name="autoglm-worker")
+    app.conf.update(
+        include=["workers.tasks"],
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    return app
+
+
+settings = load_settings()
+app = create_app(settings)
+
+
+@signals.worker_init.connect
+def _load_models(**_: object) -> None:
+    runtime.install(runtime.build_runtime(settings))
+
+
+@signals.worker_shutdown.connect
+def _stop_batcher(**_: object) -> None:
+    try:
+        runtime.current().close()
+    except FleetError:
+        pass

@@ -1,0 +1,173 @@
+"""Micro-batching: many Celery task threads, one model call per batch.
+
+Each task thread ``submit``s a prepared request and parks on a Future. One batcher thread forms
+batches: it takes the most urgent request (interactive before bulk, then oldest), adds others that
+can share its forward pass (same batch key) in the same order until ``max_batch_size`` or the
+padded-token budget is reached, and waits at most ``max_wait_ms`` (counted from the first request's
+arrival) for company. It flushes early when no more requests can arrive (every worker thread is
+already waiting or running). A batch that raises is split in halves and retried, so one bad request
+fails alone and its batch-mates still get answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a request adds to a padded batch: ``rows`` sequences of up to ``width`` tokens."""
+
+    rows: int
+    width: int
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    size: int
+    batch_wait_ms: float
+    inference_ms: float
+
+
+@dataclass(order=True)
+class _Pending:
+    order: tuple[int, int]
+    key: Hashable = field(compare=False)
+    shape: Shape = field(compare=False)
+    payload: Any = field(compare=False)
+    future: Future = field(compare=False)
+    enqueued: float = field(compare=False)
+
+
+RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        run: RunBatch,
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        max_pending: int | None = None,
+        name: str = "micro-batcher",
+    ) -> None:
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_pending = max_pending
+        self._waiting: list[_Pending] = []
+        self._running = 0
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.recent_batch_sizes: deque[int] = deque(maxlen=10_000)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> MicroBatcher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what was submitted, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, key: Hashable, payload: Any, shape: Shape, priority: int = 0) -> Future:
+        """Queue one request; the Future resolves to ``(result, BatchInfo)`` or raises its error."""
+        future: Future = Future()
+        item = _Pending((priority, next(self._seq)), key, shape, payload, future, time.monotonic())
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("batcher is stopping")
+            self._waiting.append(item)
+            self._cond.notify()
+        return future
+
+    # -- batch formation -----------------------------------------------------------------------
+    def _padded_tokens(self, members: list[_Pending]) -> int:
+        return sum(m.shape.rows for m in members) * max(m.shape.width for m in members)
+
+    def _select(self) -> tuple[list[_Pending], bool]:
+        """Members of the next batch (most urgent first) and whether the batch is full."""
+        ordered = sorted(self._waiting)
+        head = ordered[0]
+        chosen = [head]
+        for item in ordered[1:]:
+            if len(chosen) >= self.max_batch_size:
+                return chosen, True
+            if item.key != head.key:
+                continue
+            if self._padded_tokens([*chosen, item]) > self.max_batch_tokens:
+                return chosen, True
+            chosen.append(item)
+        full = len(chosen) >= self.max_batch_size
+        nobody_else_can_come = (
+            self.max_pending is not None and len(self._waiting) + self._running >= self.max_pending
+        )
+        return chosen, full or nobody_else_can_come
+
+    def _next_batch(self) -> list[_Pending] | None:
+        with self._cond:
+            while True:
+                if not self._waiting:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                chosen, full = self._select()
+                wait_left = chosen[0].enqueued + self.max_wait - time.monotonic()
+                if full or wait_left <= 0 or self._stopping:
+                    picked = {id(m) for m in chosen}
+                    self._waiting = [w for w in self._waiting if id(w) not in picked]
+                    self._running = len(chosen)
+                    return chosen
+                self._cond.wait(wait_left)
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._execute(batch)
+            finally:
+                with self._cond:
+                    self._running = 0
+
+    # -- execution -----------------------------------------------------------------------------
+    def _execute(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        try:
+            results = self._run(batch[0].key, [m.payload for m in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+        except Exception as exc:  # noqa: BLE001 - isolate the failing member(s)
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            log.warning("batch of %d failed (%s: %s); splitting to isolate", len(batch), type(exc).__name__, exc)
+            half = len(batch) // 2
+            self._execute(batch[:half])
+            self._execute(batch[half:])
+            return
+        finished = time.monotonic()
+        self.recent_batch_sizes.append(len(batch))
+        for member, result in zip(batch, results, strict=True):
+            info = BatchInfo(
+                size=len(batch),
+                batch_wait_ms=(started - member.enqueued) * 1000.0,
+                inference_ms=(finished - started) * 1000.0,
+            )
+            member.future.set_result((result, info))

@@ -1,0 +1,244 @@
+"""The inference engine: one loaded model, batched generation and batched label scoring.
+
+An Engine is created once per worker process. ``prepare`` runs in the calling task's thread
+(validation + tokenisation, so the batcher thread only collates tensors); ``generate`` and
+``classify`` run a whole batch in one call from the batcher thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from shared.config import ModelConfig
+from shared.errors import ErrorCode, FleetError
+from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
+from workers.sampling import PerRowSampling, PerRowStop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedGenerate:
+    request: GenerateRequest
+    input_ids: list[int]
+
+    @property
+    def cost_tokens(self) -> int:
+        return len(self.input_ids) + self.request.max_new_tokens
+
+
+@dataclass(frozen=True)
+class PreparedClassify:
+    request: ClassifyRequest
+    prompt_ids: list[int]
+    label_ids: list[list[int]]
+
+    @property
+    def cost_tokens(self) -> int:
+        return sum(len(self.prompt_ids) + len(ids) for ids in self.label_ids)
+
+
+Prepared = PreparedGenerate | PreparedClassify
+
+
+@dataclass(frozen=True)
+class Answer:
+    output: GenerateOutput | ClassifyOutput
+    usage: Usage
+
+
+def pick_device(wanted: str) -> torch.device:
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise FleetError(ErrorCode.MODEL_UNAVAILABLE, "worker.device is 'cuda' but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(wanted: str, device: torch.device) -> torch.dtype:
+    if wanted != "auto":
+        return getattr(torch, wanted)
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def join_labels(labels: list[str]) -> str:
+    """'a or b', 'a, b or c': how the classification template lists the choices."""
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
+
+
+class Engine:
+    """A causal LM loaded with the real ``from_pretrained`` path (GPTQ folders included)."""
+
+    def __init__(self, config: ModelConfig, path: Path, device: str = "auto") -> None:
+        self.config = config
+        self.path = path
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        started = time.perf_counter()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device))
+        self.model.eval()
+        self.load_seconds = time.perf_counter() - started
+        self.context = min(config.max_context_tokens, getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.stop_token_ids = self._stop_token_ids()
+        log.info("loaded %s from %s on %s/%s in %.1fs", config.name, path, self.device, self.dtype, self.load_seconds)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def _stop_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return sorted(i for i in ids if i is not None)
+
+    # -- per request, in the task's thread -----------------------------------------------------
+    def prepare(self, request: GenerateRequest | ClassifyRequest) -> Prepared:
+        """Tokenise and check limits; raises FleetError(PROMPT_TOO_LONG / INVALID_INPUT)."""
+        if isinstance(request, GenerateRequest):
+            return self._prepare_generate(request)
+        return self._prepare_classify(request)
+
+    def _prepare_generate(self, request: GenerateRequest) -> PreparedGenerate:
+        if request.chat_template and self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                request.chat_messages(), tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif request.prompt is not None:
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        else:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"model {self.name} has no chat template; send 'prompt'")
+        if len(ids) + request.max_new_tokens > self.context:
+            raise FleetError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"prompt is {len(ids)} tokens + max_new_tokens {request.max_new_tokens} > context "
+                f"{self.context} of model {self.name}; shorten the prompt or lower max_new_tokens",
+            )
+        return PreparedGenerate(request, ids)
+
+    def _prepare_classify(self, request: ClassifyRequest) -> PreparedClassify:
+        template = request.prompt_template or self.config.classification_template
+        try:
+            prompt = template.format(text=request.text, labels=join_labels(request.labels))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise FleetError(
+                ErrorCode.INVALID_INPUT, f"prompt_template is not a valid format string ({exc!r}); "
+                "use only {text} and {labels} placeholders"
+            ) from exc
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        label_ids = [self.tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in request.labels]
+        longest = len(prompt_ids) + max(len(ids) for ids in label_ids)
+        if longest > self.context:
+            raise FleetError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"text is {len(prompt_ids)} tokens with the template; model {self.name} takes {self.context}",
+            )
+        return PreparedClassify(request, prompt_ids, label_ids)
+
+    # -- per batch, in the batcher's thread ----------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, items: list[PreparedGenerate]) -> list[Answer]:
+        """Left-padded batched ``generate``; each row keeps its own sampling and stop settings."""
+        pad = self.tokenizer.pad_token_id
+        width = max(len(item.input_ids) for item in items)
+        input_ids = torch.full((len(items), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            input_ids[row, width - len(item.input_ids) :] = torch.tensor(item.input_ids)
+            attention[row, width - len(item.input_ids) :] = 1
+        requests = [item.request for item in items]
+        sampling = any(r.temperature > 0 for r in requests)
+        config = GenerationConfig(
+            max_new_tokens=max(r.max_new_tokens for r in requests),
+            do_sample=sampling,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            pad_token_id=pad,
+            eos_token_id=self.stop_token_ids,
+        )
+        processors = [PerRowSampling([r.temperature for r in requests], [r.top_p for r in requests], self.device)]
+        stopper = PerRowStop(width, [r.max_new_tokens for r in requests], [r.stop for r in requests], self.tokenizer)
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            generation_config=config,
+            logits_processor=processors if sampling else None,
+            stopping_criteria=[stopper],
+        )
+        return [self._decode_row(item, output[row, width:].tolist()) for row, item in enumerate(items)]
+
+    def _decode_row(self, item: PreparedGenerate, new_ids: list[int]) -> Answer:
+        request = item.request
+        new_ids = new_ids[: request.max_new_tokens]
+        finish = "length"
+        for index, token in enumerate(new_ids):
+            if token in self.stop_token_ids:
+                new_ids, finish = new_ids[:index], "stop"
+                break
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        cuts = [text.find(stop) for stop in request.stop if stop in text]
+        if cuts:
+            text, finish = text[: min(cuts)], "stop"
+        usage = Usage(prompt_tokens=len(item.input_ids), completion_tokens=len(new_ids))
+        return Answer(GenerateOutput(text=text.strip(), finish_reason=finish), usage)
+
+    @torch.inference_mode()
+    def classify(self, items: list[PreparedClassify]) -> list[Answer]:
+        """Score every (request, label) pair in one right-padded forward pass.
+
+        Only the hidden states at label positions go through the LM head, so memory is
+        O(label tokens x vocab), not O(all tokens x vocab).
+        """
+        rows = [(i, item.prompt_ids, ids) for i, item in enumerate(items) for ids in item.label_ids]
+        width = max(len(p) + len(l) for _, p, l in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        row_index, positions, targets = [], [], []
+        for r, (_, prompt, label) in enumerate(rows):
+            seq = prompt + label
+            input_ids[r, : len(seq)] = torch.tensor(seq)
+            attention[r, : len(seq)] = 1
+            for k, token in enumerate(label):
+                row_index.append(r)
+                positions.append(len(prompt) + k - 1)  # logits at t predict token t+1
+                targets.append(token)
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+        ).last_hidden_state
+        picked = hidden[torch.tensor(row_index), torch.tensor(positions)]
+        logprobs = self.model.get_output_embeddings()(picked).float().log_softmax(dim=-1)
+        token_lp = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=logprobs.device)]
+        row_lp = torch.zeros(len(rows), device=token_lp.device).index_add_(
+            0, torch.tensor(row_index, device=token_lp.device), token_lp
+        )
+        answers, start = [], 0
+        for item in items:
+            n = len(item.label_ids)
+            probs = row_lp[start : start + n].softmax(dim=0).tolist()
+            start += n
+            labels = item.request.labels
+            best = max(range(n), key=probs.__getitem__)
+            answers.append(
+                Answer(
+                    ClassifyOutput(label=labels[best], scores=dict(zip(labels, probs, strict=True))),
+                    Usage(prompt_tokens=len(item.prompt_ids), completion_tokens=0),
+                )
+            )
+        return answers
+
+    def run(self, items: list[Prepared]) -> list[Answer]:
+        """Run one homogeneous batch (all generate or all classify)."""
+        if isinstance(items[0], PreparedGenerate):
+            return self.generate(items)  # type: ignore[arg-type]
+        return self.classify(items)  # type: ignore[arg-type]

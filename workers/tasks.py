@@ -1,0 +1,90 @@
+"""Celery tasks: one per request, each parks on the micro-batcher while its batch runs.
+
+Every request is still a normal Celery task (own ack, result, revoke, monitoring row). Any failure
+leaves here as a FleetError with a stable code; Celery stores it (state FAILURE) and the client
+rebuilds it, so callers see the code, message and retry advice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from shared.errors import ErrorCode, FleetError, as_fleet_error
+from shared.queues import CLASSIFY_TASK, GENERATE_TASK
+from shared.schemas import TaskRequest, TaskResult, TaskType, Timings
+from workers import runtime
+from workers.app import app
+
+log = logging.getLogger(__name__)
+_request_adapter: TypeAdapter = TypeAdapter(TaskRequest)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "request"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def parse_request(args: tuple[Any, ...], kwargs: dict[str, Any], task_type: TaskType) -> Any:
+    """The one positional argument must be a request object of this task's type."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], dict):
+        raise FleetError(ErrorCode.INVALID_INPUT, "a task message must carry exactly one request object as its argument")
+    payload = {"task_type": str(task_type), **args[0]}
+    if payload["task_type"] != task_type:
+        raise FleetError(ErrorCode.INVALID_INPUT, f"task_type {payload['task_type']!r} sent to the {task_type} task")
+    try:
+        return _request_adapter.validate_python(payload)
+    except ValidationError as exc:
+        raise FleetError(ErrorCode.INVALID_INPUT, describe_validation_error(exc)) from None
+
+
+def handle(task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any], hostname: str) -> dict[str, Any]:
+    picked = time.time()
+    try:
+        request = parse_request(args, kwargs, task_type)
+        if request.deadline is not None and picked > request.deadline:
+            raise FleetError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"deadline passed {picked - request.deadline:.1f}s before a worker picked the request up",
+            )
+        rt = runtime.current()
+        engine = rt.engine_for(request)
+        prepared = engine.prepare(request)
+        answer, info = rt.infer(engine, prepared)
+    except Exception as exc:  # noqa: BLE001 - every failure leaves with a code
+        error = as_fleet_error(exc)
+        if error.code == ErrorCode.INTERNAL:
+            log.exception("request failed with an unexpected error")
+        raise error from None
+    done = time.time()
+    result = TaskResult(
+        task_type=task_type,
+        model=engine.name,
+        output=answer.output,
+        usage=answer.usage,
+        timings=Timings(
+            queue_wait_ms=max(0.0, (picked - request.submitted_at) * 1000.0),
+            batch_wait_ms=info.batch_wait_ms,
+            inference_ms=info.inference_ms,
+            total_ms=max(0.0, (done - request.submitted_at) * 1000.0),
+        ),
+        batch_size=info.size,
+        worker=hostname,
+    )
+    return result.model_dump(mode="json")
+
+
+@app.task(name=GENERATE_TASK, bind=True)
+def generate(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return handle(TaskType.TEXT_GENERATION, args, kwargs, self.request.hostname or "")
+
+
+@app.task(name=CLASSIFY_TASK, bind=True)
+def classify(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return handle(TaskType.CLASSIFICATION, args, kwargs, self.request.hostname or "")
