@@ -158,14 +158,13 @@ class Engine:
             attention[row, width - len(item.input_ids) :] = 1
         requests = [item.request for item in items]
         sampling = any(r.temperature > 0 for r in requests)
+        # Sampling knobs live in PerRowSampling; the built-in warpers are neutralised (top_k=0 is off).
+        knobs = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if sampling else {"do_sample": False}
         config = GenerationConfig(
             max_new_tokens=max(r.max_new_tokens for r in requests),
-            do_sample=sampling,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
             pad_token_id=pad,
             eos_token_id=self.stop_token_ids,
+            **knobs,
         )
         processors = [PerRowSampling([r.temperature for r in requests], [r.top_p for r in requests], self.device)]
         stopper = PerRowStop(width, [r.max_new_tokens for r in requests], [r.stop for r in requests], self.tokenizer)

@@ -1,0 +1,130 @@
+"""MicroBatcher behaviour, with a plain function standing in for the model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable
+
+import pytest
+
+from workers.batcher import MicroBatcher, Shape
+
+ONE = Shape(rows=1, width=10)
+
+
+class Recorder:
+    """A batch function that records every batch and can hold the first one back."""
+
+    def __init__(self, fail_on: set[str] | None = None, hold_first: threading.Event | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.fail_on = fail_on or set()
+        self.hold_first = hold_first
+        self.started = threading.Event()
+
+    def __call__(self, key: Hashable, payloads: list[str]) -> list[str]:
+        self.batches.append(list(payloads))
+        if self.hold_first is not None and len(self.batches) == 1:
+            self.started.set()
+            self.hold_first.wait(5)
+        bad = self.fail_on.intersection(payloads)
+        if bad:
+            raise ValueError(f"poisoned: {sorted(bad)}")
+        return [p.upper() for p in payloads]
+
+
+def make(run: Recorder, **kw: float) -> MicroBatcher:
+    params = {"max_batch_size": 4, "max_batch_tokens": 10_000, "max_wait_ms": 50.0, **kw}
+    return MicroBatcher(run, **params).start()  # type: ignore[arg-type]
+
+
+def test_requests_arriving_together_share_a_batch_up_to_max_size() -> None:
+    run = Recorder()
+    batcher = make(run, max_wait_ms=200)
+    futures = [batcher.submit("k", f"r{i}", ONE) for i in range(6)]
+    results = [f.result(5) for f in futures]
+    batcher.stop()
+    assert [r for r, _ in results] == [f"R{i}" for i in range(6)]
+    assert [len(b) for b in run.batches] == [4, 2]
+    assert [info.size for _, info in results] == [4, 4, 4, 4, 2, 2]
+
+
+def test_a_lone_request_runs_after_max_wait() -> None:
+    run = Recorder()
+    batcher = make(run, max_wait_ms=30)
+    started = time.monotonic()
+    result, info = batcher.submit("k", "solo", ONE).result(5)
+    batcher.stop()
+    assert result == "SOLO" and info.size == 1
+    assert time.monotonic() - started >= 0.025
+
+
+def test_flushes_at_once_when_every_worker_thread_is_already_waiting() -> None:
+    run = Recorder()
+    batcher = make(run, max_wait_ms=5_000, max_pending=3)
+    futures = [batcher.submit("k", f"r{i}", ONE) for i in range(3)]
+    _, info = futures[0].result(2)  # far less than max_wait: nobody else can arrive
+    batcher.stop()
+    assert info.size == 3
+
+
+def test_interactive_jumps_the_bulk_backlog() -> None:
+    release = threading.Event()
+    run = Recorder(hold_first=release)
+    batcher = make(run, max_batch_size=2, max_wait_ms=0)
+    first = batcher.submit("k", "bulk-0", ONE, priority=1)
+    assert run.started.wait(5)
+    bulk = [batcher.submit("k", f"bulk-{i}", ONE, priority=1) for i in range(1, 7)]
+    urgent = batcher.submit("k", "urgent", ONE, priority=0)
+    release.set()
+    urgent.result(5)
+    for f in [first, *bulk]:
+        f.result(5)
+    batcher.stop()
+    assert run.batches[1][0] == "urgent"  # the very next batch after the running one
+
+
+def test_token_budget_limits_batch_width() -> None:
+    run = Recorder()
+    batcher = make(run, max_batch_size=8, max_batch_tokens=250, max_wait_ms=100)
+    futures = [batcher.submit("k", f"r{i}", Shape(rows=1, width=100)) for i in range(5)]
+    for f in futures:
+        f.result(5)
+    batcher.stop()
+    assert all(len(b) <= 2 for b in run.batches)  # 3 rows x 100 tokens would exceed 250
+
+
+def test_different_keys_never_share_a_batch() -> None:
+    run = Recorder()
+    batcher = make(run, max_batch_size=8, max_wait_ms=100)
+    futures = [batcher.submit(("m", k), f"{k}{i}", ONE) for i in range(4) for k in ("gen", "cls")]
+    for f in futures:
+        f.result(5)
+    batcher.stop()
+    assert sorted(b[0][:3] for b in run.batches) == ["cls", "gen"]
+    assert all(len({p[:3] for p in b}) == 1 for b in run.batches)
+
+
+def test_one_failing_request_does_not_fail_its_batch_mates() -> None:
+    run = Recorder(fail_on={"r2"})
+    batcher = make(run, max_batch_size=8, max_wait_ms=100)
+    futures = [batcher.submit("k", f"r{i}", ONE) for i in range(6)]
+    outcomes = []
+    for f in futures:
+        try:
+            outcomes.append(f.result(5)[0])
+        except ValueError as exc:
+            outcomes.append(f"error: {exc}")
+    batcher.stop()
+    assert outcomes == ["R0", "R1", "error: poisoned: ['r2']", "R3", "R4", "R5"]
+    assert len(run.batches[0]) == 6  # it was really batched before being split
+
+
+def test_stop_finishes_submitted_work_and_refuses_new() -> None:
+    run = Recorder()
+    batcher = make(run, max_wait_ms=1_000)
+    future = batcher.submit("k", "last", ONE)
+    batcher.stop(timeout=5)
+    assert future.result(0)[0] == "LAST"
+    with pytest.raises(RuntimeError):
+        batcher.submit("k", "late", ONE)

@@ -1,0 +1,109 @@
+"""Engine plumbing on a tiny random-weight Llama with the real tokenizer.
+
+Random weights are fine here: these tests check that batching never changes an answer (padding,
+per-row settings, label scoring), not what the answers mean. Quality is tested in integration/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from shared.config import ModelConfig
+from shared.errors import ErrorCode, FleetError
+from shared.schemas import ClassifyRequest, GenerateRequest
+from workers.engine import Engine
+
+PROMPTS = ["Hi", "Tell me a long story about a dragon and a knight", "What is 2+2?", "Name three colours of the rainbow"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory, real_tokenizer_dir: Path) -> Engine:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        initializer_range=0.5,  # spread-out logits, so greedy answers are varied real tokens
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (real_tokenizer_dir / name).exists():
+            shutil.copy(real_tokenizer_dir / name, folder / name)
+    model_config = ModelConfig(
+        name="tiny", model_name="random/tiny", source=str(folder), task_type=["text_generation", "classification"],
+        quantize={"method": "none"}, max_context_tokens=256,
+    )
+    return Engine(model_config, folder, device="cpu")
+
+
+def gen(engine: Engine, prompt: str, **kw: object) -> GenerateRequest:
+    return engine.prepare(GenerateRequest(prompt=prompt, **kw))  # type: ignore[return-value]
+
+
+def test_batched_greedy_generation_matches_one_at_a_time(engine: Engine) -> None:
+    items = [gen(engine, p, max_new_tokens=12) for p in PROMPTS]
+    alone = [engine.generate([item])[0].output.text for item in items]
+    together = [a.output.text for a in engine.generate(items)]
+    assert all(alone) and len(set(alone)) == len(alone), "answers must be non-trivial to compare"
+    assert together == alone
+
+
+def test_each_row_keeps_its_own_token_limit(engine: Engine) -> None:
+    items = [gen(engine, "Count to ten", max_new_tokens=n) for n in (1, 5, 20)]
+    answers = engine.generate(items)
+    for answer, limit in zip(answers, (1, 5, 20), strict=True):
+        assert answer.usage.completion_tokens <= limit
+    assert answers[0].usage.completion_tokens == 1 or answers[0].output.finish_reason == "stop"
+
+
+def test_greedy_rows_stay_greedy_next_to_sampled_rows(engine: Engine) -> None:
+    greedy = gen(engine, PROMPTS[1], max_new_tokens=10)
+    sampled = gen(engine, PROMPTS[1], max_new_tokens=10, temperature=1.5, top_p=0.9)
+    expected = engine.generate([greedy])[0].output.text
+    assert expected
+    assert engine.generate([sampled, greedy, sampled])[1].output.text == expected
+
+
+def test_stop_strings_cut_the_answer(engine: Engine) -> None:
+    full = engine.generate([gen(engine, PROMPTS[1], max_new_tokens=16)])[0].output.text
+    assert len(full) > 4, "the random model should say something"
+    stop = full[2:4]
+    cut = engine.generate([gen(engine, PROMPTS[1], max_new_tokens=16, stop=[stop])])[0]
+    assert stop not in cut.output.text and cut.output.finish_reason == "stop"
+    assert full.startswith(cut.output.text)
+
+
+def test_batched_label_scores_match_one_at_a_time(engine: Engine) -> None:
+    requests = [
+        ClassifyRequest(text="I loved it", labels=["positive", "negative"]),
+        ClassifyRequest(text="A much longer text about a broken washing machine that leaked", labels=["positive", "negative", "neutral"]),
+        ClassifyRequest(text="Stocks rose", labels=["finance", "sport"], prompt_template="{text} -> topic:"),
+    ]
+    items = [engine.prepare(r) for r in requests]
+    alone = [engine.classify([item])[0].output for item in items]  # type: ignore[list-item]
+    together = [a.output for a in engine.classify(items)]  # type: ignore[arg-type]
+    for a, b, request in zip(alone, together, requests, strict=True):
+        assert a.label == b.label
+        assert set(b.scores) == set(request.labels)
+        assert sum(b.scores.values()) == pytest.approx(1.0, abs=1e-5)
+        for label in request.labels:
+            assert b.scores[label] == pytest.approx(a.scores[label], abs=1e-4)
+
+
+def test_too_long_prompt_is_refused_before_batching(engine: Engine) -> None:
+    with pytest.raises(FleetError) as caught:
+        gen(engine, "word " * 400, max_new_tokens=8)
+    assert caught.value.code == ErrorCode.PROMPT_TOO_LONG
+
+
+def test_broken_template_is_invalid_input(engine: Engine) -> None:
+    with pytest.raises(FleetError) as caught:
+        engine.prepare(ClassifyRequest(text="x", labels=["a", "b"], prompt_template="{text} {oops}"))
+    assert caught.value.code == ErrorCode.INVALID_INPUT

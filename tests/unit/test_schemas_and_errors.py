@@ -1,0 +1,61 @@
+"""Request validation and error codes: what a caller sees when a request is wrong."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from shared.errors import CATALOG, ErrorCode, FleetError, as_fleet_error
+from shared.schemas import ClassifyRequest, GenerateRequest, TaskRequest
+
+adapter: TypeAdapter = TypeAdapter(TaskRequest)
+
+
+def test_task_type_selects_the_request_model() -> None:
+    gen = adapter.validate_python({"task_type": "text_generation", "prompt": "hi"})
+    cls = adapter.validate_python({"task_type": "classification", "text": "t", "labels": ["a", "b"]})
+    assert isinstance(gen, GenerateRequest) and isinstance(cls, ClassifyRequest)
+    assert gen.priority == "interactive" and gen.temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"task_type": "text_generation"},  # neither prompt nor messages
+        {"task_type": "text_generation", "prompt": "x", "messages": [{"role": "user", "content": "x"}]},
+        {"task_type": "text_generation", "prompt": "x", "max_new_tokens": 0},
+        {"task_type": "text_generation", "prompt": "x", "temperature": -1},
+        {"task_type": "text_generation", "prompt": "x", "priority": "urgent"},
+        {"task_type": "text_generation", "prompt": "x", "unknown_field": 1},
+        {"task_type": "classification", "text": "t", "labels": ["only-one"]},
+        {"task_type": "classification", "text": "t", "labels": ["a", "a"]},
+        {"task_type": "classification", "text": "t", "labels": ["a", "b"], "prompt_template": "no slot"},
+        {"task_type": "translation", "text": "t"},
+    ],
+)
+def test_malformed_requests_are_refused(payload: dict) -> None:
+    with pytest.raises(ValidationError):
+        adapter.validate_python(payload)
+
+
+def test_every_code_has_a_message_retry_advice_and_status() -> None:
+    for code in ErrorCode:
+        spec = CATALOG[code]
+        assert spec.message and 400 <= spec.http_status < 600
+    assert not FleetError(ErrorCode.INVALID_INPUT).retryable
+    assert FleetError(ErrorCode.BROKER_UNAVAILABLE).retryable
+
+
+def test_fleet_error_survives_the_trip_through_a_result_backend() -> None:
+    error = FleetError(ErrorCode.PROMPT_TOO_LONG, "prompt is 5000 tokens")
+    rebuilt = FleetError(*error.args)  # what Celery's JSON backend does with exc_message
+    assert rebuilt.code == ErrorCode.PROMPT_TOO_LONG and rebuilt.message == "prompt is 5000 tokens"
+    assert pickle.loads(pickle.dumps(error)).to_dict() == error.to_dict()
+
+
+def test_unexpected_exceptions_get_a_code() -> None:
+    assert as_fleet_error(MemoryError()).code == ErrorCode.RESOURCE_EXHAUSTED
+    assert as_fleet_error(RuntimeError("CUDA out of memory")).code == ErrorCode.RESOURCE_EXHAUSTED
+    assert as_fleet_error(KeyError("x")).code == ErrorCode.INTERNAL
