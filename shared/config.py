@@ -64,6 +64,11 @@ class ModelConfig(_Section):
     )
     max_context_tokens: Annotated[int, Field(ge=16)] = 2048
     classification_template: str = 'Text: "{text}"\nCategory ({labels}):'
+    classification_calibration: Literal["content_free", "none"] = Field(
+        default="content_free",
+        description="content_free: divide out the label prior measured on content-free texts "
+        "(contextual calibration); none: raw label log-probabilities.",
+    )
 
     @field_validator("task_type", mode="before")
     @classmethod

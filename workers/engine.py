@@ -36,6 +36,7 @@ class PreparedGenerate:
 @dataclass(frozen=True)
 class PreparedClassify:
     request: ClassifyRequest
+    template: str
     prompt_ids: list[int]
     label_ids: list[list[int]]
 
@@ -45,6 +46,8 @@ class PreparedClassify:
 
 
 Prepared = PreparedGenerate | PreparedClassify
+# Texts that say nothing: the model's label preference after them is its bias, not evidence.
+CONTENT_FREE_TEXTS = ("N/A", " ", "[MASK]")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class Engine:
         self.load_seconds = time.perf_counter() - started
         self.context = min(config.max_context_tokens, getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.stop_token_ids = self._stop_token_ids()
+        self._priors: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
         log.info("loaded %s from %s on %s/%s in %.1fs", config.name, path, self.device, self.dtype, self.load_seconds)
 
     @property
@@ -143,7 +147,7 @@ class Engine:
                 ErrorCode.PROMPT_TOO_LONG,
                 f"text is {len(prompt_ids)} tokens with the template; model {self.name} takes {self.context}",
             )
-        return PreparedClassify(request, prompt_ids, label_ids)
+        return PreparedClassify(request, template, prompt_ids, label_ids)
 
     # -- per batch, in the batcher's thread ----------------------------------------------------
     @torch.inference_mode()
@@ -192,19 +196,17 @@ class Engine:
         usage = Usage(prompt_tokens=len(item.input_ids), completion_tokens=len(new_ids))
         return Answer(GenerateOutput(text=text.strip(), finish_reason=finish), usage)
 
-    @torch.inference_mode()
-    def classify(self, items: list[PreparedClassify]) -> list[Answer]:
-        """Score every (request, label) pair in one right-padded forward pass.
+    def _score_rows(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """Sum of log P(label tokens | prompt) for each (prompt_ids, label_ids) row, in one forward.
 
-        Only the hidden states at label positions go through the LM head, so memory is
-        O(label tokens x vocab), not O(all tokens x vocab).
+        Right-padded; only the hidden states at label positions go through the LM head, so memory
+        is O(label tokens x vocab), not O(all tokens x vocab).
         """
-        rows = [(i, item.prompt_ids, ids) for i, item in enumerate(items) for ids in item.label_ids]
-        width = max(len(p) + len(l) for _, p, l in rows)
+        width = max(len(p) + len(l) for p, l in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         row_index, positions, targets = [], [], []
-        for r, (_, prompt, label) in enumerate(rows):
+        for r, (prompt, label) in enumerate(rows):
             seq = prompt + label
             input_ids[r, : len(seq)] = torch.tensor(seq)
             attention[r, : len(seq)] = 1
@@ -218,14 +220,45 @@ class Engine:
         picked = hidden[torch.tensor(row_index), torch.tensor(positions)]
         logprobs = self.model.get_output_embeddings()(picked).float().log_softmax(dim=-1)
         token_lp = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=logprobs.device)]
-        row_lp = torch.zeros(len(rows), device=token_lp.device).index_add_(
+        return torch.zeros(len(rows), device=token_lp.device).index_add_(
             0, torch.tensor(row_index, device=token_lp.device), token_lp
-        )
+        ).cpu()
+
+    def _label_prior(self, item: PreparedClassify) -> torch.Tensor:
+        """Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): the model's label
+        log-probs for content-free texts, averaged, cached per (template, labels).
+
+        Small and quantized models carry a strong prior for some label words whatever the text
+        says; dividing it out measured 85 % -> 93 % (4-bit) and 97 % -> 95 % (float) on the
+        built-in sentiment set (docs/quantization.md).
+        """
+        key = (item.template, tuple(item.request.labels))
+        prior = self._priors.get(key)
+        if prior is None:
+            rows = [
+                (self.tokenizer(item.template.format(text=text, labels=join_labels(item.request.labels)))["input_ids"], ids)
+                for text in CONTENT_FREE_TEXTS
+                for ids in item.label_ids
+            ]
+            prior = self._score_rows(rows).view(len(CONTENT_FREE_TEXTS), -1).mean(dim=0)
+            if len(self._priors) >= 1024:
+                self._priors.pop(next(iter(self._priors)))
+            self._priors[key] = prior
+        return prior
+
+    @torch.inference_mode()
+    def classify(self, items: list[PreparedClassify]) -> list[Answer]:
+        """Score every (request, label) pair in one forward pass; probabilities per label."""
+        row_lp = self._score_rows([(item.prompt_ids, ids) for item in items for ids in item.label_ids])
+        calibrate = self.config.classification_calibration == "content_free"
         answers, start = [], 0
         for item in items:
             n = len(item.label_ids)
-            probs = row_lp[start : start + n].softmax(dim=0).tolist()
+            scores = row_lp[start : start + n]
             start += n
+            if calibrate:
+                scores = scores - self._label_prior(item)
+            probs = scores.softmax(dim=0).tolist()
             labels = item.request.labels
             best = max(range(n), key=probs.__getitem__)
             answers.append(

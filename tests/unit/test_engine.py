@@ -6,6 +6,7 @@ per-row settings, label scoring), not what the answers mean. Quality is tested i
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from shared.config import ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
-from workers.engine import Engine
+from workers.engine import CONTENT_FREE_TEXTS, Engine
 
 PROMPTS = ["Hi", "Tell me a long story about a dragon and a knight", "What is 2+2?", "Name three colours of the rainbow"]
 
@@ -107,3 +108,27 @@ def test_broken_template_is_invalid_input(engine: Engine) -> None:
     with pytest.raises(FleetError) as caught:
         engine.prepare(ClassifyRequest(text="x", labels=["a", "b"], prompt_template="{text} {oops}"))
     assert caught.value.code == ErrorCode.INVALID_INPUT
+
+
+def test_contextual_calibration_divides_out_the_content_free_prior(engine: Engine) -> None:
+    """Calibrated P(label | text) is proportional to P(label | text) / mean-prior(label), where the
+    prior is measured on texts that say nothing ("N/A", " ", "[MASK]")."""
+    labels = ["positive", "negative", "neutral"]
+
+    def scores(text: str, calibration: str) -> dict[str, float]:
+        saved = engine.config
+        engine.config = saved.model_copy(update={"classification_calibration": calibration})
+        try:
+            item = engine.prepare(ClassifyRequest(text=text, labels=labels))
+            return engine.classify([item])[0].output.scores  # type: ignore[list-item,union-attr]
+        finally:
+            engine.config = saved
+
+    raw = scores("What a lovely day", "none")
+    priors = [scores(text, "none") for text in CONTENT_FREE_TEXTS]
+    expected = {l: math.log(raw[l]) - sum(math.log(p[l]) for p in priors) / len(priors) for l in labels}
+    total = sum(math.exp(v) for v in expected.values())
+    calibrated = scores("What a lovely day", "content_free")
+    for label in labels:
+        assert calibrated[label] == pytest.approx(math.exp(expected[label]) / total, abs=1e-4)
+    assert calibrated != pytest.approx(raw, abs=1e-3)

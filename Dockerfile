@@ -1,0 +1,8 @@
+# One image for workers and producers. The model is prepared at first start into the cache volume.
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential make && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY . .
+RUN make setup VENV=/opt/venv
+ENV PATH=/opt/venv/bin:$PATH AUTOGLM_CACHE_DIR=/cache
+CMD ["sh", "-c", "autoglm models prepare && autoglm worker"]

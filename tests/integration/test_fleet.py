@@ -1,0 +1,124 @@
+"""The whole fleet, for real: Redis broker, a `python -m workers` process, the prepared GPTQ model.
+
+No fakes: producers talk to the worker only through Redis, and answers come from the real model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shared.errors import ErrorCode, FleetError
+from shared.schemas import TaskType
+from tests.integration.conftest import Fleet
+
+pytestmark = pytest.mark.integration
+
+SENTIMENT_TEMPLATE = 'Review: "{text}"\nSentiment ({labels}):'
+CLEAR_REVIEWS = [
+    ("Absolutely wonderful hotel: spotless rooms, friendly staff and a delicious breakfast.", "positive"),
+    ("The worst meal I have ever had. Cold, bland and overpriced. Never again.", "negative"),
+    ("I love this book! Beautifully written, I could not put it down.", "positive"),
+    ("Dreadful service, rude staff, and my order arrived broken. Terrible experience.", "negative"),
+    ("Fantastic film with brilliant acting. I enjoyed every minute and would watch it again.", "positive"),
+    ("This printer is garbage: it jams constantly and the ink ran out in a day. I hate it.", "negative"),
+    ("Great value and excellent quality. My whole family is delighted with it.", "positive"),
+    ("Awful, boring and far too long. I regret wasting my money on this movie.", "negative"),
+    ("The concert was amazing, the band was superb and the crowd loved it.", "positive"),
+    ("My flight was cancelled, the airline lost my luggage and nobody helped. A horrible trip.", "negative"),
+]
+
+
+def test_generation_answers_a_factual_question(fleet: Fleet) -> None:
+    handle = fleet.client.submit_generate("What is the capital of France?", max_new_tokens=32)
+    assert handle.id  # an id at once, the answer later
+    result = handle.result(timeout=300)
+    assert "Paris" in result.output.text  # type: ignore[union-attr]
+    assert result.task_type == TaskType.TEXT_GENERATION
+    assert 0 < result.usage.completion_tokens <= 32 and result.usage.prompt_tokens > 0
+    assert result.timings.inference_ms > 0 and result.timings.total_ms >= result.timings.inference_ms
+    assert result.worker.startswith(fleet.worker.hostname_prefix)
+    assert handle.status() == "SUCCESS"
+
+
+def test_classifies_clear_sentiment(fleet: Fleet) -> None:
+    handles = [
+        fleet.client.submit_classify(text, ["positive", "negative"], prompt_template=SENTIMENT_TEMPLATE)
+        for text, _ in CLEAR_REVIEWS
+    ]
+    results = [h.result(timeout=300) for h in handles]
+    labels = [r.output.label for r in results]  # type: ignore[union-attr]
+    correct = sum(label == gold for label, (_, gold) in zip(labels, CLEAR_REVIEWS, strict=True))
+    assert correct >= 8, f"{correct}/10 correct: {labels}"
+    for result in results:
+        assert sum(result.output.scores.values()) == pytest.approx(1.0, abs=1e-4)  # type: ignore[union-attr]
+
+
+def test_concurrent_requests_are_micro_batched(fleet: Fleet) -> None:
+    prompts = [f"Write one short sentence about the number {n}." for n in range(16)]
+    handles = fleet.client.submit_many(
+        {"task_type": "text_generation", "prompt": p, "max_new_tokens": 12} for p in prompts
+    )
+    results = [h.result(timeout=300) for h in handles]
+    sizes = [r.batch_size for r in results]
+    assert all(r.output.text for r in results)  # type: ignore[union-attr]
+    assert max(sizes) > 1, f"no request shared a batch: {sizes}"
+    assert max(sizes) <= fleet.settings.batching.max_batch_size
+
+
+def test_interactive_request_overtakes_a_bulk_backlog(fleet: Fleet) -> None:
+    bulk = fleet.client.submit_many(
+        {"task_type": "classification", "text": text, "labels": ["positive", "negative"],
+         "prompt_template": SENTIMENT_TEMPLATE, "priority": "bulk"}
+        for text, _ in CLEAR_REVIEWS * 20
+    )
+    assert len(bulk) == 200
+    urgent = fleet.client.submit_generate("Say hello.", max_new_tokens=8, priority="interactive")
+    urgent.result(timeout=300)
+    finished_before = sum(h.ready() for h in bulk)
+    assert finished_before < len(bulk) // 2, f"{finished_before}/200 bulk requests finished first"
+    # ... and none of the backlog is lost.
+    assert all(h.result(timeout=600).output.label for h in bulk)  # type: ignore[union-attr]
+
+
+def test_malformed_request_fails_alone_with_invalid_input(fleet: Fleet) -> None:
+    from shared.queues import CLASSIFY_TASK
+
+    queue = fleet.settings.queue_name("interactive")  # type: ignore[arg-type]
+    good = [{"text": text, "labels": ["positive", "negative"], "prompt_template": SENTIMENT_TEMPLATE}
+            for text, _ in CLEAR_REVIEWS[:7]]
+    bad = {"text": "fine", "labels": ["only-one-label"]}
+    payloads = good[:3] + [bad] + good[3:]
+    # Raw messages, as a non-Python producer might send them: no client-side validation.
+    sent = [fleet.client.app.send_task(CLASSIFY_TASK, args=[p], queue=queue, routing_key=queue) for p in payloads]
+    handles = [fleet.client.handle(r.id) for r in sent]
+    with pytest.raises(FleetError) as caught:
+        handles[3].result(timeout=300)
+    assert caught.value.code == ErrorCode.INVALID_INPUT
+    assert "labels" in caught.value.message and not caught.value.retryable
+    mates = [h.result(timeout=300) for i, h in enumerate(handles) if i != 3]
+    assert all(r.output.label in ("positive", "negative") for r in mates)  # type: ignore[union-attr]
+    assert max(r.batch_size for r in mates) > 1
+
+
+def test_producer_refuses_bad_requests_before_enqueue(fleet: Fleet) -> None:
+    with pytest.raises(FleetError) as caught:
+        fleet.client.submit_generate("hi", max_new_tokens=0)
+    assert caught.value.code == ErrorCode.INVALID_INPUT and "max_new_tokens" in caught.value.message
+    with pytest.raises(FleetError) as unknown:
+        fleet.client.submit_generate("hi", model="no-such-model")
+    assert unknown.value.code == ErrorCode.MODEL_UNAVAILABLE
+
+
+def test_worker_reports_prompt_too_long_and_expired_deadlines(fleet: Fleet) -> None:
+    too_long = fleet.client.submit_generate("lorem ipsum " * 2000, max_new_tokens=8)
+    expired = fleet.client.submit_generate("hi", deadline=time.time() - 1)
+    with pytest.raises(FleetError) as long_error:
+        too_long.result(timeout=300)
+    assert long_error.value.code == ErrorCode.PROMPT_TOO_LONG and "tokens" in long_error.value.message
+    with pytest.raises(FleetError) as deadline_error:
+        expired.result(timeout=300)
+    assert deadline_error.value.code == ErrorCode.DEADLINE_EXCEEDED
+    # The worker is still serving.
+    assert fleet.client.generate("What is 2 + 2?", max_new_tokens=8, timeout=300).output.text  # type: ignore[union-attr]
