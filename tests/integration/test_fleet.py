@@ -74,9 +74,16 @@ def test_interactive_request_overtakes_a_bulk_backlog(fleet: Fleet) -> None:
         for text, _ in CLEAR_REVIEWS * 20
     )
     assert len(bulk) == 200
+    # Submit once the worker is busy draining the backlog (its threads hold bulk messages), so the
+    # interactive request has to get past both the Redis queue and the batcher.
+    deadline = time.monotonic() + 300
+    while not any(h.ready() for h in bulk[:32]):
+        assert time.monotonic() < deadline, "the worker never started on the backlog"
+        time.sleep(0.02)
     urgent = fleet.client.submit_generate("Say hello.", max_new_tokens=8, priority="interactive")
     urgent.result(timeout=300)
     finished_before = sum(h.ready() for h in bulk)
+    print(f"interactive finished after {finished_before}/200 bulk requests")
     assert finished_before < len(bulk) // 2, f"{finished_before}/200 bulk requests finished first"
     # ... and none of the backlog is lost.
     assert all(h.result(timeout=600).output.label for h in bulk)  # type: ignore[union-attr]
