@@ -17,18 +17,13 @@ from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
 from shared.config import Settings, load_settings
-from shared.errors import ErrorCode, FleetError, as_fleet_error
+from shared.errors import ErrorCode, FleetError, as_fleet_error, invalid_input
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
 from shared.schemas import ClassifyRequest, GenerateRequest, Priority, TaskRequest, TaskResult, TaskType
 
 _request_adapter: TypeAdapter = TypeAdapter(TaskRequest)
 TASK_NAMES = {TaskType.TEXT_GENERATION: GENERATE_TASK, TaskType.CLASSIFICATION: CLASSIFY_TASK}
 Request = GenerateRequest | ClassifyRequest
-
-
-def _invalid(exc: ValidationError) -> FleetError:
-    details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()[:5])
-    return FleetError(ErrorCode.INVALID_INPUT, details)
 
 
 class TaskHandle:
@@ -93,7 +88,7 @@ class FleetClient:
         try:
             return self._check(_request_adapter.validate_python(data))
         except ValidationError as exc:
-            raise _invalid(exc) from None
+            raise invalid_input(exc) from None
 
     # -- publishing ----------------------------------------------------------------------------
     def _publish(self, request: Request, producer: Any = None) -> TaskHandle:

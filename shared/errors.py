@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from pydantic import ValidationError
+
 
 class ErrorCode(StrEnum):
     INVALID_INPUT = "INVALID_INPUT"
@@ -113,3 +115,9 @@ def as_fleet_error(exc: BaseException) -> FleetError:
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return FleetError(ErrorCode.RESOURCE_EXHAUSTED, f"{type(exc).__name__}: {exc}")
     return FleetError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def invalid_input(exc: ValidationError, limit: int = 5) -> FleetError:
+    """INVALID_INPUT naming each bad field, e.g. ``max_new_tokens: Input should be >= 1``."""
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()[:limit]]
+    return FleetError(ErrorCode.INVALID_INPUT, "; ".join(parts))

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from shared.errors import ErrorCode, FleetError, as_fleet_error
+from shared.errors import ErrorCode, FleetError, as_fleet_error, invalid_input
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK
 from shared.schemas import TaskRequest, TaskResult, TaskType, Timings
 from workers import runtime
@@ -21,14 +21,6 @@ from workers.app import app
 
 log = logging.getLogger(__name__)
 _request_adapter: TypeAdapter = TypeAdapter(TaskRequest)
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors()[:5]:
-        where = ".".join(str(p) for p in error["loc"]) or "request"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
 
 
 def parse_request(args: tuple[Any, ...], kwargs: dict[str, Any], task_type: TaskType) -> Any:
@@ -41,7 +33,7 @@ def parse_request(args: tuple[Any, ...], kwargs: dict[str, Any], task_type: Task
     try:
         return _request_adapter.validate_python(payload)
     except ValidationError as exc:
-        raise FleetError(ErrorCode.INVALID_INPUT, describe_validation_error(exc)) from None
+        raise invalid_input(exc) from None
 
 
 def handle(task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any], hostname: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pytest
 
 from producers.client import FleetClient
 from producers.fleet import WorkerProcess, running_worker
-from shared.broker import EmbeddedRedis, ping
+from shared.broker import broker_url
 from shared.config import Settings, load_settings
 
 
@@ -39,13 +39,8 @@ def prepared_models(settings: Settings) -> None:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    configured = os.environ.get("REDIS_URL")
-    if configured:
-        ping(configured)
-        yield configured
-        return
-    with EmbeddedRedis() as server:
-        yield server.url
+    with broker_url(os.environ.get("REDIS_URL")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
