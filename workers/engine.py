@@ -41,8 +41,17 @@ class PreparedClassify:
     label_ids: list[list[int]]
 
     @property
+    def rows(self) -> int:
+        """Sequences this request adds to a batch (see Engine._label_logprobs)."""
+        return max(1, sum(len(ids) > 1 for ids in self.label_ids))
+
+    @property
+    def width(self) -> int:
+        return len(self.prompt_ids) + max(len(ids) for ids in self.label_ids) - 1
+
+    @property
     def cost_tokens(self) -> int:
-        return sum(len(self.prompt_ids) + len(ids) for ids in self.label_ids)
+        return self.rows * self.width
 
 
 Prepared = PreparedGenerate | PreparedClassify
@@ -196,33 +205,53 @@ class Engine:
         usage = Usage(prompt_tokens=len(item.input_ids), completion_tokens=len(new_ids))
         return Answer(GenerateOutput(text=text.strip(), finish_reason=finish), usage)
 
-    def _score_rows(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-        """Sum of log P(label tokens | prompt) for each (prompt_ids, label_ids) row, in one forward.
+    def _label_logprobs(self, queries: list[tuple[list[int], list[list[int]]]]) -> list[torch.Tensor]:
+        """log P(label | prompt) for every label of every (prompt_ids, label_ids) query, in one forward.
 
-        Right-padded; only the hidden states at label positions go through the LM head, so memory
-        is O(label tokens x vocab), not O(all tokens x vocab).
+        A label's first token is read off the prompt's last position, so a query whose labels are
+        all single tokens (the usual case: " positive", " negative") costs one row, not one per
+        label; a multi-token label adds a row (prompt + label) for its later tokens. Rows are
+        right-padded and only the hidden states at scored positions go through the LM head, so
+        memory is O(scored tokens x vocab), not O(all tokens x vocab).
         """
-        width = max(len(p) + len(l) for p, l in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        row_index, positions, targets = [], [], []
-        for r, (prompt, label) in enumerate(rows):
-            seq = prompt + label
+        sequences: list[list[int]] = []
+        seq_index, positions, targets, slots = [], [], [], []
+        slot = 0
+        for prompt, labels in queries:
+            first_row = len(sequences)
+            long_labels = [label for label in labels if len(label) > 1]
+            if long_labels:
+                sequences.extend(prompt + label for label in long_labels)
+            else:
+                sequences.append(prompt)
+            row = first_row
+            for label in labels:
+                seq_index.append(first_row)
+                positions.append(len(prompt) - 1)  # logits at t predict token t+1
+                targets.append(label[0])
+                slots.append(slot)
+                if len(label) > 1:
+                    for k in range(1, len(label)):
+                        seq_index.append(row)
+                        positions.append(len(prompt) + k - 1)
+                        targets.append(label[k])
+                        slots.append(slot)
+                    row += 1
+                slot += 1
+        width = max(len(seq) for seq in sequences)
+        input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        for r, seq in enumerate(sequences):
             input_ids[r, : len(seq)] = torch.tensor(seq)
             attention[r, : len(seq)] = 1
-            for k, token in enumerate(label):
-                row_index.append(r)
-                positions.append(len(prompt) + k - 1)  # logits at t predict token t+1
-                targets.append(token)
         hidden = self.model.get_decoder()(
             input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
         ).last_hidden_state
-        picked = hidden[torch.tensor(row_index), torch.tensor(positions)]
+        picked = hidden[torch.tensor(seq_index), torch.tensor(positions)]
         logprobs = self.model.get_output_embeddings()(picked).float().log_softmax(dim=-1)
-        token_lp = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=logprobs.device)]
-        return torch.zeros(len(rows), device=token_lp.device).index_add_(
-            0, torch.tensor(row_index, device=token_lp.device), token_lp
-        ).cpu()
+        token_lp = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=logprobs.device)].cpu()
+        per_slot = torch.zeros(slot).index_add_(0, torch.tensor(slots), token_lp)
+        return list(per_slot.split([len(labels) for _, labels in queries]))
 
     def _label_prior(self, item: PreparedClassify) -> torch.Tensor:
         """Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): the model's label
@@ -235,12 +264,12 @@ class Engine:
         key = (item.template, tuple(item.request.labels))
         prior = self._priors.get(key)
         if prior is None:
-            rows = [
-                (self.tokenizer(item.template.format(text=text, labels=join_labels(item.request.labels)))["input_ids"], ids)
+            labels = join_labels(item.request.labels)
+            queries = [
+                (self.tokenizer(item.template.format(text=text, labels=labels))["input_ids"], item.label_ids)
                 for text in CONTENT_FREE_TEXTS
-                for ids in item.label_ids
             ]
-            prior = self._score_rows(rows).view(len(CONTENT_FREE_TEXTS), -1).mean(dim=0)
+            prior = torch.stack(self._label_logprobs(queries)).mean(dim=0)
             if len(self._priors) >= 1024:
                 self._priors.pop(next(iter(self._priors)))
             self._priors[key] = prior
@@ -249,13 +278,11 @@ class Engine:
     @torch.inference_mode()
     def classify(self, items: list[PreparedClassify]) -> list[Answer]:
         """Score every (request, label) pair in one forward pass; probabilities per label."""
-        row_lp = self._score_rows([(item.prompt_ids, ids) for item in items for ids in item.label_ids])
+        per_item = self._label_logprobs([(item.prompt_ids, item.label_ids) for item in items])
         calibrate = self.config.classification_calibration == "content_free"
-        answers, start = [], 0
-        for item in items:
+        answers = []
+        for item, scores in zip(items, per_item, strict=True):
             n = len(item.label_ids)
-            scores = row_lp[start : start + n]
-            start += n
             if calibrate:
                 scores = scores - self._label_prior(item)
             probs = scores.softmax(dim=0).tolist()

@@ -24,10 +24,7 @@ PRIORITY_RANK = {Priority.INTERACTIVE: 0, Priority.BULK: 1}
 def shape_of(prepared: Prepared) -> Shape:
     if isinstance(prepared, PreparedGenerate):
         return Shape(rows=1, width=prepared.cost_tokens)
-    return Shape(
-        rows=len(prepared.label_ids),
-        width=len(prepared.prompt_ids) + max(len(ids) for ids in prepared.label_ids),
-    )
+    return Shape(rows=prepared.rows, width=prepared.width)
 
 
 class Runtime:

@@ -132,3 +132,25 @@ def test_contextual_calibration_divides_out_the_content_free_prior(engine: Engin
     for label in labels:
         assert calibrated[label] == pytest.approx(math.exp(expected[label]) / total, abs=1e-4)
     assert calibrated != pytest.approx(raw, abs=1e-3)
+
+
+@pytest.mark.parametrize("labels", [["positive", "negative"], ["very positive", "somewhat negative", "meh"]])
+def test_label_scores_equal_a_full_forward_pass_per_label(engine: Engine, labels: list[str]) -> None:
+    """The one-row-per-request shortcut gives the same numbers as scoring each label separately."""
+    saved = engine.config
+    engine.config = saved.model_copy(update={"classification_calibration": "none"})
+    try:
+        item = engine.prepare(ClassifyRequest(text="The soup was cold", labels=labels))
+        scores = engine.classify([item])[0].output.scores  # type: ignore[list-item,union-attr]
+    finally:
+        engine.config = saved
+    assert any(len(ids) > 1 for ids in item.label_ids) == (labels[0] == "very positive")
+    reference = []
+    with torch.no_grad():
+        for ids in item.label_ids:  # type: ignore[union-attr]
+            seq = torch.tensor([item.prompt_ids + ids])  # type: ignore[union-attr]
+            logprobs = engine.model(seq).logits[0].log_softmax(-1)
+            start = len(item.prompt_ids)  # type: ignore[union-attr]
+            reference.append(sum(logprobs[start + k - 1, t].item() for k, t in enumerate(ids)))
+    expected = torch.tensor(reference).softmax(0).tolist()
+    assert [scores[label] for label in labels] == pytest.approx(expected, abs=1e-4)
