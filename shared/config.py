@@ -39,6 +39,10 @@ class QuantizeConfig(_Section):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(default=64, description="Must divide every quantized layer's in-features.")
     desc_act: bool = False
+    dynamic: dict[str, dict[str, int]] | None = Field(
+        default=None,
+        description="GPTQModel per-module overrides, e.g. {'+:.*down_proj.*': {'bits': 8}} (mixed precision).",
+    )
     calibration: str = Field(
         default="docstrings",
         description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",

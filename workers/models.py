@@ -69,7 +69,7 @@ def resolve_source(spec: str) -> Source:
 
 
 def artifact_fingerprint(model: ModelConfig, source: Source) -> str:
-    return _digest({"source": source.fingerprint, "quantize": model.quantize.model_dump()})
+    return _digest({"source": source.fingerprint, "quantize": model.quantize.model_dump(exclude_none=True)})
 
 
 def float_dir(settings: Settings, model: ModelConfig, source: Source) -> Path:

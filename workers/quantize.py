@@ -91,7 +91,9 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
         f"{len(texts)} calibration samples ({quantize.calibration}) on {device} ..."
     )
     started = time.perf_counter()
-    config = GPTQConfig(bits=quantize.bits, group_size=quantize.group_size, desc_act=quantize.desc_act)
+    config = GPTQConfig(
+        bits=quantize.bits, group_size=quantize.group_size, desc_act=quantize.desc_act, dynamic=quantize.dynamic
+    )
     model = GPTQModel.load(str(float_path), config, device=device)
     model.quantize(texts)
     tmp = target.with_name(target.name + ".tmp")

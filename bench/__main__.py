@@ -1,0 +1,131 @@
+"""`python -m bench [--quick] [--json] [--only a,b]`: every scenario, side by side, in one run.
+
+Writes bench/results/<quick|full>.json and prints a table; with --json the last line is one JSON
+object with the headline ratios (fleet_vs_limit, fleet_vs_naive, interactive_p95_*, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling")
+SIZES = {
+    "quick": {"classify": 48, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 6, "backlog": 400,
+              "enqueue": 2000, "single": 100, "scaling": 48},
+    "full": {"classify": 512, "generate": 32, "new_tokens": 16, "rounds": 2, "interactive": 20, "backlog": 5000,
+             "enqueue": 10000, "single": 500, "scaling": 256},
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"cpu: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def run(mode: str, only: list[str]) -> dict[str, Any]:
+    from shared.broker import broker_url
+    from shared.config import load_settings
+    from workers.quantize import prepare
+
+    settings = load_settings()
+    size = SIZES[mode]
+    for model in settings.models:
+        prepare(settings, model, report=lambda msg: print(f"[bench] {msg}", flush=True))
+    summary: dict[str, Any] = {"mode": mode, "device": device_name(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with broker_url(settings.redis_url) as url:
+        os.environ["REDIS_URL"] = url  # the naive baseline app reads it at import
+        from bench.harness import Harness
+
+        harness = Harness(settings, url)
+        for name in only:
+            print(f"[bench] scenario {name} ...", flush=True)
+            started = time.perf_counter()
+            if name == "throughput":
+                from bench import throughput
+                from workers.engine import Engine
+                from workers.models import prepared_path
+
+                model = settings.models[0]
+                engine = Engine(model, prepared_path(settings, model), device=settings.worker.device)
+                summary.update(throughput.run(harness, engine, size["classify"], size["generate"], size["new_tokens"], size["rounds"]))
+                del engine
+            elif name == "isolation":
+                from bench import isolation
+
+                summary.update(isolation.run(harness, size["interactive"], size["backlog"], size["new_tokens"]))
+            elif name == "enqueue":
+                from bench import enqueue
+
+                summary.update(enqueue.run(harness, size["enqueue"], size["single"]))
+            elif name == "quantization":
+                from bench import quantization
+
+                summary.update(quantization.run(settings, mode == "quick", size["new_tokens"]))
+            elif name == "scaling":
+                from bench import scaling
+
+                summary.update(scaling.run(harness, size["scaling"]))
+            summary[f"seconds_{name}"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def table(summary: dict[str, Any]) -> str:
+    targets = [
+        ("fleet_vs_limit", ">= 0.85", lambda v: v >= 0.85),
+        ("fleet_vs_naive", ">= 4", lambda v: v >= 4),
+        ("interactive_p95_ratio", "<= 1.5", lambda v: v <= 1.5),
+        ("enqueue_tasks_per_s", ">= 5000", lambda v: v >= 5000),
+        ("submit_p99_ms", "<= 5", lambda v: v <= 5),
+        ("gptq_weight_bytes_ratio", "<= 0.5", lambda v: v <= 0.5),
+    ]
+    lines = [f"device: {summary['device']}  mode: {summary['mode']}", "", "| metric | value | target | met |", "|---|---|---|---|"]
+    for key, target, ok in targets:
+        if summary.get(key) is not None:
+            lines.append(f"| {key} | {summary[key]} | {target} | {'yes' if ok(summary[key]) else 'NO'} |")
+    if summary.get("accuracy_float") is not None and summary.get("accuracy_gptq") is not None:
+        gap = (summary["accuracy_float"] - summary["accuracy_gptq"]) * 100
+        lines.append(f"| accuracy float / gptq | {summary['accuracy_float']:.3f} / {summary['accuracy_gptq']:.3f} | gap <= 2 pts | {'yes' if gap <= 2 else 'NO'} |")
+    lines.append("")
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}: {json.dumps(value)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, ~2 minutes on 2 cores")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    only = [s for s in args.only.split(",") if s]
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}")
+    mode = "quick" if args.quick else "full"
+    summary = run(mode, only)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{mode}.json").write_text(json.dumps(summary, indent=2))
+    print(table(summary), flush=True)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

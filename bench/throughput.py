@@ -1,0 +1,86 @@
+"""Scenario 1: throughput of the in-process limit, the naive Celery baseline and the fleet.
+
+Competitors alternate round by round on the same texts, so machine noise hits all of them; the
+best round of each is compared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.harness import Harness, timed, wait_all
+from bench.workloads import LABELS, TEMPLATE, classify_payload, generate_payload, prompts, review_texts
+from shared.schemas import ClassifyRequest, GenerateRequest
+from workers.engine import Engine
+
+
+def _limit_classify(engine: Engine, texts: list[str], batch: int) -> list[str]:
+    items = [engine.prepare(ClassifyRequest(text=t, labels=LABELS, prompt_template=TEMPLATE)) for t in texts]
+    labels: list[str] = []
+    for start in range(0, len(items), batch):
+        labels += [a.output.label for a in engine.classify(items[start : start + batch])]  # type: ignore[arg-type,union-attr]
+    return labels
+
+
+def _limit_generate(engine: Engine, texts: list[str], batch: int, new_tokens: int) -> list[tuple[str, int]]:
+    items = [engine.prepare(GenerateRequest(prompt=p, max_new_tokens=new_tokens)) for p in texts]
+    out: list[tuple[str, int]] = []
+    for start in range(0, len(items), batch):
+        out += [(a.output.text, a.usage.completion_tokens) for a in engine.generate(items[start : start + batch])]  # type: ignore[arg-type,union-attr]
+    return out
+
+
+def run(h: Harness, engine: Engine, n_classify: int, n_generate: int, new_tokens: int, rounds: int) -> dict[str, Any]:
+    batch = h.settings.batching.max_batch_size
+    texts, gen_prompts = review_texts(n_classify), prompts(n_generate)
+    rates: dict[str, list[float]] = {k: [] for k in ("limit", "naive", "fleet")}
+    tok_rates: dict[str, list[float]] = {k: [] for k in ("limit", "naive", "fleet")}
+    answers: dict[str, Any] = {}
+    with h.naive() as (naive_app, naive_queue), h.fleet("throughput") as client:
+        # Warm-up, untimed: first-call allocations and the label prior of the template, everywhere.
+        _limit_classify(engine, texts[:batch], batch)
+        _limit_generate(engine, gen_prompts[:1], batch, 2)
+        naive_app.send_task("naive.classify", args=[texts[0], LABELS, TEMPLATE], queue=naive_queue).get(timeout=600)
+        naive_app.send_task("naive.generate", args=[gen_prompts[0], 2], queue=naive_queue).get(timeout=600)
+        wait_all(client.submit_many([*(classify_payload(t) for t in texts[:batch]), generate_payload(gen_prompts[0], 2)]))
+        for _ in range(rounds):
+            # classification, tasks/s
+            secs, answers["limit"] = timed(_limit_classify, engine, texts, batch)
+            rates["limit"].append(len(texts) / secs)
+            secs, answers["naive"] = timed(lambda: [r.get(timeout=3600) for r in [
+                naive_app.send_task("naive.classify", args=[t, LABELS, TEMPLATE], queue=naive_queue) for t in texts]])
+            rates["naive"].append(len(texts) / secs)
+            secs, results = timed(lambda: wait_all(client.submit_many(classify_payload(t) for t in texts)))
+            answers["fleet"] = [r.output.label for r in results]
+            rates["fleet"].append(len(texts) / secs)
+            # generation, tokens/s
+            secs, gen_limit = timed(_limit_generate, engine, gen_prompts, batch, new_tokens)
+            tok_rates["limit"].append(sum(n for _, n in gen_limit) / secs)
+            secs, gen_naive = timed(lambda: [r.get(timeout=3600) for r in [
+                naive_app.send_task("naive.generate", args=[p, new_tokens], queue=naive_queue) for p in gen_prompts]])
+            tok_rates["naive"].append(sum(n for _, n in gen_naive) / secs)
+            secs, gen_fleet = timed(lambda: wait_all(client.submit_many(generate_payload(p, new_tokens) for p in gen_prompts)))
+            tok_rates["fleet"].append(sum(r.usage.completion_tokens for r in gen_fleet) / secs)
+            fleet_batch_sizes = [r.batch_size for r in results]
+    best = {k: max(v) for k, v in rates.items()}
+    best_tok = {k: max(v) for k, v in tok_rates.items()}
+
+    def agree(a: list, b: list) -> float:
+        return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+    return {
+        "classify_n": len(texts),
+        "classify_tasks_per_s": {k: round(v, 2) for k, v in best.items()},
+        "classify_rounds": {k: [round(x, 2) for x in v] for k, v in rates.items()},
+        "fleet_vs_limit": round(best["fleet"] / best["limit"], 3),
+        "fleet_vs_naive": round(best["fleet"] / best["naive"], 3),
+        "fleet_mean_batch_size": round(sum(fleet_batch_sizes) / len(fleet_batch_sizes), 2),
+        "labels_agree_fleet_limit": agree(answers["fleet"], answers["limit"]),
+        "labels_agree_naive_limit": agree(answers["naive"], answers["limit"]),
+        "generate_n": len(gen_prompts),
+        "generate_new_tokens": new_tokens,
+        "generate_tokens_per_s": {k: round(v, 1) for k, v in best_tok.items()},
+        "generate_fleet_vs_limit": round(best_tok["fleet"] / best_tok["limit"], 3),
+        "generate_fleet_vs_naive": round(best_tok["fleet"] / best_tok["naive"], 3),
+        "texts_agree_fleet_limit": agree([r.output.text for r in gen_fleet], [t for t, _ in gen_limit]),
+    }
