@@ -42,7 +42,7 @@ worker: prepare
 	$(VENV)/bin/autoglm worker
 
 bench: prepare
-	$(PY) -m bench.run
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

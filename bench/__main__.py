@@ -18,7 +18,7 @@ from typing import Any
 
 SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling")
 SIZES = {
-    "quick": {"classify": 48, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 6, "backlog": 400,
+    "quick": {"classify": 48, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 10, "backlog": 400,
               "enqueue": 2000, "single": 100, "scaling": 48},
     "full": {"classify": 512, "generate": 32, "new_tokens": 16, "rounds": 2, "interactive": 20, "backlog": 5000,
              "enqueue": 10000, "single": 500, "scaling": 256},

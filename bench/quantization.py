@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from bench.workloads import LABELS, TEMPLATE, labelled_reviews, prompts
 from shared.config import ModelConfig, Settings
-from shared.schemas import ClassifyRequest, GenerateRequest
+from shared.schemas import ClassifyRequest, GenerateRequest, TaskType
 from workers.engine import Engine
 from workers.models import float_dir, resolve_source, served_dir
 
@@ -73,7 +73,7 @@ def run(settings: Settings, quick: bool, new_tokens: int) -> dict[str, Any]:
     float_tensors = tensor_sizes(float_path)
     fp16_bytes = sum(numel * 2 for numel, _ in float_tensors.values())
     reviews = labelled_reviews()
-    batch = settings.batching.max_batch_size
+    batch = settings.max_batch_size(TaskType.TEXT_GENERATION)
     rows: dict[str, dict[str, Any]] = {}
     for name, config in variants(model, quick).items():
         row: dict[str, Any] = {}

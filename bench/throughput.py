@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.harness import Harness, timed, wait_all
 from bench.workloads import LABELS, TEMPLATE, classify_payload, generate_payload, prompts, review_texts
-from shared.schemas import ClassifyRequest, GenerateRequest
+from shared.schemas import ClassifyRequest, GenerateRequest, TaskType
 from workers.engine import Engine
 
 
@@ -31,7 +31,8 @@ def _limit_generate(engine: Engine, texts: list[str], batch: int, new_tokens: in
 
 
 def run(h: Harness, engine: Engine, n_classify: int, n_generate: int, new_tokens: int, rounds: int) -> dict[str, Any]:
-    batch = h.settings.batching.max_batch_size
+    batch = h.settings.max_batch_size(TaskType.CLASSIFICATION)
+    gen_batch = h.settings.max_batch_size(TaskType.TEXT_GENERATION)
     texts, gen_prompts = review_texts(n_classify), prompts(n_generate)
     rates: dict[str, list[float]] = {k: [] for k in ("limit", "naive", "fleet")}
     tok_rates: dict[str, list[float]] = {k: [] for k in ("limit", "naive", "fleet")}
@@ -39,7 +40,7 @@ def run(h: Harness, engine: Engine, n_classify: int, n_generate: int, new_tokens
     with h.naive() as (naive_app, naive_queue), h.fleet("throughput") as client:
         # Warm-up, untimed: first-call allocations and the label prior of the template, everywhere.
         _limit_classify(engine, texts[:batch], batch)
-        _limit_generate(engine, gen_prompts[:1], batch, 2)
+        _limit_generate(engine, gen_prompts[:1], gen_batch, 2)
         naive_app.send_task("naive.classify", args=[texts[0], LABELS, TEMPLATE], queue=naive_queue).get(timeout=600)
         naive_app.send_task("naive.generate", args=[gen_prompts[0], 2], queue=naive_queue).get(timeout=600)
         wait_all(client.submit_many([*(classify_payload(t) for t in texts[:batch]), generate_payload(gen_prompts[0], 2)]))
@@ -54,7 +55,7 @@ def run(h: Harness, engine: Engine, n_classify: int, n_generate: int, new_tokens
             answers["fleet"] = [r.output.label for r in results]
             rates["fleet"].append(len(texts) / secs)
             # generation, tokens/s
-            secs, gen_limit = timed(_limit_generate, engine, gen_prompts, batch, new_tokens)
+            secs, gen_limit = timed(_limit_generate, engine, gen_prompts, gen_batch, new_tokens)
             tok_rates["limit"].append(sum(n for _, n in gen_limit) / secs)
             secs, gen_naive = timed(lambda: [r.get(timeout=3600) for r in [
                 naive_app.send_task("naive.generate", args=[p, new_tokens], queue=naive_queue) for p in gen_prompts]])

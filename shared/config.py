@@ -94,13 +94,21 @@ class QueueConfig(_Section):
 
 class BatchingConfig(_Section):
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
+    max_batch_size_by_task: dict[TaskType, Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default={TaskType.CLASSIFICATION: 6},
+        description="Per-task overrides of max_batch_size. A classification batch is one compute-bound "
+        "forward pass: past ~6 rows on a CPU it gains little throughput but lengthens how long an "
+        "interactive request waits behind a running bulk batch (bench/RESULTS.md).",
+    )
     max_batch_tokens: Annotated[int, Field(ge=16)] = 8192
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] = 20.0
 
 
 class WorkerConfig(_Section):
     concurrency: Annotated[int, Field(ge=1, le=1024)] | None = Field(
-        default=None, description="Celery threads; None = 2 x max_batch_size (one batch running, one filling)."
+        default=None,
+        description="Celery threads; None = the largest batch size. More threads only park more bulk "
+        "messages in the batcher, where an interactive request would have to queue behind them.",
     )
     queues: list[Priority] = [Priority.INTERACTIVE, Priority.BULK]
     models: list[str] | None = Field(default=None, description="Aliases to load; None = all.")
@@ -163,7 +171,7 @@ class Settings(BaseSettings):
 
     @property
     def worker_concurrency(self) -> int:
-        return self.worker.concurrency or 2 * self.batching.max_batch_size
+        return self.worker.concurrency or max(self.batching.max_batch_size, *self.batching.max_batch_size_by_task.values())
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:
@@ -176,6 +184,9 @@ class Settings(BaseSettings):
             if task_type in model.task_type:
                 return model
         raise KeyError(f"no model serves {task_type}")
+
+    def max_batch_size(self, task_type: TaskType) -> int:
+        return self.batching.max_batch_size_by_task.get(task_type, self.batching.max_batch_size)
 
     def queue_name(self, priority: Priority) -> str:
         return self.queues[priority].name

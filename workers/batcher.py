@@ -2,7 +2,7 @@
 
 Each task thread ``submit``s a prepared request and parks on a Future. One batcher thread forms
 batches: it takes the most urgent request (interactive before bulk, then oldest), adds others that
-can share its forward pass (same batch key) in the same order until ``max_batch_size`` or the
+can share its forward pass (same batch key) in the same order until ``max_batch_size`` (per key) or the
 padded-token budget is reached, and waits at most ``max_wait_ms`` (counted from the first request's
 arrival) for company. It flushes early when no more requests can arrive (every worker thread is
 already waiting or running). A batch that raises is split in halves and retried, so one bad request
@@ -57,14 +57,14 @@ class MicroBatcher:
         self,
         run: RunBatch,
         *,
-        max_batch_size: int,
+        max_batch_size: int | Callable[[Hashable], int],
         max_batch_tokens: int,
         max_wait_ms: float,
         max_pending: int | None = None,
         name: str = "micro-batcher",
     ) -> None:
         self._run = run
-        self.max_batch_size = max_batch_size
+        self._max_size = max_batch_size if callable(max_batch_size) else (lambda _key: max_batch_size)
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_pending = max_pending
@@ -73,6 +73,7 @@ class MicroBatcher:
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopping = False
+        self._idle_since = time.monotonic()
         self.recent_batch_sizes: deque[int] = deque(maxlen=10_000)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
@@ -107,15 +108,16 @@ class MicroBatcher:
         ordered = sorted(self._waiting)
         head = ordered[0]
         chosen = [head]
+        max_size = self._max_size(head.key)
         for item in ordered[1:]:
-            if len(chosen) >= self.max_batch_size:
+            if len(chosen) >= max_size:
                 return chosen, True
             if item.key != head.key:
                 continue
             if self._padded_tokens([*chosen, item]) > self.max_batch_tokens:
                 return chosen, True
             chosen.append(item)
-        full = len(chosen) >= self.max_batch_size
+        full = len(chosen) >= max_size
         nobody_else_can_come = (
             self.max_pending is not None and len(self._waiting) + self._running >= self.max_pending
         )
@@ -130,7 +132,10 @@ class MicroBatcher:
                     self._cond.wait()
                     continue
                 chosen, full = self._select()
-                wait_left = chosen[0].enqueued + self.max_wait - time.monotonic()
+                # The wait for company starts when the head arrived or when the model became free,
+                # whichever is later: right after a batch, the threads it released are still
+                # fetching their next messages (interactive first), so give them max_wait to land.
+                wait_left = max(chosen[0].enqueued, self._idle_since) + self.max_wait - time.monotonic()
                 if full or wait_left <= 0 or self._stopping:
                     picked = {id(m) for m in chosen}
                     self._waiting = [w for w in self._waiting if id(w) not in picked]
@@ -145,6 +150,7 @@ class MicroBatcher:
             finally:
                 with self._cond:
                     self._running = 0
+                    self._idle_since = time.monotonic()
 
     # -- execution -----------------------------------------------------------------------------
     def _execute(self, batch: list[_Pending]) -> None:

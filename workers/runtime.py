@@ -33,7 +33,7 @@ class Runtime:
         self.engines = engines
         self.batcher = MicroBatcher(
             self._run_batch,
-            max_batch_size=settings.batching.max_batch_size,
+            max_batch_size=lambda key: settings.max_batch_size(key[1]),
             max_batch_tokens=settings.batching.max_batch_tokens,
             max_wait_ms=settings.batching.max_wait_ms,
             max_pending=settings.worker_concurrency,

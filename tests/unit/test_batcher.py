@@ -84,6 +84,36 @@ def test_interactive_jumps_the_bulk_backlog() -> None:
     assert run.batches[1][0] == "urgent"  # the very next batch after the running one
 
 
+def test_batch_size_can_depend_on_the_batch_key() -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, max_batch_size=lambda key: {"small": 2, "big": 5}[key],  # type: ignore[arg-type]
+                           max_batch_tokens=10_000, max_wait_ms=100).start()
+    futures = [batcher.submit(k, f"{k}{i}", ONE) for i in range(6) for k in ("small", "big")]
+    for f in futures:
+        f.result(5)
+    batcher.stop()
+    assert max(len(b) for b in run.batches if b[0].startswith("small")) == 2
+    assert max(len(b) for b in run.batches if b[0].startswith("big")) == 5
+
+
+def test_after_a_batch_the_next_one_waits_for_the_released_threads_to_refill_it() -> None:
+    release = threading.Event()
+    run = Recorder(hold_first=release)
+    batcher = make(run, max_batch_size=4, max_wait_ms=150)
+    first = batcher.submit("k", "bulk-0", ONE, priority=1)
+    assert run.started.wait(5)
+    early = batcher.submit("k", "bulk-1", ONE, priority=1)  # arrived long before the model is free
+    time.sleep(0.2)
+    release.set()
+    first.result(5)
+    time.sleep(0.03)  # the released thread fetches its next message: an interactive one
+    urgent = batcher.submit("k", "urgent", ONE, priority=0)
+    urgent.result(5)
+    early.result(5)
+    batcher.stop()
+    assert run.batches[1] == ["urgent", "bulk-1"]  # not ["bulk-1"] alone, started the moment the model freed
+
+
 def test_token_budget_limits_batch_width() -> None:
     run = Recorder()
     batcher = make(run, max_batch_size=8, max_batch_tokens=250, max_wait_ms=100)

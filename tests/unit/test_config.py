@@ -18,7 +18,9 @@ def test_default_config_declares_the_bundled_model_for_both_tasks() -> None:
     assert set(model.task_type) == {TaskType.TEXT_GENERATION, TaskType.CLASSIFICATION}
     assert model.quantize.method == "gptq" and model.quantize.bits == 4
     assert settings.queue_name(Priority.INTERACTIVE) == "interactive"
-    assert settings.worker_concurrency == 2 * settings.batching.max_batch_size
+    assert settings.max_batch_size(TaskType.TEXT_GENERATION) == settings.batching.max_batch_size == 8
+    assert settings.max_batch_size(TaskType.CLASSIFICATION) == 6
+    assert settings.worker_concurrency == 8  # no more threads than the largest batch
 
 
 def test_environment_overrides_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
