@@ -1,0 +1,32 @@
+"""`python -m bench --quick --json` runs end to end and reports every headline key.
+
+Times are never asserted (shared CI machines are noisy); bench/RESULTS.md holds measured figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+KEYS = [
+    "fleet_vs_limit", "fleet_vs_naive", "interactive_p95_idle_ms", "interactive_p95_under_bulk_ms",
+    "enqueue_tasks_per_s", "gptq_weight_bytes_ratio", "accuracy_float", "accuracy_gptq", "device",
+]
+
+
+def test_quick_bench_reports_every_key(prepared_models: None) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json"], cwd=REPO, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    missing = [k for k in KEYS if summary.get(k) is None]
+    assert not missing, f"missing {missing} in {summary}"
+    assert summary["labels_agree_fleet_limit"] >= 0.95  # the fleet answers what the engine answers (fp noise aside)
+    assert summary["accuracy_gptq"] >= 0.8
