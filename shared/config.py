@@ -21,6 +21,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from shared.errors import ErrorCode
 from shared.schemas import Priority, TaskType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,9 @@ class ModelConfig(_Section):
         "folder, or a local .gguf file."
     )
     task_type: list[TaskType] = Field(description="Tasks this model serves.")
+    fallbacks: list[str] = Field(
+        default=[], description="Models that answer instead when this one is not loaded (MODEL_UNAVAILABLE)."
+    )
     quantize: QuantizeConfig = QuantizeConfig()
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Activation dtype; auto = float16 on CUDA, float32 on CPU."
@@ -119,7 +123,44 @@ class WorkerConfig(_Section):
 
 class BrokerConfig(_Section):
     result_expires_s: Annotated[int, Field(ge=60)] = 86_400
-    visibility_timeout_s: Annotated[int, Field(ge=10)] = 3_600
+    visibility_timeout_s: Annotated[int, Field(ge=1)] = Field(
+        default=3_600,
+        description="An unacked message is redelivered this long after delivery (ack emulation on "
+        "Redis): must exceed the longest time a task can run, or it runs twice.",
+    )
+    restore_interval_s: Annotated[int, Field(ge=1)] = Field(
+        default=10, description="How often workers sweep for messages past visibility_timeout."
+    )
+    max_deliveries: Annotated[int, Field(ge=1)] = Field(
+        default=3, description="A message delivered more often than this (it keeps killing workers) goes to the DLQ."
+    )
+    publish_attempts: Annotated[int, Field(ge=1)] = 5
+    publish_backoff_max_s: Annotated[float, Field(gt=0)] = 2.0
+
+
+class Policy(_Section):
+    """What the fleet does when a batch fails with one error code (executed with tenacity).
+
+    retry: run the whole batch again up to ``attempts`` times, exponential backoff with jitter;
+    split: run the halves of the batch separately, down to single requests;
+    fallback: serve the request with the next model in the requested model's ``fallbacks``;
+    fail: fail now. Whatever the action, a batch that still fails is split so only the request
+    that causes the failure fails; a request that fails with a retryable code after its budget
+    goes to the dead-letter queue with its error history.
+    """
+
+    action: Literal["retry", "split", "fallback", "fail"]
+    attempts: Annotated[int, Field(ge=1, le=20)] = 1
+    backoff_initial_s: Annotated[float, Field(ge=0)] = 0.05
+    backoff_max_s: Annotated[float, Field(ge=0)] = 2.0
+    jitter_s: Annotated[float, Field(ge=0)] = 0.05
+
+
+DEFAULT_POLICIES = {
+    ErrorCode.ENGINE_TRANSIENT: Policy(action="retry", attempts=3),
+    ErrorCode.RESOURCE_EXHAUSTED: Policy(action="split"),
+    ErrorCode.MODEL_UNAVAILABLE: Policy(action="fallback"),
+}
 
 
 class Settings(BaseSettings):
@@ -140,6 +181,12 @@ class Settings(BaseSettings):
     }
     batching: BatchingConfig = BatchingConfig()
     worker: WorkerConfig = WorkerConfig()
+    policies: dict[ErrorCode, Policy] = Field(
+        default=DEFAULT_POLICIES, description="Per error code; codes not listed fail at once."
+    )
+    faults: dict[str, Any] = Field(
+        default={}, description="TEST ONLY fault injection (workers/faults.py); empty in production."
+    )
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -150,6 +197,9 @@ class Settings(BaseSettings):
         unknown = set(self.worker.models or []) - set(names)
         if unknown:
             raise ValueError(f"worker.models names unknown models: {sorted(unknown)}")
+        for model in self.models:
+            if set(model.fallbacks) - set(names):
+                raise ValueError(f"model {model.name}: fallbacks name unknown models {sorted(set(model.fallbacks) - set(names))}")
         return self
 
     @classmethod
@@ -184,6 +234,9 @@ class Settings(BaseSettings):
             if task_type in model.task_type:
                 return model
         raise KeyError(f"no model serves {task_type}")
+
+    def policy(self, code: ErrorCode) -> Policy:
+        return self.policies.get(code, Policy(action="fail"))
 
     def max_batch_size(self, task_type: TaskType) -> int:
         return self.batching.max_batch_size_by_task.get(task_type, self.batching.max_batch_size)

@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     ENGINE_TRANSIENT = "ENGINE_TRANSIENT"
     BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
     WORKER_LOST = "WORKER_LOST"
+    CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
 
 
@@ -74,6 +75,7 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.WORKER_LOST: ErrorSpec(
         "The worker running this request died; it will be redelivered.", True, 503
     ),
+    ErrorCode.CANCELLED: ErrorSpec("The request was cancelled by its producer before it ran.", False, 409),
     ErrorCode.INTERNAL: ErrorSpec(
         "An unexpected error occurred in the fleet; report it with the task id.", False, 500
     ),
@@ -87,6 +89,12 @@ class FleetError(Exception):
     on the caller's side (it stores ``exc_type``/``exc_module``/``exc_message`` and calls
     ``FleetError(*exc_message)``).
     """
+
+    def __new__(cls, code: str, message: str | None = None) -> FleetError:  # noqa: ARG003
+        # FleetError(code, ...) builds the code's own subclass, so callers can catch one kind.
+        if cls is FleetError:
+            cls = _BY_CODE.get(ErrorCode(code), FleetError)
+        return super().__new__(cls)
 
     def __init__(self, code: str, message: str | None = None) -> None:
         self.code = ErrorCode(code)
@@ -106,6 +114,34 @@ class FleetError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class InvalidInput(FleetError): ...
+class PromptTooLong(FleetError): ...
+class DeadlineExceeded(FleetError): ...
+class RateLimited(FleetError): ...
+class ModelUnavailable(FleetError): ...
+class ResourceExhausted(FleetError): ...
+class EngineTransient(FleetError): ...
+class BrokerUnavailable(FleetError): ...
+class WorkerLost(FleetError): ...
+class Cancelled(FleetError): ...
+class Internal(FleetError): ...
+
+
+_BY_CODE: dict[ErrorCode, type[FleetError]] = {
+    ErrorCode.INVALID_INPUT: InvalidInput,
+    ErrorCode.PROMPT_TOO_LONG: PromptTooLong,
+    ErrorCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    ErrorCode.RATE_LIMITED: RateLimited,
+    ErrorCode.MODEL_UNAVAILABLE: ModelUnavailable,
+    ErrorCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    ErrorCode.ENGINE_TRANSIENT: EngineTransient,
+    ErrorCode.BROKER_UNAVAILABLE: BrokerUnavailable,
+    ErrorCode.WORKER_LOST: WorkerLost,
+    ErrorCode.CANCELLED: Cancelled,
+    ErrorCode.INTERNAL: Internal,
+}
 
 
 def as_fleet_error(exc: BaseException) -> FleetError:

@@ -42,7 +42,17 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
         broker_transport_options={
             "queue_order_strategy": "priority",
             "visibility_timeout": settings.broker.visibility_timeout_s,
+            # Sweep for messages a dead worker left unacked every restore_interval_s (kombu's
+            # default is ~100 s whatever the visibility timeout): redelivery bound =
+            # visibility_timeout_s + restore_interval_s once any worker is running.
+            "unacked_restore_interval": settings.broker.restore_interval_s,
+            "unacked_restore_throttle": 1,
         },
+        # Publishing is retried once, by the producer's tenacity policy (producers/client.py).
+        task_publish_retry=False,
+        # Result writes survive a Redis restart: retried until the broker is back.
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
         result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
     )

@@ -139,6 +139,7 @@ class TaskResult(BaseModel):
     timings: Timings
     batch_size: int
     worker: str = ""
+    fallback_from: str | None = Field(default=None, description="The requested model, when a fallback answered.")
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> TaskResult:

@@ -50,6 +50,16 @@ class _Pending:
 
 
 RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
+# Runs one attempt-loop of a batch: (call, history) -> results; history collects each failed attempt.
+CallPolicy = Callable[[Callable[[], Sequence[Any]], list[dict[str, Any]]], Sequence[Any]]
+
+
+def _call_once(fn: Callable[[], Sequence[Any]], history: list[dict[str, Any]]) -> Sequence[Any]:
+    try:
+        return fn()
+    except Exception as exc:
+        history.append({"error": f"{type(exc).__name__}: {exc}", "at": time.time()})
+        raise
 
 
 class MicroBatcher:
@@ -61,9 +71,11 @@ class MicroBatcher:
         max_batch_tokens: int,
         max_wait_ms: float,
         max_pending: int | None = None,
+        call_policy: CallPolicy = _call_once,
         name: str = "micro-batcher",
     ) -> None:
         self._run = run
+        self._call = call_policy
         self._max_size = max_batch_size if callable(max_batch_size) else (lambda _key: max_batch_size)
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
@@ -153,20 +165,23 @@ class MicroBatcher:
                     self._idle_since = time.monotonic()
 
     # -- execution -----------------------------------------------------------------------------
-    def _execute(self, batch: list[_Pending]) -> None:
+    def _execute(self, batch: list[_Pending], history: list[dict[str, Any]] | None = None) -> None:
+        """Run a batch under the call policy (retries); if it still fails, split it in halves so
+        only the request that fails alone fails. The failing request's exception carries the
+        batch's error history as ``.history``."""
+        history = [] if history is None else history
         started = time.monotonic()
         try:
-            results = self._run(batch[0].key, [m.payload for m in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+            results = self._call(lambda: self._checked_run(batch), history)
         except Exception as exc:  # noqa: BLE001 - isolate the failing member(s)
             if len(batch) == 1:
+                exc.history = list(history)  # type: ignore[attr-defined]
                 batch[0].future.set_exception(exc)
                 return
             log.warning("batch of %d failed (%s: %s); splitting to isolate", len(batch), type(exc).__name__, exc)
             half = len(batch) // 2
-            self._execute(batch[:half])
-            self._execute(batch[half:])
+            self._execute(batch[:half], list(history))
+            self._execute(batch[half:], list(history))
             return
         finished = time.monotonic()
         self.recent_batch_sizes.append(len(batch))
@@ -177,3 +192,9 @@ class MicroBatcher:
                 inference_ms=(finished - started) * 1000.0,
             )
             member.future.set_result((result, info))
+
+    def _checked_run(self, batch: list[_Pending]) -> Sequence[Any]:
+        results = self._run(batch[0].key, [m.payload for m in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+        return results

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Sequence
+
 import torch
 
 from shared.config import Settings
+from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest, Priority
 from workers.batcher import BatchInfo, MicroBatcher, Shape
 from workers.engine import Answer, Engine, Prepared, PreparedGenerate
+from workers.faults import Faults
+from workers.ledger import Ledger
 from workers.models import prepared_path
+from workers.policies import BatchPolicies
 
 log = logging.getLogger(__name__)
 PRIORITY_RANK = {Priority.INTERACTIVE: 0, Priority.BULK: 1}
@@ -31,32 +36,57 @@ class Runtime:
     def __init__(self, settings: Settings, engines: dict[str, Engine]) -> None:
         self.settings = settings
         self.engines = engines
+        url = settings.redis_url or ""
+        self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s)
+        self.dead_letters = DeadLetters(url)
         self.batcher = MicroBatcher(
             self._run_batch,
             max_batch_size=lambda key: settings.max_batch_size(key[1]),
             max_batch_tokens=settings.batching.max_batch_tokens,
             max_wait_ms=settings.batching.max_wait_ms,
             max_pending=settings.worker_concurrency,
+            call_policy=BatchPolicies(settings).call,
         ).start()
+        self.faults = Faults(settings.faults)
+        if self.faults:
+            log.warning("FAULT INJECTION IS ON (test only): %s", settings.faults)
 
-    def engine_for(self, request: GenerateRequest | ClassifyRequest) -> Engine:
+    def engine_for(self, request: GenerateRequest | ClassifyRequest) -> tuple[Engine, str | None]:
+        """The engine that answers, and the requested model's name when a fallback answers instead."""
         name = request.model
         if name is None:
             candidates = [e for e in self.engines.values() if request.task_type in e.config.task_type]
             if not candidates:
                 raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"no loaded model serves {request.task_type}")
-            return candidates[0]
+            return candidates[0], None
         engine = self.engines.get(name)
-        if engine is None:
-            raise FleetError(
-                ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not loaded on this worker (loaded: {sorted(self.engines)})"
-            )
-        if request.task_type not in engine.config.task_type:
-            raise FleetError(ErrorCode.INVALID_INPUT, f"model {name!r} does not serve {request.task_type}")
-        return engine
+        if engine is not None:
+            if request.task_type not in engine.config.task_type:
+                raise FleetError(ErrorCode.INVALID_INPUT, f"model {name!r} does not serve {request.task_type}")
+            return engine, None
+        unavailable = FleetError(
+            ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not loaded on this worker (loaded: {sorted(self.engines)})"
+        )
+        if self.settings.policy(ErrorCode.MODEL_UNAVAILABLE).action != "fallback":
+            raise unavailable
+        try:
+            chain = self.settings.model(name).fallbacks
+        except KeyError:
+            raise unavailable from None
+        for fallback in chain:
+            engine = self.engines.get(fallback)
+            if engine is not None and request.task_type in engine.config.task_type:
+                log.info("model %s unavailable; falling back to %s", name, fallback)
+                return engine, name
+        raise FleetError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"model {name!r} and its fallbacks {chain} are not loaded on this worker (loaded: {sorted(self.engines)})",
+        )
 
     def _run_batch(self, key: Hashable, payloads: Sequence[Prepared]) -> list[Answer]:
         model_name, _kind = key  # type: ignore[misc]
+        if self.faults:
+            self.faults.check(payloads)
         return self.engines[model_name].run(list(payloads))
 
     def infer(self, engine: Engine, prepared: Prepared) -> tuple[Answer, BatchInfo]:

@@ -36,24 +36,46 @@ def parse_request(args: tuple[Any, ...], kwargs: dict[str, Any], task_type: Task
         raise invalid_input(exc) from None
 
 
-def handle(task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any], hostname: str) -> dict[str, Any]:
+# The caller's own mistakes: failing them again would fail the same way, so they skip the DLQ.
+CALLER_ERRORS = {ErrorCode.INVALID_INPUT, ErrorCode.PROMPT_TOO_LONG, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CANCELLED}
+
+
+def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    rt = runtime.current()
+    task_id = task.request.id
+    deliveries = rt.ledger.delivered(task_id)
+    if deliveries > 1:
+        stored = task.AsyncResult(task_id)
+        if stored.state == "SUCCESS":  # redelivered after it finished: answer once, from the store
+            log.warning("task %s delivered again after it succeeded; returning the stored result", task_id)
+            return stored.result
     picked = time.time()
     try:
+        if deliveries > rt.settings.broker.max_deliveries:
+            raise FleetError(
+                ErrorCode.WORKER_LOST,
+                f"delivered {deliveries} times without finishing (it may be crashing workers); "
+                "moved to the dead-letter queue, see `autoglm dlq list`",
+            )
         request = parse_request(args, kwargs, task_type)
         if request.deadline is not None and picked > request.deadline:
             raise FleetError(
                 ErrorCode.DEADLINE_EXCEEDED,
                 f"deadline passed {picked - request.deadline:.1f}s before a worker picked the request up",
             )
-        rt = runtime.current()
-        engine = rt.engine_for(request)
+        engine, fallback_from = rt.engine_for(request)
         prepared = engine.prepare(request)
         answer, info = rt.infer(engine, prepared)
     except Exception as exc:  # noqa: BLE001 - every failure leaves with a code
         error = as_fleet_error(exc)
         if error.code == ErrorCode.INTERNAL:
             log.exception("request failed with an unexpected error")
+        if error.code not in CALLER_ERRORS:
+            queue = (task.request.delivery_info or {}).get("routing_key") or ""
+            rt.dead_letters.push(task_id, task.name, args[0] if args else None, queue, error.to_dict(),
+                                 getattr(exc, "history", []), deliveries)
         raise error from None
+    rt.ledger.executed(task_id)
     done = time.time()
     result = TaskResult(
         task_type=task_type,
@@ -67,16 +89,17 @@ def handle(task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any], h
             total_ms=max(0.0, (done - request.submitted_at) * 1000.0),
         ),
         batch_size=info.size,
-        worker=hostname,
+        worker=task.request.hostname or "",
+        fallback_from=fallback_from,
     )
     return result.model_dump(mode="json")
 
 
 @app.task(name=GENERATE_TASK, bind=True)
 def generate(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return handle(TaskType.TEXT_GENERATION, args, kwargs, self.request.hostname or "")
+    return handle(self, TaskType.TEXT_GENERATION, args, kwargs)
 
 
 @app.task(name=CLASSIFY_TASK, bind=True)
 def classify(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return handle(TaskType.CLASSIFICATION, args, kwargs, self.request.hostname or "")
+    return handle(self, TaskType.CLASSIFICATION, args, kwargs)

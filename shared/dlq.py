@@ -1,0 +1,56 @@
+"""The dead-letter queue: requests the fleet could not serve, kept with their error history.
+
+A Redis list (``autoglm:dlq``) of JSON entries, so any producer or operator can inspect it; the
+original message (task name, request, queue, task id) is kept so `autoglm dlq requeue` can publish
+it again under the same task id, and the original caller's handle sees the new result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+DLQ_KEY = "autoglm:dlq"
+
+
+class DeadLetters:
+    def __init__(self, redis_url: str) -> None:
+        self.client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def push(self, task_id: str, task_name: str, request: Any, queue: str, error: dict[str, Any],
+             history: list[dict[str, Any]], deliveries: int) -> None:
+        entry = {
+            "task_id": task_id, "task_name": task_name, "request": request, "queue": queue, "error": error,
+            "history": history, "deliveries": deliveries, "dead_at": time.time(),
+        }
+        self.client.rpush(DLQ_KEY, json.dumps(entry, default=str))
+
+    def list(self, limit: int = 100) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.client.lrange(DLQ_KEY, 0, limit - 1)]
+
+    def __len__(self) -> int:
+        return int(self.client.llen(DLQ_KEY))
+
+    def requeue(self, app: Any, task_ids: set[str] | None = None) -> list[str]:
+        """Publish entries again (all, or those ids) under their original task ids; returns the ids."""
+        requeued = []
+        for raw in self.client.lrange(DLQ_KEY, 0, -1):
+            entry = json.loads(raw)
+            if task_ids is not None and entry["task_id"] not in task_ids:
+                continue
+            app.send_task(entry["task_name"], args=[entry["request"]], task_id=entry["task_id"],
+                          queue=entry["queue"], routing_key=entry["queue"])
+            self.client.lrem(DLQ_KEY, 1, raw)
+            requeued.append(entry["task_id"])
+        return requeued
+
+    def purge(self) -> int:
+        count = len(self)
+        self.client.delete(DLQ_KEY)
+        return count
+
+    def close(self) -> None:
+        self.client.close()
