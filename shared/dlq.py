@@ -11,14 +11,14 @@ import json
 import time
 from typing import Any
 
-import redis
+from shared.broker import redis_client
 
 DLQ_KEY = "autoglm:dlq"
 
 
 class DeadLetters:
     def __init__(self, redis_url: str) -> None:
-        self.client = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.client = redis_client(redis_url)
 
     def push(self, task_id: str, task_name: str, request: Any, queue: str, error: dict[str, Any],
              history: list[dict[str, Any]], deliveries: int) -> None:

@@ -2,8 +2,9 @@
 
 Off unless ``faults`` is set in the config (e.g. ``AUTOGLM_FAULTS='{"oom_batch_over": 2}'``):
 - ``oom_batch_over: N``       RESOURCE_EXHAUSTED for any batch of more than N requests;
-- ``transient_marker: S``     ENGINE_TRANSIENT for a batch holding a request whose text contains S,
-  the first ``transient_times`` times (default: always, a poison request);
+- ``transient_marker: S``     ENGINE_TRANSIENT, every time, for a batch holding a request whose
+  text contains S (a poison request);
+- ``flaky_marker: S``         ENGINE_TRANSIENT for such a batch the first ``flaky_times`` times;
 - ``fail_marker: S``          a permanent INTERNAL error for a batch holding such a request;
 - ``slow_ms: N``              sleep N ms in every batch (so a test can kill a worker mid-batch).
 """
@@ -26,7 +27,7 @@ def _text(payload: Any) -> str:
 class Faults:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
-        self._transient = itertools.count()
+        self._flaky = itertools.count()
 
     def __bool__(self) -> bool:
         return bool(self.spec)
@@ -43,5 +44,7 @@ class Faults:
             raise RuntimeError(f"injected permanent fault ({marker})")
         marker = spec.get("transient_marker")
         if marker and any(marker in t for t in texts):
-            if next(self._transient) < spec.get("transient_times", 1 << 30):
-                raise FleetError(ErrorCode.ENGINE_TRANSIENT, f"injected transient fault ({marker})")
+            raise FleetError(ErrorCode.ENGINE_TRANSIENT, f"injected transient fault ({marker})")
+        marker = spec.get("flaky_marker")
+        if marker and any(marker in t for t in texts) and next(self._flaky) < spec.get("flaky_times", 1):
+            raise FleetError(ErrorCode.ENGINE_TRANSIENT, f"injected one-off transient fault ({marker})")

@@ -9,14 +9,14 @@
 
 from __future__ import annotations
 
-import redis
+from shared.broker import redis_client
 
 PREFIX = "autoglm:task"
 
 
 class Ledger:
     def __init__(self, redis_url: str, ttl_s: int) -> None:
-        self.client = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.client = redis_client(redis_url)
         self.ttl_s = ttl_s
 
     def _bump(self, task_id: str, field: str) -> int:

@@ -34,7 +34,7 @@ class BatchPolicies:
 
     def _wait(self, state: RetryCallState) -> float:
         policy = self.policy_for(state.outcome.exception())  # type: ignore[union-attr,arg-type]
-        return wait_exponential_jitter(policy.backoff_initial_s, policy.backoff_max_s, 2, policy.jitter_s)(state)
+        return wait_exponential_jitter(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s, jitter=policy.jitter_s)(state)
 
     def call(self, fn: Callable[[], T], history: list[dict[str, Any]]) -> T:
         """Run ``fn`` under the policy of whatever it raises; every failed attempt lands in ``history``."""

@@ -11,7 +11,9 @@ import logging
 import time
 from typing import Any
 
+from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
+from redis.exceptions import RedisError
 
 from shared.errors import ErrorCode, FleetError, as_fleet_error, invalid_input
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK
@@ -43,7 +45,10 @@ CALLER_ERRORS = {ErrorCode.INVALID_INPUT, ErrorCode.PROMPT_TOO_LONG, ErrorCode.D
 def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     rt = runtime.current()
     task_id = task.request.id
-    deliveries = rt.ledger.delivered(task_id)
+    try:
+        deliveries = rt.ledger.delivered(task_id)
+    except RedisError as exc:  # Redis is gone for longer than the client rides out: put it back
+        raise Reject(f"ledger unavailable: {exc}", requeue=True) from exc
     if deliveries > 1:
         stored = task.AsyncResult(task_id)
         if stored.state == "SUCCESS":  # redelivered after it finished: answer once, from the store

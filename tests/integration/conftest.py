@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -43,16 +45,25 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="session")
-def fleet(prepared_models: None, redis_url: str) -> Iterator[Fleet]:
+@contextlib.contextmanager
+def fleet_on(redis_url: str, env: dict[str, str] | None = None, **overrides: Any) -> Iterator[Fleet]:
+    """A client and one real worker on fresh queues; ``overrides`` are settings fields, given to
+    the client directly and to the worker as ``AUTOGLM_<FIELD>`` JSON environment variables."""
     suffix = uuid.uuid4().hex[:8]
     queues = {
         "interactive": {"name": f"interactive-test-{suffix}", "priority": 0},
         "bulk": {"name": f"bulk-test-{suffix}", "priority": 1},
     }
-    settings = load_settings(redis_url=redis_url, queues=queues)
+    overrides = {"queues": queues, **overrides}
+    settings = load_settings(redis_url=redis_url, **overrides)
     client = FleetClient(redis_url, settings)
-    env = {"AUTOGLM_QUEUES": json.dumps(queues)}
-    with running_worker(client.app, redis_url, env=env) as worker:
+    child_env = {f"AUTOGLM_{key.upper()}": json.dumps(value) for key, value in overrides.items()}
+    with running_worker(client.app, redis_url, env={**child_env, **(env or {})}) as worker:
         yield Fleet(client, worker, settings)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def fleet(prepared_models: None, redis_url: str) -> Iterator[Fleet]:
+    with fleet_on(redis_url) as running:
+        yield running

@@ -1,0 +1,168 @@
+"""Nothing lost: faults are injected, workers are killed, Redis is restarted, garbage is sent.
+
+Every test runs real worker processes on a real broker; faults come from the test-only hook in
+workers/faults.py, enabled per worker through its config.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producers.fleet import WorkerProcess
+from shared.broker import EmbeddedRedis
+from shared.dlq import DeadLetters
+from shared.errors import ErrorCode, FleetError
+from tests.integration.conftest import Fleet, fleet_on
+from workers.ledger import Ledger
+
+pytestmark = pytest.mark.integration
+TEMPLATE = 'Review: "{text}"\nSentiment ({labels}):'
+LABELS = ["positive", "negative"]
+REVIEWS = [
+    "Wonderful food and friendly staff.", "Terrible service, cold food.", "I love this phone.",
+    "The worst hotel I have stayed in.", "A delightful, moving film.", "Broken on arrival, useless.",
+]
+FAULTS = {"oom_batch_over": 2, "fail_marker": "FAIL-ME", "transient_marker": "POISON", "flaky_marker": "FLAKY", "flaky_times": 2}
+
+
+def classify(text: str, priority: str = "bulk") -> dict:
+    return {"task_type": "classification", "text": text, "labels": LABELS, "prompt_template": TEMPLATE, "priority": priority}
+
+
+@pytest.fixture(scope="module")
+def faulty(prepared_models: None, redis_url: str, settings) -> Iterator[Fleet]:  # noqa: ANN001
+    # A second, configured-but-not-loaded model that falls back to the bundled one.
+    base = settings.models[0].model_dump(mode="json")
+    models = [base, {**base, "name": "smollm2-large", "fallbacks": [base["name"]]}]
+    with fleet_on(
+        redis_url, faults=FAULTS, models=models, worker={"models": [base["name"]]},
+        policies={"ENGINE_TRANSIENT": {"action": "retry", "attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
+                  "RESOURCE_EXHAUSTED": {"action": "split"}, "MODEL_UNAVAILABLE": {"action": "fallback"}},
+    ) as running:
+        yield running
+
+
+def test_out_of_memory_batches_are_split_until_they_fit(faulty: Fleet) -> None:
+    handles = faulty.client.submit_many(classify(REVIEWS[i % 6]) for i in range(12))
+    results = [h.result(timeout=300) for h in handles]
+    sizes = {r.batch_size for r in results}
+    assert max(sizes) == 2, sizes  # every batch over 2 ran out of memory and was split
+
+
+def test_a_permanent_fault_fails_only_its_own_request(faulty: Fleet) -> None:
+    texts = [*REVIEWS[:3], "FAIL-ME please", *REVIEWS[3:]]
+    handles = faulty.client.submit_many(classify(t) for t in texts)
+    with pytest.raises(FleetError) as caught:
+        handles[3].result(timeout=300)
+    assert caught.value.code == ErrorCode.INTERNAL
+    assert all(h.result(timeout=300).output.label in LABELS for i, h in enumerate(handles) if i != 3)  # type: ignore[union-attr]
+
+
+def test_a_transient_fault_is_retried_with_backoff(faulty: Fleet) -> None:
+    result = faulty.client.submit_classify("FLAKY but lovely", LABELS, prompt_template=TEMPLATE).result(timeout=300)
+    assert result.output.label in LABELS  # type: ignore[union-attr]
+
+
+def test_a_poison_request_goes_to_the_dlq_while_others_complete(faulty: Fleet) -> None:
+    dlq = DeadLetters(faulty.client.redis_url)
+    dlq.purge()
+    handles = faulty.client.submit_many(classify(t) for t in ["POISON pill", *REVIEWS])
+    assert all(h.result(timeout=300).output.label in LABELS for h in handles[1:])  # type: ignore[union-attr]
+    with pytest.raises(FleetError) as caught:
+        handles[0].result(timeout=300)
+    assert caught.value.code == ErrorCode.ENGINE_TRANSIENT and caught.value.retryable
+    entries = dlq.list()
+    assert [e["task_id"] for e in entries] == [handles[0].id]
+    codes = [h["code"] for h in entries[0]["history"]]  # the whole story: OOM splits, then 3 attempts alone
+    assert codes[-3:] == ["ENGINE_TRANSIENT"] * 3, codes
+    # Requeued under the same id, it fails the same way and is dead-lettered again: nothing vanishes.
+    assert dlq.requeue(faulty.client.app) == [handles[0].id]
+    deadline = time.monotonic() + 120
+    while len(dlq) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [e["task_id"] for e in dlq.list()] == [handles[0].id]
+    dlq.purge()
+
+
+def test_an_unloaded_model_falls_back_along_its_chain(faulty: Fleet) -> None:
+    result = faulty.client.submit_classify(REVIEWS[0], LABELS, prompt_template=TEMPLATE, model="smollm2-large").result(timeout=300)
+    assert result.model == "smollm2-135m" and result.fallback_from == "smollm2-large"
+
+
+def test_a_cancelled_request_never_runs(faulty: Fleet) -> None:
+    backlog = faulty.client.submit_many(classify(REVIEWS[i % 6]) for i in range(40))
+    victim = faulty.client.submit_classify(REVIEWS[0], LABELS, prompt_template=TEMPLATE)
+    victim.cancel()
+    with pytest.raises(FleetError) as caught:
+        victim.result(timeout=300)
+    assert caught.value.code == ErrorCode.CANCELLED
+    assert all(h.result(timeout=300) for h in backlog)
+    assert Ledger(faulty.client.redis_url, 60).counts(victim.id).get("executions", 0) == 0
+
+
+def test_killing_a_worker_mid_batch_loses_nothing_and_runs_nothing_twice(prepared_models: None, redis_url: str) -> None:
+    broker = {"visibility_timeout_s": 6, "restore_interval_s": 1}
+    with fleet_on(redis_url, broker=broker, faults={"slow_ms": 400}) as fleet:
+        handles = fleet.client.submit_many(classify(REVIEWS[i % 6]) for i in range(60))
+        deadline = time.monotonic() + 120
+        while sum(h.ready() for h in handles) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(fleet.worker.process.pid, signal.SIGKILL)  # mid-batch: batches take >= 400 ms
+        fleet.worker.process.wait()
+        finished_before_kill = sum(h.ready() for h in handles)
+        assert finished_before_kill < 60
+        replacement = WorkerProcess(fleet.client.redis_url, env=_env_of(fleet))
+        try:
+            replacement.wait_ready(fleet.client.app)
+            results = [h.result(timeout=300) for h in handles]
+        finally:
+            replacement.stop()
+    assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]
+    ledger = Ledger(redis_url, 60)
+    counts = [ledger.counts(h.id) for h in handles]
+    assert [c["executions"] for c in counts] == [1] * 60, counts
+    assert any(c["deliveries"] >= 2 for c in counts), "no task was redelivered: the kill hit nothing"
+
+
+def _env_of(fleet: Fleet) -> dict[str, str]:
+    import json
+
+    s = fleet.settings
+    return {
+        "AUTOGLM_QUEUES": json.dumps({k.value: v.model_dump() for k, v in s.queues.items()}),
+        "AUTOGLM_BROKER": json.dumps(s.broker.model_dump()),
+    }
+
+
+def test_restarting_redis_loses_no_accepted_request(prepared_models: None) -> None:
+    with EmbeddedRedis(data_dir=Path(tempfile.mkdtemp(prefix="autoglm-redis-")), persist=True) as server:
+        with fleet_on(server.url, broker={"visibility_timeout_s": 20, "restore_interval_s": 1,
+                                          "publish_attempts": 4, "publish_backoff_max_s": 0.5}) as fleet:
+            accepted, refused = [], []
+
+            def produce() -> None:
+                for i in range(500):
+                    try:
+                        accepted.append(fleet.client.submit(classify(f"{REVIEWS[i % 6]} #{i}")))
+                    except FleetError as exc:
+                        assert exc.code == ErrorCode.BROKER_UNAVAILABLE
+                        refused.append(i)
+                    time.sleep(0.004)
+
+            producer = threading.Thread(target=produce)
+            producer.start()
+            time.sleep(0.6)
+            server.restart(down_s=1.5)
+            producer.join(timeout=300)
+            results = [h.result(timeout=600) for h in accepted]
+    assert len(accepted) + len(refused) == 500
+    assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]
+    print(f"accepted {len(accepted)}, refused {len(refused)} while Redis was down")
