@@ -91,6 +91,26 @@ def _cmd_result(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    """Where one task's time went, from the timings stored with its result (no trace backend needed)."""
+    handle = _client().handle(args.task_id)
+    result = handle.result(timeout=args.timeout)
+    t = result.timings
+    producer_side = max(0.0, t.total_ms - t.queue_wait_ms - t.batch_wait_ms - t.inference_ms)
+    rows = [
+        ("waiting in Redis (submit -> worker pick-up)", 0.0, t.queue_wait_ms),
+        ("waiting for a batch", t.queue_wait_ms, t.batch_wait_ms),
+        (f"model ({result.model}, batch of {result.batch_size})", t.queue_wait_ms + t.batch_wait_ms, t.inference_ms),
+        ("result write + hand-back", t.total_ms - producer_side, producer_side),
+    ]
+    print(f"task {handle.id} on {result.worker}: {t.total_ms:.1f} ms from submit to result")
+    scale = 50.0 / max(t.total_ms, 1e-6)
+    for label, start, length in rows:
+        bar = " " * int(start * scale) + "#" * max(1, int(length * scale))
+        print(f"  {start:8.1f} ms +{length:8.1f} ms  {bar:<52} {label}")
+    return 0
+
+
 def _dead_letters():  # noqa: ANN202
     from shared.dlq import DeadLetters
 
@@ -157,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_parser("purge", help="drop every dead-lettered request")
     for p in (dlq_list, dlq_requeue, dlq.choices["purge"]):
         p.set_defaults(func=_cmd_dlq)
+
+    tr = sub.add_parser("trace", help="timeline of one task from its stored timings")
+    tr.add_argument("task_id")
+    tr.add_argument("--timeout", type=float, default=10)
+    tr.set_defaults(func=_cmd_trace)
 
     res = sub.add_parser("result", help="status (and result) of a task id")
     res.add_argument("task_id")

@@ -14,6 +14,8 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.uuid import uuid
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
@@ -22,6 +24,7 @@ from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error, invalid_input
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
 from shared.schemas import ClassifyRequest, GenerateRequest, Priority, TaskRequest, TaskResult, TaskType
+from shared.telemetry import setup_tracing, trace_headers, tracer
 
 _request_adapter: TypeAdapter = TypeAdapter(TaskRequest)
 BROKER_ERRORS = (OperationalError, RedisError, ConnectionError)
@@ -87,6 +90,7 @@ class FleetClient:
             raise FleetError(ErrorCode.BROKER_UNAVAILABLE, "no broker configured: set REDIS_URL or redis_url in the config")
         self.redis_url = url
         self.app = make_celery(self.settings, url, name="autoglm-producer")
+        setup_tracing("autoglm-producer")
         self._models = {m.name: m for m in self.settings.models}
 
     # -- building requests ---------------------------------------------------------------------
@@ -116,7 +120,8 @@ class FleetClient:
             reraise=True,
         )
 
-    def _send(self, request: Request, task_id: str, producer: Any = None, declared: bool = False) -> TaskHandle:
+    def _send(self, request: Request, task_id: str, producer: Any = None, declared: bool = False,
+              headers: dict[str, str] | None = None) -> TaskHandle:
         queue = self.settings.queue_name(request.priority)
         extra: dict[str, Any] = {"declare": []} if declared else {}
         result = self.app.send_task(
@@ -130,6 +135,7 @@ class FleetClient:
             # request was a third of the enqueue cost.
             argsrepr=_summary(request),
             kwargsrepr="{}",
+            headers=headers if headers is not None else trace_headers(),
             **extra,
         )
         return TaskHandle(result)
@@ -143,10 +149,15 @@ class FleetClient:
     def submit(self, request: Request | dict[str, Any]) -> TaskHandle:
         """Validate and enqueue one request; returns once Redis has it (or raises BROKER_UNAVAILABLE)."""
         built, task_id = self.build(request), uuid()  # one id across attempts
-        try:
-            return self._retrying()(self._send, built, task_id)
-        except BROKER_ERRORS as exc:
-            raise self._unavailable(exc) from exc
+        attributes = {"messaging.message.id": task_id, "autoglm.task_type": str(built.task_type),
+                      "autoglm.priority": str(built.priority), "messaging.destination.name": self.settings.queue_name(built.priority)}
+        with tracer().start_as_current_span("autoglm.submit", kind=SpanKind.PRODUCER, attributes=attributes) as span:
+            try:
+                return self._retrying()(self._send, built, task_id)
+            except BROKER_ERRORS as exc:
+                error = self._unavailable(exc)
+                span.set_attribute("autoglm.error_code", str(error.code))
+                raise error from exc
 
     def submit_generate(self, prompt: str | None = None, **params: Any) -> TaskHandle:
         """Enqueue a generation. ``params``: messages, max_new_tokens, temperature, top_p, stop,
@@ -165,6 +176,10 @@ class FleetClient:
         half-submitted batch behind.
         """
         built = [(self.build(r), uuid()) for r in requests]
+        # One trace for the whole bulk submission: every message carries this span as its parent.
+        span = tracer().start_span("autoglm.submit_many", kind=SpanKind.PRODUCER, attributes={"autoglm.count": len(built)})
+        with trace.use_span(span, end_on_exit=True):
+            headers = trace_headers()
 
         def publish_all() -> list[TaskHandle]:
             # A retry re-publishes every message under the same task ids: one that got through
@@ -172,7 +187,8 @@ class FleetClient:
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=batch_size):
                 for queue in self.app.amqp.queues.values():  # declare once, not per message
                     producer.maybe_declare(queue)
-                return [self._send(request, task_id, producer=producer, declared=True) for request, task_id in built]
+                return [self._send(request, task_id, producer=producer, declared=True, headers=headers)
+                        for request, task_id in built]
 
         try:
             return self._retrying()(publish_all)

@@ -119,6 +119,10 @@ class WorkerConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: Annotated[int, Field(ge=1)] | None = None
     loglevel: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        default=None, description="Serve Prometheus /metrics on this port; None = off."
+    )
 
 
 class BrokerConfig(_Section):

@@ -64,7 +64,7 @@ def trace_headers() -> dict[str, str]:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and the request's trace/task ids."""
 
-    FIELDS = ("task_id", "queue", "model")
+    FIELDS = ("model", "code")
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, signals
+from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
 from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError
 from shared.queues import make_celery
-from workers import runtime
+from shared.telemetry import setup_logging, setup_tracing
+from workers import metrics, runtime
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,17 @@ app = create_app(settings)
 
 @signals.worker_init.connect
 def _load_models(**_: object) -> None:
+    setup_tracing("autoglm-worker")
+    CeleryInstrumentor().instrument()  # continues the producer's trace from the message headers
     runtime.install(runtime.build_runtime(settings))
+    if settings.worker.metrics_port:
+        metrics.serve(settings.worker.metrics_port, settings.redis_url or "", [q.name for q in settings.queues.values()])
+
+
+@signals.setup_logging.connect
+def _logging(**_: object) -> None:
+    # Connecting here stops Celery from installing its own handlers: every line is ours (JSON).
+    setup_logging(settings.worker.loglevel, settings.worker.log_format)
 
 
 @signals.worker_shutdown.connect

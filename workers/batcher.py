@@ -21,6 +21,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import trace
+
+from shared.telemetry import tracer
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +51,7 @@ class _Pending:
     payload: Any = field(compare=False)
     future: Future = field(compare=False)
     enqueued: float = field(compare=False)
+    span_context: trace.SpanContext = field(compare=False)
 
 
 RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
@@ -103,7 +108,8 @@ class MicroBatcher:
     def submit(self, key: Hashable, payload: Any, shape: Shape, priority: int = 0) -> Future:
         """Queue one request; the Future resolves to ``(result, BatchInfo)`` or raises its error."""
         future: Future = Future()
-        item = _Pending((priority, next(self._seq)), key, shape, payload, future, time.monotonic())
+        item = _Pending((priority, next(self._seq)), key, shape, payload, future, time.monotonic(),
+                        trace.get_current_span().get_span_context())
         with self._cond:
             if self._stopping:
                 raise RuntimeError("batcher is stopping")
@@ -170,19 +176,39 @@ class MicroBatcher:
         only the request that fails alone fails. The failing request's exception carries the
         batch's error history as ``.history``."""
         history = [] if history is None else history
+        # The batch is its own span: a child of its first member's request (so a lone request's
+        # trace runs straight through) with a link to every member's request span.
+        parent = trace.get_current_span() if history else trace.NonRecordingSpan(batch[0].span_context)
+        with tracer().start_as_current_span(
+            "autoglm.batch",
+            context=trace.set_span_in_context(parent),
+            links=[trace.Link(m.span_context) for m in batch if m.span_context.is_valid],
+            attributes={"autoglm.batch.size": len(batch), "autoglm.batch.padded_tokens": self._padded_tokens(batch),
+                        "autoglm.batch.key": str(batch[0].key)},
+        ) as span:
+            self._execute_in_span(batch, history, span)
+
+    def _execute_in_span(self, batch: list[_Pending], history: list[dict[str, Any]], span: trace.Span) -> None:
+        inherited = len(history)  # attempts of the parent batch, already on its span
         started = time.monotonic()
         try:
             results = self._call(lambda: self._checked_run(batch), history)
         except Exception as exc:  # noqa: BLE001 - isolate the failing member(s)
+            for attempt in history[inherited:]:
+                span.add_event("attempt failed", {k: str(v) for k, v in attempt.items()})
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
             if len(batch) == 1:
                 exc.history = list(history)  # type: ignore[attr-defined]
                 batch[0].future.set_exception(exc)
                 return
             log.warning("batch of %d failed (%s: %s); splitting to isolate", len(batch), type(exc).__name__, exc)
             half = len(batch) // 2
+            span.add_event("split", {"sizes": f"{half}+{len(batch) - half}"})
             self._execute(batch[:half], list(history))
             self._execute(batch[half:], list(history))
             return
+        for attempt in history[inherited:]:
+            span.add_event("attempt failed", {k: str(v) for k, v in attempt.items()})
         finished = time.monotonic()
         self.recent_batch_sizes.append(len(batch))
         for member, result in zip(batch, results, strict=True):

@@ -8,13 +8,14 @@ import sys
 
 from shared.broker import broker_url
 from shared.config import load_settings
+from shared.telemetry import setup_logging
 
 log = logging.getLogger(__name__)
 
 
 def run_worker(concurrency: int | None = None, loglevel: str | None = None, hostname: str | None = None) -> None:
     settings = load_settings()
-    logging.basicConfig(level=loglevel or settings.worker.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(loglevel or settings.worker.loglevel, settings.worker.log_format)
     with broker_url(settings.redis_url) as url:
         if not settings.redis_url:
             print(f"embedded broker running; point producers at it with REDIS_URL={url}", file=sys.stderr, flush=True)

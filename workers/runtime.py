@@ -15,6 +15,8 @@ from shared.config import Settings
 from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest, Priority
+from shared.telemetry import tracer
+from workers import metrics
 from workers.batcher import BatchInfo, MicroBatcher, Shape
 from workers.engine import Answer, Engine, Prepared, PreparedGenerate
 from workers.faults import Faults
@@ -84,10 +86,19 @@ class Runtime:
         )
 
     def _run_batch(self, key: Hashable, payloads: Sequence[Prepared]) -> list[Answer]:
-        model_name, _kind = key  # type: ignore[misc]
-        if self.faults:
-            self.faults.check(payloads)
-        return self.engines[model_name].run(list(payloads))
+        model_name, kind = key  # type: ignore[misc]
+        engine = self.engines[model_name]
+        input_tokens = sum(len(getattr(p, "input_ids", None) or getattr(p, "prompt_ids", [])) for p in payloads)
+        attributes = {"autoglm.model": model_name, "autoglm.device": str(engine.device), "autoglm.task_type": str(kind),
+                      "autoglm.input_tokens": input_tokens, "autoglm.batch.size": len(payloads)}
+        with tracer().start_as_current_span(f"autoglm.model.{kind}", attributes=attributes) as span, \
+                metrics.BATCH_SECONDS.labels(str(kind)).time():
+            if self.faults:
+                self.faults.check(payloads)
+            answers = engine.run(list(payloads))
+            span.set_attribute("autoglm.output_tokens", sum(a.usage.completion_tokens for a in answers))
+        metrics.observe_batch(str(kind), len(payloads), input_tokens, answers)
+        return answers
 
     def infer(self, engine: Engine, prepared: Prepared) -> tuple[Answer, BatchInfo]:
         """Hand one request to the batcher and wait for its batch to finish."""
@@ -112,6 +123,7 @@ def build_runtime(settings: Settings) -> Runtime:
     for name in names:
         config = settings.model(name)
         engines[name] = Engine(config, prepared_path(settings, config), device=settings.worker.device)
+        metrics.MODEL_LOAD.labels(name).set(engines[name].load_seconds)
     return Runtime(settings, engines)
 
 

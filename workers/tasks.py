@@ -12,13 +12,14 @@ import time
 from typing import Any
 
 from celery.exceptions import Reject
+from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
 from shared.errors import ErrorCode, FleetError, as_fleet_error, invalid_input
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK
 from shared.schemas import TaskRequest, TaskResult, TaskType, Timings
-from workers import runtime
+from workers import metrics, runtime
 from workers.app import app
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
             log.warning("task %s delivered again after it succeeded; returning the stored result", task_id)
             return stored.result
     picked = time.time()
+    span = trace.get_current_span()  # the task's run span, continued from the producer's trace
+    span.set_attribute("autoglm.deliveries", deliveries)
     try:
         if deliveries > rt.settings.broker.max_deliveries:
             raise FleetError(
@@ -73,6 +76,10 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
         answer, info = rt.infer(engine, prepared)
     except Exception as exc:  # noqa: BLE001 - every failure leaves with a code
         error = as_fleet_error(exc)
+        span.set_attribute("autoglm.error_code", str(error.code))
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+        metrics.TASKS.labels(str(task_type), "failure", str(error.code)).inc()
+        log.info("failed: %s", error, extra={"code": str(error.code)})
         if error.code == ErrorCode.INTERNAL:
             log.exception("request failed with an unexpected error")
         if error.code not in CALLER_ERRORS:
@@ -82,13 +89,22 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
         raise error from None
     rt.ledger.executed(task_id)
     done = time.time()
+    queue_wait_s = max(0.0, picked - request.submitted_at)
+    span.set_attributes({
+        "autoglm.model": engine.name, "autoglm.queue_wait_ms": queue_wait_s * 1000.0,
+        "autoglm.batch_wait_ms": info.batch_wait_ms, "autoglm.inference_ms": info.inference_ms,
+        "autoglm.batch.size": info.size,
+    })
+    metrics.QUEUE_WAIT.labels((task.request.delivery_info or {}).get("routing_key") or "").observe(queue_wait_s)
+    metrics.TASKS.labels(str(task_type), "success", "").inc()
+    log.info("answered in a batch of %d", info.size, extra={"model": engine.name})
     result = TaskResult(
         task_type=task_type,
         model=engine.name,
         output=answer.output,
         usage=answer.usage,
         timings=Timings(
-            queue_wait_ms=max(0.0, (picked - request.submitted_at) * 1000.0),
+            queue_wait_ms=queue_wait_s * 1000.0,
             batch_wait_ms=info.batch_wait_ms,
             inference_ms=info.inference_ms,
             total_ms=max(0.0, (done - request.submitted_at) * 1000.0),

@@ -1,0 +1,56 @@
+"""Prometheus metrics of one worker process, served on ``worker.metrics_port`` (/metrics).
+
+Queue depth is read from Redis at scrape time (LLEN of each queue), so it reflects what is
+waiting right now, across all workers; the rest is this process's own counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+TASKS = Counter("autoglm_tasks", "Tasks finished, by task type, outcome and error code", ["task_type", "outcome", "code"])
+QUEUE_WAIT = Histogram("autoglm_queue_wait_seconds", "Producer submit to worker pick-up", ["queue"],
+                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+BATCH_SIZE = Histogram("autoglm_batch_size", "Requests per model batch", ["task_type"],
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+BATCH_SECONDS = Histogram("autoglm_batch_seconds", "Model time per batch", ["task_type"],
+                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+TOKENS = Counter("autoglm_tokens", "Tokens processed (rate() of it is tokens/s)", ["kind"])
+MODEL_LOAD = Gauge("autoglm_model_load_seconds", "Time to load each model at worker start", ["model"])
+
+
+class QueueDepth(Collector):
+    def __init__(self, redis_url: str, queues: Sequence[str]) -> None:
+        from shared.broker import redis_client
+
+        self.client = redis_client(redis_url, outage_s=1.0)
+        self.queues = list(queues)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("autoglm_queue_depth", "Messages waiting in each queue", labels=["queue"])
+        for name in self.queues:
+            try:
+                family.add_metric([name], float(self.client.llen(name)))
+            except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
+                continue
+        yield family
+
+
+def serve(port: int, redis_url: str, queues: Sequence[str]) -> None:
+    REGISTRY.register(QueueDepth(redis_url, queues))
+    start_http_server(port, addr="0.0.0.0")
+    log.info("metrics on http://0.0.0.0:%d/metrics", port)
+
+
+def observe_batch(task_type: str, size: int, input_tokens: int, answers: Sequence[Any]) -> None:
+    BATCH_SIZE.labels(task_type).observe(size)
+    TOKENS.labels("input").inc(input_tokens)
+    TOKENS.labels("output").inc(sum(a.usage.completion_tokens for a in answers))
