@@ -111,6 +111,19 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from producers.backfill import run_backfill
+
+    summary = run_backfill(
+        _client(), Path(args.input), Path(args.output), Path(args.errors) if args.errors else None,
+        window=args.window, chunk=args.chunk, max_queue_depth=args.max_queue_depth,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
 def _dead_letters():  # noqa: ANN202
     from shared.dlq import DeadLetters
 
@@ -177,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_parser("purge", help="drop every dead-lettered request")
     for p in (dlq_list, dlq_requeue, dlq.choices["purge"]):
         p.set_defaults(func=_cmd_dlq)
+
+    bf = sub.add_parser("backfill", help="run a JSONL/CSV file of requests through the fleet (resumable)")
+    bf.add_argument("input", help="JSONL or CSV: custom_id, task_type and request fields per line")
+    bf.add_argument("--output", required=True, help="results, one JSON line per input line")
+    bf.add_argument("--errors", default=None, help="failed lines (default: OUTPUT.errors.jsonl)")
+    bf.add_argument("--window", type=int, default=256, help="most requests in flight at once")
+    bf.add_argument("--chunk", type=int, default=64, help="requests per batched publish")
+    bf.add_argument("--max-queue-depth", type=int, default=10_000, help="wait while the bulk queue is deeper")
+    bf.set_defaults(func=_cmd_backfill)
 
     tr = sub.add_parser("trace", help="timeline of one task from its stored timings")
     tr.add_argument("task_id")

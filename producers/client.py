@@ -169,13 +169,19 @@ class FleetClient:
         params.setdefault("priority", Priority.BULK)
         return self.submit({"task_type": TaskType.CLASSIFICATION, "text": text, "labels": labels, **params})
 
-    def submit_many(self, requests: Iterable[Request | dict[str, Any]], batch_size: int = 500) -> list[TaskHandle]:
+    def submit_many(
+        self, requests: Iterable[Request | dict[str, Any]], batch_size: int = 500, task_ids: list[str] | None = None
+    ) -> list[TaskHandle]:
         """Publish many requests over one connection with kombu batch publishing (pipelined writes).
 
         Every request is validated before the first one is sent, so a bad line does not leave a
         half-submitted batch behind.
         """
-        built = [(self.build(r), uuid()) for r in requests]
+        validated = [self.build(r) for r in requests]
+        ids = task_ids if task_ids is not None else [uuid() for _ in validated]
+        if len(ids) != len(validated):
+            raise ValueError("task_ids must match requests one to one")
+        built = list(zip(validated, ids, strict=True))
         # One trace for the whole bulk submission: every message carries this span as its parent.
         span = tracer().start_span("autoglm.submit_many", kind=SpanKind.PRODUCER, attributes={"autoglm.count": len(built)})
         with trace.use_span(span, end_on_exit=True):
@@ -194,6 +200,11 @@ class FleetClient:
             return self._retrying()(publish_all)
         except BROKER_ERRORS as exc:
             raise self._unavailable(exc) from exc
+
+    def queue_depth(self, queue: str) -> int:
+        """Messages waiting in a queue (producers throttle on it)."""
+        with self.app.connection_for_read() as conn:
+            return int(conn.default_channel.client.llen(queue))
 
     def handle(self, task_id: str) -> TaskHandle:
         return TaskHandle(self.app.AsyncResult(task_id))

@@ -1,0 +1,119 @@
+"""AsyncFleetClient: the fleet from asyncio web backends without blocking the event loop.
+
+Publishing goes through the sync client's Celery producer in a worker thread (kombu is
+synchronous; a publish is ~0.2 ms, so the thread pool is never the bottleneck). Results are read
+with redis.asyncio straight from the Celery result backend keys, decoded by Celery's own backend
+code, polled with a capped backoff: waiting costs the loop nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from producers.client import FleetClient, Request
+from shared.config import Settings
+from shared.errors import ErrorCode, FleetError, as_fleet_error
+from shared.schemas import Priority, TaskResult, TaskType
+
+READY = {"SUCCESS", "FAILURE", "REVOKED"}
+
+
+class AsyncTaskHandle:
+    def __init__(self, client: AsyncFleetClient, task_id: str) -> None:
+        self._client, self.id = client, task_id
+
+    async def status(self) -> str:
+        return (await self._client._meta(self.id))["status"]
+
+    async def result(self, timeout: float | None = None) -> TaskResult:
+        return await self._client.result(self.id, timeout)
+
+    def __repr__(self) -> str:
+        return f"AsyncTaskHandle({self.id})"
+
+
+class AsyncFleetClient:
+    """>>> async with AsyncFleetClient() as fleet:
+    ...     handle = await fleet.submit_generate("What is deep learning?")
+    ...     answer = await handle.result(timeout=30)
+    """
+
+    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+        self._sync = FleetClient(redis_url, settings)
+        self.settings = self._sync.settings
+        self._backend = self._sync.app.backend
+        # Many awaiting coroutines share a few connections: a blocking pool queues them instead of
+        # failing with "too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(self._sync.redis_url, max_connections=16, timeout=None)
+        self._redis = aioredis.Redis(connection_pool=pool)
+
+    # -- submitting ----------------------------------------------------------------------------
+    async def submit(self, request: Request | dict[str, Any]) -> AsyncTaskHandle:
+        built = self._sync.build(request)  # validation errors surface here, before any I/O
+        handle = await asyncio.to_thread(self._sync.submit, built)
+        return AsyncTaskHandle(self, handle.id)
+
+    async def submit_generate(self, prompt: str | None = None, **params: Any) -> AsyncTaskHandle:
+        return await self.submit({"task_type": TaskType.TEXT_GENERATION, "prompt": prompt, **params})
+
+    async def submit_classify(self, text: str, labels: list[str], **params: Any) -> AsyncTaskHandle:
+        params.setdefault("priority", Priority.BULK)
+        return await self.submit({"task_type": TaskType.CLASSIFICATION, "text": text, "labels": labels, **params})
+
+    async def submit_many(self, requests: Iterable[Request | dict[str, Any]]) -> list[AsyncTaskHandle]:
+        handles = await asyncio.to_thread(self._sync.submit_many, list(requests))
+        return [AsyncTaskHandle(self, h.id) for h in handles]
+
+    # -- results -------------------------------------------------------------------------------
+    async def _meta(self, task_id: str) -> dict[str, Any]:
+        raw = await self._redis.get(self._backend.get_key_for_task(task_id))
+        if raw is None:
+            return {"status": "PENDING", "result": None}
+        return self._backend.decode_result(raw)
+
+    async def result(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        """The TaskResult, or FleetError with the worker's code, or TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            meta = await self._meta(task_id)
+            if meta["status"] in READY:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"task {task_id} not finished after {timeout}s (status {meta['status']})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.2)
+        if meta["status"] == "SUCCESS":
+            return TaskResult.parse(meta["result"])
+        if meta["status"] == "REVOKED":
+            raise FleetError(ErrorCode.CANCELLED, f"task {task_id} was cancelled before it ran")
+        value = meta["result"]
+        raise as_fleet_error(value if isinstance(value, BaseException) else RuntimeError(repr(value)))
+
+    async def generate(self, prompt: str | None = None, timeout: float | None = 120, **params: Any) -> TaskResult:
+        return await (await self.submit_generate(prompt, **params)).result(timeout)
+
+    async def classify(self, text: str, labels: list[str], timeout: float | None = 120, **params: Any) -> TaskResult:
+        params.setdefault("priority", Priority.INTERACTIVE)
+        return await (await self.submit_classify(text, labels, **params)).result(timeout)
+
+    @staticmethod
+    async def gather(*awaitables: Awaitable[TaskResult]) -> list[TaskResult | FleetError | TimeoutError]:
+        """All-settled: every outcome in order; one failure never hides the others."""
+        outcomes = await asyncio.gather(*awaitables, return_exceptions=True)
+        return [o if isinstance(o, TaskResult | TimeoutError) else as_fleet_error(o) for o in outcomes]
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        self._sync.close()
+
+    async def __aenter__(self) -> AsyncFleetClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

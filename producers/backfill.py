@@ -1,0 +1,201 @@
+"""`autoglm backfill IN.jsonl --output OUT.jsonl`: a large file through the fleet, resumably.
+
+Input lines use the OpenAI Batch API shape: ``{"custom_id": ..., "task_type": ..., **params}``
+(CSV works too: a header row with the same field names; ``labels`` as ``a|b|c``). Output: one
+line per input line, ``{"custom_id", "task_id", "status": "succeeded", "result"}``; failures go to
+``--errors`` (default ``OUT.errors.jsonl``) with the error code, message and retry advice.
+
+Resumable: a journal (``OUT.journal``) records each chunk's task ids *before* it is published
+and marks it published after. Re-running after a crash or Ctrl-C skips lines already written,
+waits for published ones (results are kept ``broker.result_expires_s``), and re-publishes an
+unconfirmed chunk under the same task ids, which the workers answer once. No line gets a second
+task id.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from kombu.utils.uuid import uuid
+
+from producers.client import FleetClient, TaskHandle
+from shared.errors import FleetError, as_fleet_error
+from shared.schemas import Priority
+
+
+def read_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(custom_id, request) pairs from JSONL or CSV; a line without custom_id gets its line number."""
+    with path.open(newline="") as f:
+        if path.suffix.lower() == ".csv":
+            for n, row in enumerate(csv.DictReader(f), 1):
+                data: dict[str, Any] = {k: v for k, v in row.items() if v not in (None, "")}
+                if "labels" in data:
+                    data["labels"] = data["labels"].split("|")
+                for key in ("max_new_tokens",):
+                    if key in data:
+                        data[key] = int(data[key])
+                for key in ("temperature", "top_p"):
+                    if key in data:
+                        data[key] = float(data[key])
+                yield str(data.pop("custom_id", n)), data
+            return
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                data = json.loads(line)
+                yield str(data.pop("custom_id", n)), data
+
+
+@dataclass
+class Journal:
+    """Append-only: ``{"chunk": k, "ids": {custom_id: task_id}}`` then ``{"published": k}``."""
+
+    path: Path
+    submitted: dict[str, str] = field(default_factory=dict)
+    unconfirmed: dict[int, dict[str, str]] = field(default_factory=dict)
+    next_chunk: int = 0
+
+    def load(self) -> Journal:
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line from a crash
+                    continue
+                if "chunk" in entry:
+                    self.unconfirmed[entry["chunk"]] = entry["ids"]
+                    self.submitted.update(entry["ids"])
+                    self.next_chunk = max(self.next_chunk, entry["chunk"] + 1)
+                else:
+                    self.unconfirmed.pop(entry["published"], None)
+        return self
+
+    def append(self, entry: dict[str, Any], out: TextIO) -> None:
+        out.write(json.dumps(entry) + "\n")
+        out.flush()
+
+
+def _bulk(request: dict[str, Any]) -> dict[str, Any]:
+    return {"priority": Priority.BULK, **request}
+
+
+def _done_ids(*paths: Path) -> set[str]:
+    done = set()
+    for path in paths:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    done.add(json.loads(line)["custom_id"])
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a torn last line: that request is waited for again
+    return done
+
+
+@dataclass
+class Progress:
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+    last: float = 0.0
+
+    def tick(self, n: int = 1, force: bool = False) -> None:
+        self.done += n
+        now = time.monotonic()
+        if force or now - self.last > 0.5:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                             f"{rate:6.1f}/s ETA {eta:6.0f}s")
+            sys.stderr.flush()
+
+
+def run_backfill(
+    client: FleetClient, source: Path, output: Path, errors: Path | None = None, window: int = 256,
+    chunk: int = 64, max_queue_depth: int = 10_000, timeout_s: float = 3600,
+) -> dict[str, Any]:
+    errors = errors or output.with_suffix(".errors.jsonl")
+    journal = Journal(output.with_suffix(".journal")).load()
+    done = _done_ids(output, errors)
+    lines = list(read_lines(source))
+    todo = [(cid, req) for cid, req in lines if cid not in done]
+    counts: Counter[str] = Counter()
+    progress = Progress(total=len(lines))
+    progress.tick(len(lines) - len(todo), force=True)
+    bulk_queue = client.settings.queue_name(Priority.BULK)
+    in_flight: dict[str, TaskHandle] = {}  # custom_id -> handle
+    with output.open("a") as out, errors.open("a") as err, journal.path.open("a") as jout:
+
+        def settle(block: bool) -> None:
+            for cid, handle in list(in_flight.items()):
+                if not block and not handle.ready():
+                    continue
+                try:
+                    result = handle.result(timeout=timeout_s)
+                    out.write(json.dumps({"custom_id": cid, "task_id": handle.id, "status": "succeeded",
+                                          "result": result.model_dump(mode="json")}) + "\n")
+                    counts["succeeded"] += 1
+                except (FleetError, TimeoutError) as exc:
+                    error = as_fleet_error(exc) if isinstance(exc, FleetError) else exc
+                    code = getattr(error, "code", "TIMEOUT")
+                    err.write(json.dumps({"custom_id": cid, "task_id": handle.id, "status": "failed",
+                                          "error": error.to_dict() if isinstance(error, FleetError) else {"code": code, "message": str(error)}}) + "\n")
+                    counts[f"failed:{code}"] += 1
+                del in_flight[cid]
+                progress.tick()
+                if block and len(in_flight) < window - chunk:
+                    break
+            out.flush()
+            err.flush()
+
+        # 1. Lines already submitted by an earlier run: wait for them; re-publish unconfirmed chunks.
+        pending = {cid: req for cid, req in todo}
+        for number, ids in journal.unconfirmed.items():
+            again = [cid for cid in ids if cid in pending]
+            client.submit_many([_bulk(pending[cid]) for cid in again], task_ids=[ids[cid] for cid in again])
+            journal.append({"published": number}, jout)
+        for cid, task_id in journal.submitted.items():
+            if cid in pending:
+                in_flight[cid] = client.handle(task_id)
+                counts["resumed"] += 1
+        fresh = [(cid, req) for cid, req in todo if cid not in journal.submitted]
+        # 2. New lines, a chunk at a time, never more than `window` in flight, never flooding Redis.
+        for start in range(0, len(fresh), chunk):
+            while len(in_flight) + chunk > window or client.queue_depth(bulk_queue) > max_queue_depth:
+                settle(block=not any(h.ready() for h in in_flight.values()))
+            part = []
+            for cid, req in fresh[start : start + chunk]:
+                try:
+                    part.append((cid, client.build(_bulk(req))))
+                except FleetError as exc:  # a bad line is reported, never submitted
+                    err.write(json.dumps({"custom_id": cid, "task_id": None, "status": "failed", "error": exc.to_dict()}) + "\n")
+                    counts[f"failed:{exc.code}"] += 1
+                    progress.tick()
+            if not part:
+                continue
+            ids = {cid: uuid() for cid, _ in part}
+            number = journal.next_chunk
+            journal.next_chunk += 1
+            journal.append({"chunk": number, "ids": ids}, jout)  # write-ahead: ids before publishing
+            handles = client.submit_many([req for _, req in part], task_ids=[ids[cid] for cid, _ in part])
+            journal.append({"published": number}, jout)
+            counts["submitted"] += len(part)
+            in_flight.update({cid: h for (cid, _), h in zip(part, handles, strict=True)})
+            settle(block=False)
+        while in_flight:
+            settle(block=True)
+    progress.tick(0, force=True)
+    sys.stderr.write("\n")
+    summary = {"lines": len(lines), "skipped_already_done": len(lines) - len(todo), **dict(sorted(counts.items()))}
+    return summary
