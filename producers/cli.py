@@ -124,6 +124,21 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from producers.gateway import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from producers.auth import Role, issue
+    from shared.config import load_settings
+
+    print(issue(load_settings().gateway, args.tenant, Role(args.role), ttl_s=args.ttl, algorithm=args.alg))
+    return 0
+
+
 def _dead_letters():  # noqa: ANN202
     from shared.dlq import DeadLetters
 
@@ -199,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--chunk", type=int, default=64, help="requests per batched publish")
     bf.add_argument("--max-queue-depth", type=int, default=10_000, help="wait while the bulk queue is deeper")
     bf.set_defaults(func=_cmd_backfill)
+
+    gw = sub.add_parser("gateway", help="run the HTTP gateway (FastAPI + uvicorn)")
+    gw.add_argument("--host", default=None)
+    gw.add_argument("--port", type=int, default=None)
+    gw.set_defaults(func=_cmd_gateway)
+
+    token = sub.add_parser("token", help="JWTs for the gateway").add_subparsers(dest="token_command", required=True)
+    tok = token.add_parser("issue", help="mint a token (HS256 with gateway.jwt_secret, or RS256 with jwt_private_key)")
+    tok.add_argument("--tenant", required=True)
+    tok.add_argument("--role", required=True, choices=["guest", "user", "admin"])
+    tok.add_argument("--ttl", type=int, default=3600, help="seconds")
+    tok.add_argument("--alg", choices=["HS256", "RS256"], default=None)
+    tok.set_defaults(func=_cmd_token)
 
     tr = sub.add_parser("trace", help="timeline of one task from its stored timings")
     tr.add_argument("task_id")

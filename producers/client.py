@@ -96,8 +96,10 @@ class FleetClient:
     # -- building requests ---------------------------------------------------------------------
     def _check(self, request: Request) -> Request:
         if request.model is not None and request.model not in self._models:
+            # Not configured at all: the caller's mistake (422), unlike MODEL_UNAVAILABLE (503),
+            # which is a configured model that no worker has loaded right now.
             raise FleetError(
-                ErrorCode.MODEL_UNAVAILABLE, f"unknown model {request.model!r}; configured: {sorted(self._models)}"
+                ErrorCode.INVALID_INPUT, f"model: unknown model {request.model!r}; configured: {sorted(self._models)}"
             )
         return request
 

@@ -167,6 +167,26 @@ DEFAULT_POLICIES = {
 }
 
 
+class RateLimit(_Section):
+    rate_per_s: Annotated[float, Field(gt=0)]
+    burst: Annotated[int, Field(ge=1)]
+
+
+class GatewayConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    jwt_secret: str | None = Field(default=None, description="HS256 key (set AUTOGLM_GATEWAY__JWT_SECRET).")
+    jwt_public_key: Path | None = Field(default=None, description="RS256 verification key (PEM file).")
+    jwt_private_key: Path | None = Field(default=None, description="RS256 signing key, for `autoglm token issue`.")
+    jwt_issuer: str = "autoglm"
+    jwt_audience: str = "autoglm-gateway"
+    rate_limits: dict[Priority, RateLimit] = {
+        Priority.INTERACTIVE: RateLimit(rate_per_s=5, burst=20),
+        Priority.BULK: RateLimit(rate_per_s=200, burst=2000),
+    }
+    max_wait_s: Annotated[float, Field(ge=0, le=300)] = 60.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AUTOGLM_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -188,6 +208,7 @@ class Settings(BaseSettings):
     policies: dict[ErrorCode, Policy] = Field(
         default=DEFAULT_POLICIES, description="Per error code; codes not listed fail at once."
     )
+    gateway: GatewayConfig = GatewayConfig()
     faults: dict[str, Any] = Field(
         default={}, description="TEST ONLY fault injection (workers/faults.py); empty in production."
     )

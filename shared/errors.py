@@ -25,6 +25,9 @@ class ErrorCode(StrEnum):
     BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
     WORKER_LOST = "WORKER_LOST"
     CANCELLED = "CANCELLED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    NOT_FOUND = "NOT_FOUND"
     INTERNAL = "INTERNAL"
 
 
@@ -76,6 +79,12 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
         "The worker running this request died; it will be redelivered.", True, 503
     ),
     ErrorCode.CANCELLED: ErrorSpec("The request was cancelled by its producer before it ran.", False, 409),
+    ErrorCode.UNAUTHENTICATED: ErrorSpec(
+        "Missing, expired or invalid bearer token; get a token (`autoglm token issue`) and send "
+        "`Authorization: Bearer <token>`.", False, 401
+    ),
+    ErrorCode.PERMISSION_DENIED: ErrorSpec("Your role does not allow this call.", False, 403),
+    ErrorCode.NOT_FOUND: ErrorSpec("No such task for your tenant (or its result has expired).", False, 404),
     ErrorCode.INTERNAL: ErrorSpec(
         "An unexpected error occurred in the fleet; report it with the task id.", False, 500
     ),
@@ -126,6 +135,9 @@ class EngineTransient(FleetError): ...
 class BrokerUnavailable(FleetError): ...
 class WorkerLost(FleetError): ...
 class Cancelled(FleetError): ...
+class Unauthenticated(FleetError): ...
+class PermissionDenied(FleetError): ...
+class NotFound(FleetError): ...
 class Internal(FleetError): ...
 
 
@@ -140,6 +152,9 @@ _BY_CODE: dict[ErrorCode, type[FleetError]] = {
     ErrorCode.BROKER_UNAVAILABLE: BrokerUnavailable,
     ErrorCode.WORKER_LOST: WorkerLost,
     ErrorCode.CANCELLED: Cancelled,
+    ErrorCode.UNAUTHENTICATED: Unauthenticated,
+    ErrorCode.PERMISSION_DENIED: PermissionDenied,
+    ErrorCode.NOT_FOUND: NotFound,
     ErrorCode.INTERNAL: Internal,
 }
 
