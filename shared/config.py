@@ -127,6 +127,7 @@ class WorkerConfig(_Section):
 
 class BrokerConfig(_Section):
     result_expires_s: Annotated[int, Field(ge=60)] = 86_400
+    cache_ttl_s: Annotated[int, Field(ge=1)] = Field(default=3_600, description="Result cache entries live this long.")
     visibility_timeout_s: Annotated[int, Field(ge=1)] = Field(
         default=3_600,
         description="An unacked message is redelivered this long after delivery (ack emulation on "

@@ -6,6 +6,8 @@ parse; requests that bypass the producer (raw messages) are validated again by t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -44,6 +46,19 @@ class _RequestBase(_Strict):
     deadline: float | None = Field(
         default=None, description="Epoch seconds after which the request must not run."
     )
+    cache: bool = Field(
+        default=False,
+        description="Answer from the result cache when an identical deterministic request was answered "
+        "before (generation needs temperature 0); the result says cached=true.",
+    )
+
+    def cache_key(self, model: str) -> str | None:
+        """Identity of a deterministic request on one model; None when it must not be cached."""
+        if not self.cache or getattr(self, "temperature", 0.0) > 0:
+            return None
+        fields = self.model_dump(mode="json", exclude={"priority", "submitted_at", "deadline", "cache", "model"})
+        digest = hashlib.sha256(json.dumps([model, fields], sort_keys=True).encode()).hexdigest()
+        return f"autoglm:cache:{digest}"
 
 
 class GenerateRequest(_RequestBase):
@@ -140,6 +155,7 @@ class TaskResult(BaseModel):
     batch_size: int
     worker: str = ""
     fallback_from: str | None = Field(default=None, description="The requested model, when a fallback answered.")
+    cached: bool = Field(default=False, description="Answered from the result cache, not by the model.")
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> TaskResult:

@@ -19,6 +19,7 @@ from shared.telemetry import tracer
 from workers import metrics
 from workers.batcher import BatchInfo, MicroBatcher, Shape
 from workers.engine import Answer, Engine, Prepared, PreparedGenerate
+from workers.cache import ResultCache
 from workers.faults import Faults
 from workers.ledger import Ledger
 from workers.models import prepared_path
@@ -41,6 +42,7 @@ class Runtime:
         url = settings.redis_url or ""
         self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s)
         self.dead_letters = DeadLetters(url)
+        self.cache = ResultCache(url, ttl_s=settings.broker.cache_ttl_s)
         self.batcher = MicroBatcher(
             self._run_batch,
             max_batch_size=lambda key: settings.max_batch_size(key[1]),

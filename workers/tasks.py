@@ -72,6 +72,10 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
                 f"deadline passed {picked - request.deadline:.1f}s before a worker picked the request up",
             )
         engine, fallback_from = rt.engine_for(request)
+        cache_key = request.cache_key(engine.name)
+        if cache_key and (hit := rt.cache.get(cache_key)) is not None:
+            metrics.TASKS.labels(str(task_type), "cache_hit", "").inc()
+            return hit.model_copy(update={"worker": task.request.hostname or ""}).model_dump(mode="json")
         prepared = engine.prepare(request)
         answer, info = rt.infer(engine, prepared)
     except Exception as exc:  # noqa: BLE001 - every failure leaves with a code
@@ -113,6 +117,8 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
         worker=task.request.hostname or "",
         fallback_from=fallback_from,
     )
+    if cache_key:
+        rt.cache.put(cache_key, result)
     return result.model_dump(mode="json")
 
 

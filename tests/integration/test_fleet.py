@@ -129,3 +129,14 @@ def test_worker_reports_prompt_too_long_and_expired_deadlines(fleet: Fleet) -> N
     assert deadline_error.value.code == ErrorCode.DEADLINE_EXCEEDED
     # The worker is still serving.
     assert fleet.client.generate("What is 2 + 2?", max_new_tokens=8, timeout=300).output.text  # type: ignore[union-attr]
+
+
+def test_identical_deterministic_requests_can_be_answered_from_the_cache(fleet: Fleet) -> None:
+    prompt = f"Name a colour. ({time.time()})"
+    first = fleet.client.generate(prompt, max_new_tokens=8, cache=True, timeout=300)
+    second = fleet.client.generate(prompt, max_new_tokens=8, cache=True, timeout=300)
+    assert not first.cached and second.cached
+    assert second.output == first.output and second.usage == first.usage
+    assert not fleet.client.generate(prompt, max_new_tokens=8, timeout=300).cached  # opt-in only
+    sampled = [fleet.client.generate(prompt, max_new_tokens=8, temperature=0.7, cache=True, timeout=300) for _ in range(2)]
+    assert not any(r.cached for r in sampled)  # sampling is never cached
