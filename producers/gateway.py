@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from opentelemetry import context as otel_context
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from producers.aio import AsyncFleetClient
 from producers.auth import Principal, Role, verify

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from producers.auth import Role, issue
 from shared.config import GatewayConfig
-from tests.integration.conftest import Fleet
+from tests.integration.conftest import Fleet, free_port
 
 pytestmark = pytest.mark.integration
 SECRET = "test-secret-" + "x" * 32
 LIMITS = {"interactive": {"rate_per_s": 0.2, "burst": 4}, "bulk": {"rate_per_s": 50, "burst": 200}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

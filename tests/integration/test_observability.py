@@ -7,7 +7,6 @@ JSON lines to AUTOGLM_TRACE_FILE, the same span data an OTLP exporter would send
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,17 +20,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared.errors import ErrorCode, FleetError
 from shared.queues import CLASSIFY_TASK
-from tests.integration.conftest import Fleet, fleet_on
+from tests.integration.conftest import Fleet, free_port, fleet_on
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = 'Review: "{text}"\nSentiment ({labels}):'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Traced:
