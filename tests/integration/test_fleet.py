@@ -140,3 +140,15 @@ def test_identical_deterministic_requests_can_be_answered_from_the_cache(fleet: 
     assert not fleet.client.generate(prompt, max_new_tokens=8, timeout=300).cached  # opt-in only
     sampled = [fleet.client.generate(prompt, max_new_tokens=8, temperature=0.7, cache=True, timeout=300) for _ in range(2)]
     assert not any(r.cached for r in sampled)  # sampling is never cached
+
+
+def test_autoglm_trace_prints_a_tasks_timeline(fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from producers.cli import main
+
+    handle = fleet.client.submit_generate("Name a tree.", max_new_tokens=4)
+    handle.result(timeout=300)
+    monkeypatch.setenv("REDIS_URL", fleet.client.redis_url)
+    assert main(["trace", handle.id]) == 0
+    out = capsys.readouterr().out
+    assert handle.id in out and "waiting in Redis" in out and "model (smollm2-135m, batch of" in out
