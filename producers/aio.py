@@ -28,7 +28,7 @@ class AsyncTaskHandle:
         self._client, self.id = client, task_id
 
     async def status(self) -> str:
-        return (await self._client._meta(self.id))["status"]
+        return await self._client.status(self.id)
 
     async def result(self, timeout: float | None = None) -> TaskResult:
         return await self._client.result(self.id, timeout)
@@ -69,7 +69,20 @@ class AsyncFleetClient:
         handles = await asyncio.to_thread(self._sync.submit_many, list(requests))
         return [AsyncTaskHandle(self, h.id) for h in handles]
 
+    async def cancel(self, task_id: str) -> None:
+        """Revoke a task (see TaskHandle.cancel)."""
+        await asyncio.to_thread(self._sync.handle(task_id).cancel)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The shared asyncio Redis connection pool (gateways keep their own keys there too)."""
+        return self._redis
+
     # -- results -------------------------------------------------------------------------------
+    async def status(self, task_id: str) -> str:
+        """PENDING (queued, unknown or expired), STARTED, SUCCESS, FAILURE or REVOKED."""
+        return (await self._meta(task_id))["status"]
+
     async def _meta(self, task_id: str) -> dict[str, Any]:
         raw = await self._redis.get(self._backend.get_key_for_task(task_id))
         if raw is None:

@@ -63,8 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state["fleet"] = fleet = AsyncFleetClient(settings.redis_url, settings)
-        state["redis"] = fleet._redis
-        state["limiter"] = RateLimiter(fleet._redis)
+        state["redis"] = fleet.redis
+        state["limiter"] = RateLimiter(fleet.redis)
         yield
         await fleet.close()
 
@@ -144,8 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             result = await fleet.result(task_id, timeout=min(wait, config.max_wait_s))
             return TaskStatus(id=task_id, status="SUCCESS", status_url=_status_url(task_id), result=result)
         except TimeoutError:
-            current = await fleet._meta(task_id)
-            return TaskStatus(id=task_id, status=current["status"] if current["status"] in ("PENDING", "STARTED") else "PENDING",
+            current = await fleet.status(task_id)
+            return TaskStatus(id=task_id, status=current if current in ("PENDING", "STARTED") else "PENDING",
                               status_url=_status_url(task_id))
         except FleetError as exc:
             state_name = "CANCELLED" if exc.code == ErrorCode.CANCELLED else "FAILURE"
@@ -154,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.delete("/v1/tasks/{task_id}", status_code=202, response_model=TaskStatus, responses={404: {"model": ErrorBody}})
     async def cancel(task_id: str, request: Request, who: Annotated[Principal, Depends(require(Role.USER, Role.ADMIN))]) -> TaskStatus:
         await _owned(task_id, who)
-        state["fleet"]._sync.handle(task_id).cancel()
+        await state["fleet"].cancel(task_id)
         return TaskStatus(id=task_id, status="CANCELLED", status_url=_status_url(task_id))
 
     @app.get("/v1/admin/queues")

@@ -175,10 +175,11 @@ class MicroBatcher:
         """Run a batch under the call policy (retries); if it still fails, split it in halves so
         only the request that fails alone fails. The failing request's exception carries the
         batch's error history as ``.history``."""
+        split = history is not None  # a half of a failed batch: a child of that batch's span
         history = [] if history is None else history
         # The batch is its own span: a child of its first member's request (so a lone request's
         # trace runs straight through) with a link to every member's request span.
-        parent = trace.get_current_span() if history else trace.NonRecordingSpan(batch[0].span_context)
+        parent = trace.get_current_span() if split else trace.NonRecordingSpan(batch[0].span_context)
         with tracer().start_as_current_span(
             "autoglm.batch",
             context=trace.set_span_in_context(parent),
