@@ -2,6 +2,7 @@
 an audit line per call. OpenAPI schema at /openapi.json, docs at /docs.
 
     POST   /v1/tasks                 submit (202 + id + status URL)
+    POST   /v1/chat/completions      OpenAI-style synchronous generation (interactive)
     GET    /v1/tasks/{id}[?wait=S]   status, result or error (long-poll up to S seconds)
     DELETE /v1/tasks/{id}            cancel
     GET    /v1/admin/queues          queue depths (admin)
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse
 from opentelemetry import context as otel_context
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from producers.aio import AsyncFleetClient
 from producers.auth import Principal, Role, verify
@@ -30,7 +31,7 @@ from producers.ratelimit import RateLimiter
 from shared.config import Settings, load_settings
 from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError
-from shared.schemas import TaskRequest, TaskResult
+from shared.schemas import Priority, TaskRequest, TaskResult
 from shared.telemetry import tracer
 
 audit = logging.getLogger("autoglm.audit")
@@ -41,6 +42,22 @@ class ErrorBody(BaseModel):
     code: str
     message: str
     retryable: bool
+
+
+class ChatMessageIn(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat completions request the fleet serves."""
+
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=64)
+    max_tokens: int = Field(default=64, ge=1, le=2048)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] | str | None = None
 
 
 class TaskStatus(BaseModel):
@@ -156,6 +173,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await _owned(task_id, who)
         await state["fleet"].cancel(task_id)
         return TaskStatus(id=task_id, status="CANCELLED", status_url=_status_url(task_id))
+
+    @app.post("/v1/chat/completions", responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody},
+                                                 429: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    async def chat_completions(body: ChatCompletionRequest,
+                               who: Annotated[Principal, Depends(require(Role.USER, Role.ADMIN))]) -> dict[str, Any]:
+        """OpenAI-style synchronous convenience for interactive use: one queued interactive task,
+        awaited up to gateway.max_wait_s (then DEADLINE_EXCEEDED; the task is cancelled)."""
+        wait = await state["limiter"].take(who.tenant, "interactive", config.rate_limits[Priority.INTERACTIVE])
+        if wait is not None:
+            error = FleetError(ErrorCode.RATE_LIMITED, f"tenant {who.tenant} is over its interactive rate; retry in {wait}s")
+            error.retry_after = wait  # type: ignore[attr-defined]
+            raise error
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        fleet: AsyncFleetClient = state["fleet"]
+        handle = await fleet.submit({
+            "task_type": "text_generation", "messages": [m.model_dump() for m in body.messages], "model": body.model,
+            "max_new_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p, "stop": stop,
+            "priority": "interactive",
+        })
+        await state["redis"].set(OWNER_KEY.format(handle.id), who.tenant, ex=settings.broker.result_expires_s)
+        try:
+            result = await handle.result(timeout=config.max_wait_s)
+        except TimeoutError:
+            await fleet.cancel(handle.id)
+            raise FleetError(ErrorCode.DEADLINE_EXCEEDED, f"no answer within {config.max_wait_s}s; task {handle.id} cancelled") from None
+        return {
+            "id": f"chatcmpl-{handle.id}", "object": "chat.completion", "created": int(time.time()), "model": result.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.output.text},  # type: ignore[union-attr]
+                         "finish_reason": result.output.finish_reason}],  # type: ignore[union-attr]
+            "usage": {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens,
+                      "total_tokens": result.usage.prompt_tokens + result.usage.completion_tokens},
+        }
 
     @app.get("/v1/admin/queues")
     async def queues(request: Request, who: Annotated[Principal, Depends(require(Role.ADMIN))]) -> dict[str, int]:

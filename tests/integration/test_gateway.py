@@ -150,7 +150,9 @@ def test_every_authenticated_call_is_audited(gateways: Gateways) -> None:
 
 
 def test_schemathesis_finds_no_server_error(fleet: Fleet, tmp_path: Path) -> None:
-    # A gateway on queues no worker consumes: fuzzed submissions are accepted, never run.
+    # A gateway on queues no worker consumes: fuzzed submissions are accepted, never run. The
+    # synchronous /v1/chat/completions must answer 504 DEADLINE_EXCEEDED there by design (nothing
+    # answers), so it is left out of this run.
     suffix = uuid.uuid4().hex[:6]
     queues = {"interactive": {"name": f"fuzz-{suffix}-i", "priority": 0}, "bulk": {"name": f"fuzz-{suffix}-b", "priority": 1}}
     env, config = gateway_env(fleet, tmp_path, queues)
@@ -162,7 +164,7 @@ def test_schemathesis_finds_no_server_error(fleet: Fleet, tmp_path: Path) -> Non
         token = issue(config, "fuzzer", Role.ADMIN)
         run = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run", f"{gw.url}/openapi.json", "--checks", "not_a_server_error",
-             "--max-examples", "25", "--header", f"Authorization: Bearer {token}", "--request-timeout", "30"],
+             "--max-examples", "25", "--exclude-path", "/v1/chat/completions", "--header", f"Authorization: Bearer {token}", "--request-timeout", "30"],
             capture_output=True, text=True, timeout=600,
         )
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
@@ -171,3 +173,12 @@ def test_schemathesis_finds_no_server_error(fleet: Fleet, tmp_path: Path) -> Non
         gw.process.kill()
         gw.process.wait(10)
         fleet.client.app.connection_for_write().default_channel.client.delete(*(q["name"] for q in queues.values()))
+
+
+def test_openai_style_chat_completion(gateways: Gateways) -> None:
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+    r = httpx.post(f"{gateways.first.url}/v1/chat/completions", json=body, headers=gateways.token("chatty"), timeout=120)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "chat.completion" and "Paris" in data["choices"][0]["message"]["content"]
+    assert data["usage"]["completion_tokens"] > 0 and data["model"] == "smollm2-135m"
