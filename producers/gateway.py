@@ -127,6 +127,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if owner is None or (who.role != Role.ADMIN and owner.decode() != who.tenant):
             raise FleetError(ErrorCode.NOT_FOUND, f"no task {task_id} for tenant {who.tenant}")
 
+    async def _within_rate(who: Principal, priority: Priority) -> None:
+        """Take one token from the tenant's bucket for this priority, or RATE_LIMITED (429 + Retry-After)."""
+        wait = await state["limiter"].take(who.tenant, str(priority), config.rate_limits[priority])
+        if wait is not None:
+            error = FleetError(ErrorCode.RATE_LIMITED, f"tenant {who.tenant} is over its {priority} rate; retry in {wait}s")
+            error.retry_after = wait  # type: ignore[attr-defined]
+            raise error
+
     def _status_url(task_id: str) -> str:
         return f"/v1/tasks/{task_id}"
 
@@ -142,11 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}})
     async def submit(body: TaskRequest, request: Request, response: Response,
                      who: Annotated[Principal, Depends(require(Role.USER, Role.ADMIN))]) -> TaskStatus:
-        wait = await state["limiter"].take(who.tenant, str(body.priority), config.rate_limits[body.priority])
-        if wait is not None:
-            error = FleetError(ErrorCode.RATE_LIMITED, f"tenant {who.tenant} is over its {body.priority} rate; retry in {wait}s")
-            error.retry_after = wait  # type: ignore[attr-defined]
-            raise error
+        await _within_rate(who, body.priority)
         handle = await state["fleet"].submit(body)
         await state["redis"].set(OWNER_KEY.format(handle.id), who.tenant, ex=settings.broker.result_expires_s)
         response.headers["Location"] = _status_url(handle.id)
@@ -180,11 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                who: Annotated[Principal, Depends(require(Role.USER, Role.ADMIN))]) -> dict[str, Any]:
         """OpenAI-style synchronous convenience for interactive use: one queued interactive task,
         awaited up to gateway.max_wait_s (then DEADLINE_EXCEEDED; the task is cancelled)."""
-        wait = await state["limiter"].take(who.tenant, "interactive", config.rate_limits[Priority.INTERACTIVE])
-        if wait is not None:
-            error = FleetError(ErrorCode.RATE_LIMITED, f"tenant {who.tenant} is over its interactive rate; retry in {wait}s")
-            error.retry_after = wait  # type: ignore[attr-defined]
-            raise error
+        await _within_rate(who, Priority.INTERACTIVE)
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         fleet: AsyncFleetClient = state["fleet"]
         handle = await fleet.submit({

@@ -29,6 +29,10 @@ class PreparedGenerate:
     input_ids: list[int]
 
     @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
     def cost_tokens(self) -> int:
         return len(self.input_ids) + self.request.max_new_tokens
 
@@ -39,6 +43,10 @@ class PreparedClassify:
     template: str
     prompt_ids: list[int]
     label_ids: list[list[int]]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
     @property
     def rows(self) -> int:
@@ -202,7 +210,7 @@ class Engine:
         cuts = [text.find(stop) for stop in request.stop if stop in text]
         if cuts:
             text, finish = text[: min(cuts)], "stop"
-        usage = Usage(prompt_tokens=len(item.input_ids), completion_tokens=len(new_ids))
+        usage = Usage(prompt_tokens=item.prompt_tokens, completion_tokens=len(new_ids))
         return Answer(GenerateOutput(text=text.strip(), finish_reason=finish), usage)
 
     def _label_logprobs(self, queries: list[tuple[list[int], list[list[int]]]]) -> list[torch.Tensor]:
@@ -291,7 +299,7 @@ class Engine:
             answers.append(
                 Answer(
                     ClassifyOutput(label=labels[best], scores=dict(zip(labels, probs, strict=True))),
-                    Usage(prompt_tokens=len(item.prompt_ids), completion_tokens=0),
+                    Usage(prompt_tokens=item.prompt_tokens, completion_tokens=0),
                 )
             )
         return answers

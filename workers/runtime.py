@@ -90,7 +90,7 @@ class Runtime:
     def _run_batch(self, key: Hashable, payloads: Sequence[Prepared]) -> list[Answer]:
         model_name, kind = key  # type: ignore[misc]
         engine = self.engines[model_name]
-        input_tokens = sum(len(getattr(p, "input_ids", None) or getattr(p, "prompt_ids", [])) for p in payloads)
+        input_tokens = sum(p.prompt_tokens for p in payloads)
         attributes = {"autoglm.model": model_name, "autoglm.device": str(engine.device), "autoglm.task_type": str(kind),
                       "autoglm.input_tokens": input_tokens, "autoglm.batch.size": len(payloads)}
         with tracer().start_as_current_span(f"autoglm.model.{kind}", attributes=attributes) as span, \

@@ -46,6 +46,7 @@ CALLER_ERRORS = {ErrorCode.INVALID_INPUT, ErrorCode.PROMPT_TOO_LONG, ErrorCode.D
 def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     rt = runtime.current()
     task_id = task.request.id
+    queue = (task.request.delivery_info or {}).get("routing_key") or ""
     try:
         deliveries = rt.ledger.delivered(task_id)
     except RedisError as exc:  # Redis is gone for longer than the client rides out: put it back
@@ -87,7 +88,6 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
         if error.code == ErrorCode.INTERNAL:
             log.exception("request failed with an unexpected error")
         if error.code not in CALLER_ERRORS:
-            queue = (task.request.delivery_info or {}).get("routing_key") or ""
             rt.dead_letters.push(task_id, task.name, args[0] if args else None, queue, error.to_dict(),
                                  getattr(exc, "history", []), deliveries)
         raise error from None
@@ -99,7 +99,7 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
         "autoglm.batch_wait_ms": info.batch_wait_ms, "autoglm.inference_ms": info.inference_ms,
         "autoglm.batch.size": info.size,
     })
-    metrics.QUEUE_WAIT.labels((task.request.delivery_info or {}).get("routing_key") or "").observe(queue_wait_s)
+    metrics.QUEUE_WAIT.labels(queue).observe(queue_wait_s)
     metrics.TASKS.labels(str(task_type), "success", "").inc()
     log.info("answered in a batch of %d", info.size, extra={"model": engine.name})
     result = TaskResult(
