@@ -115,6 +115,12 @@ class WorkerConfig(_Section):
         "messages in the batcher, where an interactive request would have to queue behind them.",
     )
     queues: list[Priority] = [Priority.INTERACTIVE, Priority.BULK]
+    send_task_events: bool = Field(
+        default=False,
+        description="Publish Celery task events on every task. Off by default: three event messages "
+        "per task cost ~3 % throughput on 2 CPU cores (bench/RESULTS.md). Flower switches them on "
+        "at runtime (its enable_events option) whether or not this is set.",
+    )
     models: list[str] | None = Field(default=None, description="Aliases to load; None = all.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: Annotated[int, Field(ge=1)] | None = None
