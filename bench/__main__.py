@@ -20,7 +20,7 @@ SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling")
 SIZES = {
     "quick": {"classify": 48, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 10, "backlog": 400,
               "enqueue": 2000, "single": 100, "scaling": 48},
-    "full": {"classify": 512, "generate": 32, "new_tokens": 16, "rounds": 3, "interactive": 20, "backlog": 5000,
+    "full": {"classify": 512, "generate": 32, "new_tokens": 16, "rounds": 3, "interactive": 40, "backlog": 5000,
              "enqueue": 10000, "single": 500, "scaling": 256},
 }
 RESULTS = Path(__file__).parent / "results"

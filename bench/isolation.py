@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -10,12 +11,15 @@ from bench.workloads import classify_payload, prompts, review_texts
 
 
 def _interactive_latencies(client, n: int, new_tokens: int) -> list[float]:  # noqa: ANN001
+    """One request at a time, each after a random pause (seeded): arrivals land at every phase of
+    the running bulk batch, not in lockstep with it (a fixed pause measured a flattering phase)."""
+    pauses = random.Random(7)
     latencies = []
     for prompt in prompts(n):
+        time.sleep(pauses.uniform(0.0, 0.3))
         started = time.perf_counter()
         client.generate(prompt, max_new_tokens=new_tokens, priority="interactive", timeout=600)
         latencies.append((time.perf_counter() - started) * 1000.0)
-        time.sleep(0.05)  # requests arrive one by one, not in lockstep with batches
     return latencies
 
 

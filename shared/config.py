@@ -99,9 +99,9 @@ class QueueConfig(_Section):
 class BatchingConfig(_Section):
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
     max_batch_size_by_task: dict[TaskType, Annotated[int, Field(ge=1, le=1024)]] = Field(
-        default={TaskType.CLASSIFICATION: 6},
+        default={TaskType.CLASSIFICATION: 5},
         description="Per-task overrides of max_batch_size. A classification batch is one compute-bound "
-        "forward pass: past ~6 rows on a CPU it gains little throughput but lengthens how long an "
+        "forward pass: past ~5 rows on a CPU it gains little throughput but lengthens how long an "
         "interactive request waits behind a running bulk batch (bench/RESULTS.md).",
     )
     max_batch_tokens: Annotated[int, Field(ge=16)] = 8192

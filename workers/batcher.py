@@ -5,8 +5,10 @@ batches: it takes the most urgent request (interactive before bulk, then oldest)
 can share its forward pass (same batch key) in the same order until ``max_batch_size`` (per key) or the
 padded-token budget is reached, and waits at most ``max_wait_ms`` (counted from the first request's
 arrival) for company. It flushes early when no more requests can arrive (every worker thread is
-already waiting or running). A batch that raises is split in halves and retried, so one bad request
-fails alone and its batch-mates still get answers.
+already waiting or running). A full batch of lower-priority work goes the moment the model is free,
+unless ``urgent_upstream`` says more urgent requests are queued in the broker: then it holds for the
+refill window so the threads just released can bring them in first. A batch that raises is split
+in halves and retried, so one bad request fails alone and its batch-mates still get answers.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class MicroBatcher:
         max_wait_ms: float,
         max_pending: int | None = None,
         call_policy: CallPolicy = _call_once,
+        urgent_upstream: Callable[[], bool] | None = None,
         name: str = "micro-batcher",
     ) -> None:
         self._run = run
@@ -91,6 +94,9 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._idle_since = time.monotonic()
+        self._urgent_upstream = urgent_upstream
+        self._upstream_checked_at: float | None = None  # the idle period the last answer belongs to
+        self._upstream_urgent = False
         self.recent_batch_sizes: deque[int] = deque(maxlen=10_000)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
@@ -121,25 +127,40 @@ class MicroBatcher:
     def _padded_tokens(self, members: list[_Pending]) -> int:
         return sum(m.shape.rows for m in members) * max(m.shape.width for m in members)
 
-    def _select(self) -> tuple[list[_Pending], bool]:
-        """Members of the next batch (most urgent first) and whether the batch is full."""
+    def _select(self) -> tuple[list[_Pending], bool, bool]:
+        """Members of the next batch (most urgent first), whether the batch is full, and whether
+        nothing else can arrive (every worker thread is already waiting or running)."""
         ordered = sorted(self._waiting)
         head = ordered[0]
         chosen = [head]
         max_size = self._max_size(head.key)
+        full = False
         for item in ordered[1:]:
             if len(chosen) >= max_size:
-                return chosen, True
+                break
             if item.key != head.key:
                 continue
             if self._padded_tokens([*chosen, item]) > self.max_batch_tokens:
-                return chosen, True
+                full = True
+                break
             chosen.append(item)
-        full = len(chosen) >= max_size
-        nobody_else_can_come = (
-            self.max_pending is not None and len(self._waiting) + self._running >= self.max_pending
-        )
-        return chosen, full or nobody_else_can_come
+        full = full or len(chosen) >= max_size
+        closed = self.max_pending is not None and len(self._waiting) + self._running >= self.max_pending
+        return chosen, full, closed
+
+    def _hold_for_upstream(self, head: _Pending) -> bool:
+        """Whether a full batch of lower-priority work should wait for more urgent requests that
+        are queued in the broker. Asked once per idle period: it costs a broker round trip."""
+        if self._urgent_upstream is None or head.order[0] == 0:
+            return False
+        if self._upstream_checked_at != self._idle_since:
+            self._upstream_checked_at = self._idle_since
+            try:
+                self._upstream_urgent = self._urgent_upstream()
+            except Exception:  # noqa: BLE001 - a failed peek must never stall the model
+                log.warning("could not check for urgent requests upstream", exc_info=True)
+                self._upstream_urgent = False
+        return self._upstream_urgent
 
     def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
@@ -149,12 +170,13 @@ class MicroBatcher:
                         return None
                     self._cond.wait()
                     continue
-                chosen, full = self._select()
+                chosen, full, closed = self._select()
                 # The wait for company starts when the head arrived or when the model became free,
                 # whichever is later: right after a batch, the threads it released are still
                 # fetching their next messages (interactive first), so give them max_wait to land.
                 wait_left = max(chosen[0].enqueued, self._idle_since) + self.max_wait - time.monotonic()
-                if full or wait_left <= 0 or self._stopping:
+                ready = closed or (full and not (wait_left > 0 and self._hold_for_upstream(chosen[0])))
+                if ready or wait_left <= 0 or self._stopping:
                     picked = {id(m) for m in chosen}
                     self._waiting = [w for w in self._waiting if id(w) not in picked]
                     self._running = len(chosen)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Sequence
 
+import redis
 import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from shared.config import Settings
 from shared.dlq import DeadLetters
@@ -43,6 +46,8 @@ class Runtime:
         self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s)
         self.dead_letters = DeadLetters(url)
         self.cache = ResultCache(url, ttl_s=settings.broker.cache_ttl_s)
+        # No retries: a peek that fails is answered "no" at once and never stalls the model.
+        self._peek = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
         self.batcher = MicroBatcher(
             self._run_batch,
             max_batch_size=lambda key: settings.max_batch_size(key[1]),
@@ -50,10 +55,18 @@ class Runtime:
             max_wait_ms=settings.batching.max_wait_ms,
             max_pending=settings.worker_concurrency,
             call_policy=BatchPolicies(settings).call,
+            urgent_upstream=self._interactive_queued,
         ).start()
         self.faults = Faults(settings.faults)
         if self.faults:
             log.warning("FAULT INJECTION IS ON (test only): %s", settings.faults)
+
+    def _interactive_queued(self) -> bool:
+        """Whether interactive messages wait in the broker (one LLEN; the batcher asks only when
+        a full bulk batch is ready the moment the model is free)."""
+        if Priority.INTERACTIVE not in self.settings.worker.queues:
+            return False
+        return bool(self._peek.llen(self.settings.queue_name(Priority.INTERACTIVE)))
 
     def engine_for(self, request: GenerateRequest | ClassifyRequest) -> tuple[Engine, str | None]:
         """The engine that answers, and the requested model's name when a fallback answers instead."""

@@ -114,6 +114,56 @@ def test_after_a_batch_the_next_one_waits_for_the_released_threads_to_refill_it(
     assert run.batches[1] == ["urgent", "bulk-1"]  # not ["bulk-1"] alone, started the moment the model freed
 
 
+class Broker:
+    """Stands in for the broker's interactive queue, which the batcher peeks at."""
+
+    def __init__(self) -> None:
+        self.interactive: list[str] = []
+        self.peeks = 0
+
+    def urgent_queued(self) -> bool:
+        self.peeks += 1
+        return bool(self.interactive)
+
+
+def _full_bulk_batch_waiting_behind_a_running_one(broker: Broker) -> tuple[Recorder, MicroBatcher, list, threading.Event]:
+    """One bulk batch running and the next one already full and waiting (threads >= 2 batches)."""
+    release = threading.Event()
+    run = Recorder(hold_first=release)
+    batcher = make(run, max_batch_size=2, max_wait_ms=3_000, max_pending=3, urgent_upstream=broker.urgent_queued)  # type: ignore[arg-type]
+    futures = [batcher.submit("cls", "bulk-0", ONE, priority=1), batcher.submit("cls", "bulk-1", ONE, priority=1)]
+    assert run.started.wait(5)
+    futures += [batcher.submit("cls", f"bulk-{i}", ONE, priority=1) for i in (2, 3)]
+    return run, batcher, futures, release
+
+
+def test_a_full_bulk_batch_goes_the_moment_the_model_is_free_when_nothing_urgent_is_queued() -> None:
+    broker = Broker()
+    run, batcher, futures, release = _full_bulk_batch_waiting_behind_a_running_one(broker)
+    release.set()
+    for f in futures:
+        f.result(1)  # far inside the 3 s refill window: nothing held it back
+    batcher.stop()
+    assert run.batches == [["bulk-0", "bulk-1"], ["bulk-2", "bulk-3"]]
+    assert broker.peeks == 2  # one broker round trip per full bulk batch
+
+
+def test_a_full_bulk_batch_holds_for_interactive_requests_queued_upstream() -> None:
+    broker = Broker()
+    run, batcher, futures, release = _full_bulk_batch_waiting_behind_a_running_one(broker)
+    broker.interactive.append("urgent")  # arrives while every worker thread is busy
+    release.set()
+    futures[0].result(5)
+    time.sleep(0.05)  # a released thread fetches it from the broker and submits it
+    urgent = batcher.submit("gen", broker.interactive.pop(), ONE, priority=0)
+    urgent.result(5)
+    for f in futures:
+        f.result(5)
+    batcher.stop()
+    assert run.batches[1] == ["urgent"]  # ahead of the full bulk batch that was ready first
+    assert broker.peeks == 3  # once per idle period, not on every wake-up
+
+
 def test_token_budget_limits_batch_width() -> None:
     run = Recorder()
     batcher = make(run, max_batch_size=8, max_batch_tokens=250, max_wait_ms=100)

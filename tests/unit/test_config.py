@@ -19,7 +19,7 @@ def test_default_config_declares_the_bundled_model_for_both_tasks() -> None:
     assert model.quantize.method == "gptq" and model.quantize.bits == 4
     assert settings.queue_name(Priority.INTERACTIVE) == "interactive"
     assert settings.max_batch_size(TaskType.TEXT_GENERATION) == settings.batching.max_batch_size == 8
-    assert settings.max_batch_size(TaskType.CLASSIFICATION) == 6
+    assert settings.max_batch_size(TaskType.CLASSIFICATION) == 5
     assert settings.worker_concurrency == 8  # no more threads than the largest batch
 
 
