@@ -7,11 +7,14 @@ JSON lines to AUTOGLM_TRACE_FILE, the same span data an OTLP exporter would send
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from opentelemetry import trace
@@ -75,6 +78,32 @@ def test_one_trace_runs_from_producer_to_model(traced: Traced) -> None:
     assert batch["parent_id"] == run["context"]["span_id"] and model["parent_id"] == batch["context"]["span_id"]
     assert run["attributes"]["autoglm.queue_wait_ms"] >= 0 and "autoglm.batch_wait_ms" in run["attributes"]
     assert model["attributes"]["autoglm.output_tokens"] > 0 and model["attributes"]["autoglm.device"] == "cpu"
+
+
+def test_a_callers_traceparent_runs_through_the_gateway_to_the_model(traced: Traced, tmp_path: Path) -> None:
+    from producers.auth import Role, issue
+    from tests.integration.test_gateway import gateway_env, start_gateway
+
+    env, config = gateway_env(traced.fleet, tmp_path)
+    gateway = start_gateway(env, tmp_path)
+    try:
+        caller_trace = uuid.uuid4().hex  # the web backend's own trace, as a W3C traceparent header
+        auth = {"Authorization": f"Bearer {issue(config, 'acme', Role.USER)}"}
+        body = {"task_type": "text_generation", "prompt": "Name a colour.", "max_new_tokens": 4}
+        accepted = httpx.post(f"{gateway.url}/v1/tasks", json=body, timeout=10,
+                              headers={**auth, "traceparent": f"00-{caller_trace}-{'ab' * 8}-01"})
+        assert accepted.status_code == 202, accepted.text
+        done = httpx.get(f"{gateway.url}{accepted.json()['status_url']}", params={"wait": 120}, headers=auth, timeout=130)
+        assert done.json()["status"] == "SUCCESS", done.text
+    finally:
+        gateway.process.terminate()
+        try:
+            gateway.process.wait(10)
+        except subprocess.TimeoutExpired:
+            gateway.process.kill()
+    want = {"run/autoglm.generate", "autoglm.batch", "autoglm.model.text_generation"}
+    spans = traced.worker_spans(f"0x{caller_trace}", want)
+    assert want <= {s["name"] for s in spans}, [s["name"] for s in spans]
 
 
 def test_a_shared_batch_links_to_every_member(traced: Traced) -> None:
