@@ -5,6 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+# Which torch build `setup` installs: auto (CUDA when nvidia-smi sees a GPU, else CPU) | cpu | cuda.
+TORCH_DEVICE ?= auto
 STAMP  := $(VENV)/.autoglm-installed
 
 .PHONY: setup demo test test-unit prepare worker bench clean
@@ -14,8 +16,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first: the CPU build unless an NVIDIA GPU is visible (then the default CUDA build).
-	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	# torch first: the CPU build unless an NVIDIA GPU is visible or TORCH_DEVICE=cuda (a docker build
+	# sees no GPU) - then the default CUDA build.
+	if [ "$(TORCH_DEVICE)" = cuda ] || { [ "$(TORCH_DEVICE)" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then \
 	  $(PIP) install -q "torch>=2.8"; \
 	else \
 	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" || \

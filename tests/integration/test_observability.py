@@ -190,4 +190,6 @@ def test_compose_file_names_the_services_and_runs_what_the_tests_run() -> None:
     for name in ("worker", "worker-gpu"):
         assert "python -m workers" in " ".join(services[name]["command"])  # what tests/ start
     assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert services["worker-gpu"]["build"]["args"]["TORCH_DEVICE"] == "cuda"  # no GPU is visible at build time
+    assert "TORCH_DEVICE=$TORCH_DEVICE" in (REPO / "Dockerfile").read_text()
     assert services["worker"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://jaeger")
