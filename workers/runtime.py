@@ -9,11 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Sequence
 
-import redis
 import torch
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from shared.broker import redis_client
 from shared.config import Settings
 from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError
@@ -46,8 +44,9 @@ class Runtime:
         self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s)
         self.dead_letters = DeadLetters(url)
         self.cache = ResultCache(url, ttl_s=settings.broker.cache_ttl_s)
-        # No retries: a peek that fails is answered "no" at once and never stalls the model.
-        self._peek = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        # No retries, short timeout: a peek that fails is answered "no" and never stalls the model.
+        self._peek = redis_client(url, outage_s=0, timeout_s=0.5)
+        consumes_interactive = Priority.INTERACTIVE in settings.worker.queues
         self.batcher = MicroBatcher(
             self._run_batch,
             max_batch_size=lambda key: settings.max_batch_size(key[1]),
@@ -55,7 +54,7 @@ class Runtime:
             max_wait_ms=settings.batching.max_wait_ms,
             max_pending=settings.worker_concurrency,
             call_policy=BatchPolicies(settings).call,
-            urgent_upstream=self._interactive_queued,
+            urgent_upstream=self._interactive_queued if consumes_interactive else None,
         ).start()
         self.faults = Faults(settings.faults)
         if self.faults:
@@ -64,8 +63,6 @@ class Runtime:
     def _interactive_queued(self) -> bool:
         """Whether interactive messages wait in the broker (one LLEN; the batcher asks only when
         a full bulk batch is ready the moment the model is free)."""
-        if Priority.INTERACTIVE not in self.settings.worker.queues:
-            return False
         return bool(self._peek.llen(self.settings.queue_name(Priority.INTERACTIVE)))
 
     def engine_for(self, request: GenerateRequest | ClassifyRequest) -> tuple[Engine, str | None]:
