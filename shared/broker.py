@@ -65,14 +65,14 @@ class EmbeddedRedis:
         self.stop()
 
 
-def redis_client(url: str, outage_s: float = 30.0, timeout_s: float | None = None) -> redis.Redis:
+def redis_client(url: str, outage_s: float = 30.0, timeout_s: float | None = None, decode: bool = True) -> redis.Redis:
     """A client for the fleet's own keys (ledger, DLQ) that rides out a Redis restart: connection
     errors are retried with exponential backoff (redis-py's own Retry) for about ``outage_s``
     (0: never retried). ``timeout_s`` bounds each call, for callers that must not block."""
     attempts = int(outage_s / 0.5)
     return redis.Redis.from_url(
         url,
-        decode_responses=True,
+        decode_responses=decode,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), attempts),

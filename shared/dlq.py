@@ -3,6 +3,10 @@
 A Redis list (``autoglm:dlq``) of JSON entries, so any producer or operator can inspect it; the
 original message (task name, request, queue, task id) is kept so `autoglm dlq requeue` can publish
 it again under the same task id, and the original caller's handle sees the new result.
+
+Messages that never were a valid task (bytes that are not a kombu envelope, a body that does not
+decode) are put here by the worker's transport (workers/transport.py) with ``raw`` (the message as
+it was on the queue) and ``reason``; they have no request to requeue.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ DLQ_KEY = "autoglm:dlq"
 
 class DeadLetters:
     def __init__(self, redis_url: str) -> None:
-        self.client = redis_client(redis_url)
+        # Raw bytes: a malformed message's body is kept as it was, which need not be UTF-8.
+        self.client = redis_client(redis_url, decode=False)
 
     def push(self, task_id: str, task_name: str, request: Any, queue: str, error: dict[str, Any],
              history: list[dict[str, Any]], deliveries: int) -> None:
@@ -29,7 +34,7 @@ class DeadLetters:
         self.client.rpush(DLQ_KEY, json.dumps(entry, default=str))
 
     def list(self, limit: int = 100) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.client.lrange(DLQ_KEY, 0, limit - 1)]
+        return [_decode(raw) for raw in self.client.lrange(DLQ_KEY, 0, limit - 1)]
 
     def __len__(self) -> int:
         return int(self.client.llen(DLQ_KEY))
@@ -38,9 +43,11 @@ class DeadLetters:
         """Publish entries again (all, or those ids) under their original task ids; returns the ids."""
         requeued = []
         for raw in self.client.lrange(DLQ_KEY, 0, -1):
-            entry = json.loads(raw)
+            entry = _decode(raw)
             if task_ids is not None and entry["task_id"] not in task_ids:
                 continue
+            if not entry.get("task_name") or entry.get("request") is None:
+                continue  # a malformed message: nothing that could run
             app.send_task(entry["task_name"], args=[entry["request"]], task_id=entry["task_id"],
                           queue=entry["queue"], routing_key=entry["queue"])
             self.client.lrem(DLQ_KEY, 1, raw)
@@ -54,3 +61,7 @@ class DeadLetters:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    return json.loads(raw.decode("utf-8", "replace"))

@@ -16,7 +16,7 @@ from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
 from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError
-from shared.queues import make_celery
+from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
 from shared.telemetry import setup_logging, setup_tracing
 from workers import metrics, runtime
 
@@ -29,7 +29,12 @@ def create_app(settings: Settings) -> Celery:
             ErrorCode.BROKER_UNAVAILABLE, "the worker needs REDIS_URL (or run `autoglm worker`, which can embed one)"
         )
     app = make_celery(settings, settings.redis_url, name="autoglm-worker")
+    app.conf.broker_transport_options.update(
+        visibility_heartbeat_s=settings.broker.heartbeat_s, task_names=(GENERATE_TASK, CLASSIFY_TASK)
+    )
     app.conf.update(
+        # Reliable fetch, malformed messages to the DLQ, visibility heartbeat (workers/transport.py).
+        broker_transport="workers.transport:Transport",
         include=["workers.tasks"],
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,

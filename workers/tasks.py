@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
@@ -47,15 +47,18 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
     rt = runtime.current()
     task_id = task.request.id
     queue = (task.request.delivery_info or {}).get("routing_key") or ""
+    delivery_tag = (task.request.properties or {}).get("delivery_tag") or ""
     try:
-        deliveries = rt.ledger.delivered(task_id)
+        claim = rt.ledger.claim(task_id, delivery_tag)
     except RedisError as exc:  # Redis is gone for longer than the client rides out: put it back
         raise Reject(f"ledger unavailable: {exc}", requeue=True) from exc
-    if deliveries > 1:
-        stored = task.AsyncResult(task_id)
-        if stored.state == "SUCCESS":  # redelivered after it finished: answer once, from the store
-            log.warning("task %s delivered again after it succeeded; returning the stored result", task_id)
-            return stored.result
+    deliveries = claim.deliveries
+    if claim.outcome == "done":  # redelivered after it was answered: answer once, from the ledger
+        log.warning("task %s delivered again after it was answered; returning the recorded result", task_id)
+        return claim.result
+    if claim.outcome == "busy":  # another delivery of this task id is running it right now
+        log.warning("task %s is already running from another delivery; this one stands down", task_id)
+        raise Ignore()
     picked = time.time()
     span = trace.get_current_span()  # the task's run span, continued from the producer's trace
     span.set_attribute("autoglm.deliveries", deliveries)
@@ -91,7 +94,6 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
             rt.dead_letters.push(task_id, task.name, args[0] if args else None, queue, error.to_dict(),
                                  getattr(exc, "history", []), deliveries)
         raise error from None
-    rt.ledger.executed(task_id)
     done = time.time()
     queue_wait_s = max(0.0, picked - request.submitted_at)
     span.set_attributes({
@@ -117,9 +119,11 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
         worker=task.request.hostname or "",
         fallback_from=fallback_from,
     )
+    answer_json = result.model_dump(mode="json")
+    rt.ledger.record(task_id, answer_json)
     if cache_key:
         rt.cache.put(cache_key, result)
-    return result.model_dump(mode="json")
+    return answer_json
 
 
 @app.task(name=GENERATE_TASK, bind=True)
