@@ -14,13 +14,16 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.exceptions import RedisError
+from redis.backoff import ExponentialBackoff
 
 from producers.client import FleetClient, Request
+from producers.outcome import READY, decode_outcome
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority, TaskResult, TaskType
 
-READY = {"SUCCESS", "FAILURE", "REVOKED"}
 
 
 class AsyncTaskHandle:
@@ -49,7 +52,12 @@ class AsyncFleetClient:
         self._backend = self._sync.app.backend
         # Many awaiting coroutines share a few connections: a blocking pool queues them instead of
         # failing with "too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(self._sync.redis_url, max_connections=16, timeout=None)
+        # Short timeouts and one quick retry: during an outage callers get BROKER_UNAVAILABLE in
+        # about a second (a gateway answers 503 + Retry-After) instead of hanging on the default 5 s.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._sync.redis_url, max_connections=16, timeout=None, socket_timeout=2.0, socket_connect_timeout=1.0,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+        )
         self._redis = aioredis.Redis(connection_pool=pool)
 
     # -- submitting ----------------------------------------------------------------------------
@@ -84,7 +92,10 @@ class AsyncFleetClient:
         return (await self._meta(task_id))["status"]
 
     async def _meta(self, task_id: str) -> dict[str, Any]:
-        raw = await self._redis.get(self._backend.get_key_for_task(task_id))
+        try:
+            raw = await self._redis.get(self._backend.get_key_for_task(task_id))
+        except RedisError as exc:
+            raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {task_id}'s state: {exc}") from exc
         if raw is None:
             return {"status": "PENDING", "result": None}
         return self._backend.decode_result(raw)
@@ -101,12 +112,7 @@ class AsyncFleetClient:
                 raise TimeoutError(f"task {task_id} not finished after {timeout}s (status {meta['status']})")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.2)
-        if meta["status"] == "SUCCESS":
-            return TaskResult.parse(meta["result"])
-        if meta["status"] == "REVOKED":
-            raise FleetError(ErrorCode.CANCELLED, f"task {task_id} was cancelled before it ran")
-        value = meta["result"]
-        raise as_fleet_error(value if isinstance(value, BaseException) else RuntimeError(repr(value)))
+        return decode_outcome(task_id, meta["status"], meta["result"])
 
     async def generate(self, prompt: str | None = None, timeout: float | None = 120, **params: Any) -> TaskResult:
         return await (await self.submit_generate(prompt, **params)).result(timeout)

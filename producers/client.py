@@ -21,7 +21,8 @@ from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from shared.config import Settings, load_settings
-from shared.errors import ErrorCode, FleetError, as_fleet_error, invalid_input
+from producers.outcome import decode_outcome
+from shared.errors import ErrorCode, FleetError, invalid_input
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
 from shared.schemas import ClassifyRequest, GenerateRequest, Priority, TaskRequest, TaskResult, TaskType
 from shared.telemetry import setup_tracing, trace_headers, tracer
@@ -60,12 +61,9 @@ class TaskHandle:
             value = self._result.get(timeout=timeout, propagate=False)
         except CeleryTimeoutError:
             raise TimeoutError(f"task {self.id} not finished after {timeout}s (status {self.status()})") from None
-        state = self._result.state
-        if state == "REVOKED":
-            raise FleetError(ErrorCode.CANCELLED, f"task {self.id} was cancelled before it ran")
-        if state != "SUCCESS":
-            raise as_fleet_error(value if isinstance(value, BaseException) else RuntimeError(repr(value)))
-        return TaskResult.parse(value)
+        except BROKER_ERRORS as exc:
+            raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {self.id}'s result: {exc}") from exc
+        return decode_outcome(self.id, self._result.state, value)
 
     def cancel(self) -> None:
         """Revoke: a worker that has not started the task skips it; its result becomes CANCELLED."""

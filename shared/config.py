@@ -21,6 +21,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from shared import templates
 from shared.errors import ErrorCode
 from shared.schemas import Priority, TaskType
 
@@ -86,9 +87,10 @@ class ModelConfig(_Section):
     @field_validator("classification_template")
     @classmethod
     def _has_text(cls, template: str) -> str:
-        if "{text}" not in template:
-            raise ValueError("classification_template must contain '{text}'")
-        return template
+        try:
+            return templates.check(template)
+        except templates.TemplateError as exc:
+            raise ValueError(f"classification_template {exc}") from None
 
 
 class QueueConfig(_Section):

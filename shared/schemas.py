@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared import templates
+
 MAX_TEXT_CHARS = 32_000
 MAX_LABELS = 32
 
@@ -90,7 +92,8 @@ class GenerateRequest(_RequestBase):
 class ClassifyRequest(_RequestBase):
     """Zero-shot classification: pick the most likely of ``labels`` for ``text``.
 
-    ``prompt_template`` must contain ``{text}``; it may contain ``{labels}`` (comma-joined).
+    ``prompt_template`` must contain ``{text}``; it may contain ``{labels}`` (comma-joined); no
+    other placeholders, format specs or conversions (shared/templates.py).
     """
 
     task_type: Literal[TaskType.CLASSIFICATION] = TaskType.CLASSIFICATION
@@ -111,9 +114,12 @@ class ClassifyRequest(_RequestBase):
 
     @field_validator("prompt_template")
     @classmethod
-    def _template_has_text(cls, template: str | None) -> str | None:
-        if template is not None and "{text}" not in template:
-            raise ValueError("prompt_template must contain '{text}'")
+    def _template_is_safe(cls, template: str | None) -> str | None:
+        if template is not None:
+            try:
+                templates.check(template)
+            except templates.TemplateError as exc:
+                raise ValueError(f"prompt_template {exc}") from None
         return template
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from shared import templates
 from shared.config import ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
@@ -65,6 +66,9 @@ class PreparedClassify:
 Prepared = PreparedGenerate | PreparedClassify
 # Texts that say nothing: the model's label preference after them is its bias, not evidence.
 CONTENT_FREE_TEXTS = ("N/A", " ", "[MASK]")
+# A rendered prompt longer than context x this many characters cannot fit the context window
+# (tokenizers average 3-5 characters per token): refuse it before tokenizing it.
+MAX_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,12 @@ class Engine:
 
     def _prepare_classify(self, request: ClassifyRequest) -> PreparedClassify:
         template = request.prompt_template or self.config.classification_template
-        try:
-            prompt = template.format(text=request.text, labels=join_labels(request.labels))
-        except (KeyError, IndexError, ValueError) as exc:
-            raise FleetError(
-                ErrorCode.INVALID_INPUT, f"prompt_template is not a valid format string ({exc!r}); "
-                "use only {text} and {labels} placeholders"
-            ) from exc
+        try:  # never str.format: a caller's format spec could ask for gigabytes (shared/templates.py)
+            prompt = templates.render(template, request.text, join_labels(request.labels),
+                                      max_chars=self.context * MAX_CHARS_PER_TOKEN)
+        except templates.TemplateError as exc:
+            code = ErrorCode.PROMPT_TOO_LONG if isinstance(exc, templates.RenderedTooLong) else ErrorCode.INVALID_INPUT
+            raise FleetError(code, f"prompt_template {exc}") from None
         prompt_ids = self.tokenizer(prompt)["input_ids"]
         label_ids = [self.tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in request.labels]
         longest = len(prompt_ids) + max(len(ids) for ids in label_ids)
@@ -274,7 +277,7 @@ class Engine:
         if prior is None:
             labels = join_labels(item.request.labels)
             queries = [
-                (self.tokenizer(item.template.format(text=text, labels=labels))["input_ids"], item.label_ids)
+                (self.tokenizer(templates.render(item.template, text, labels))["input_ids"], item.label_ids)
                 for text in CONTENT_FREE_TEXTS
             ]
             prior = torch.stack(self._label_logprobs(queries)).mean(dim=0)

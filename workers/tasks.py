@@ -13,32 +13,16 @@ from typing import Any
 
 from celery.exceptions import Ignore, Reject
 from opentelemetry import trace
-from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
-from shared.errors import ErrorCode, FleetError, as_fleet_error, invalid_input
+from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK
-from shared.schemas import TaskRequest, TaskResult, TaskType, Timings
+from shared.schemas import TaskResult, TaskType, Timings
 from workers import metrics, runtime
 from workers.app import app
+from workers.parsing import parse_request
 
 log = logging.getLogger(__name__)
-_request_adapter: TypeAdapter = TypeAdapter(TaskRequest)
-
-
-def parse_request(args: tuple[Any, ...], kwargs: dict[str, Any], task_type: TaskType) -> Any:
-    """The one positional argument must be a request object of this task's type."""
-    if kwargs or len(args) != 1 or not isinstance(args[0], dict):
-        raise FleetError(ErrorCode.INVALID_INPUT, "a task message must carry exactly one request object as its argument")
-    payload = {"task_type": str(task_type), **args[0]}
-    if payload["task_type"] != task_type:
-        raise FleetError(ErrorCode.INVALID_INPUT, f"task_type {payload['task_type']!r} sent to the {task_type} task")
-    try:
-        return _request_adapter.validate_python(payload)
-    except ValidationError as exc:
-        raise invalid_input(exc) from None
-
-
 # The caller's own mistakes: failing them again would fail the same way, so they skip the DLQ.
 CALLER_ERRORS = {ErrorCode.INVALID_INPUT, ErrorCode.PROMPT_TOO_LONG, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CANCELLED}
 

@@ -106,7 +106,8 @@ def test_too_long_prompt_is_refused_before_batching(engine: Engine) -> None:
 
 def test_broken_template_is_invalid_input(engine: Engine) -> None:
     with pytest.raises(FleetError) as caught:
-        engine.prepare(ClassifyRequest(text="x", labels=["a", "b"], prompt_template="{text} {oops}"))
+        # The schema refuses it first; the engine must refuse it too (defence in depth).
+        engine.prepare(ClassifyRequest.model_construct(text="x", labels=["a", "b"], prompt_template="{text} {oops}"))
     assert caught.value.code == ErrorCode.INVALID_INPUT
 
 

@@ -1,0 +1,73 @@
+"""The fleet's own task API: submit, poll (long-poll), cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel
+
+from producers.gateway.deps import State, User, owned, remember_owner, within_rate
+from shared.errors import ErrorCode, FleetError
+from shared.schemas import TaskRequest, TaskResult
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    retryable: bool
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+class TaskStatus(BaseModel):
+    id: str
+    status: Literal["PENDING", "STARTED", "SUCCESS", "FAILURE", "CANCELLED"]
+    status_url: str
+    result: TaskResult | None = None
+    error: ErrorBody | None = None
+
+
+ERRORS = {status: {"model": ErrorEnvelope} for status in (401, 403, 404, 422, 429, 503)}
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERRORS)
+
+
+def status_url(task_id: str) -> str:
+    return f"/v1/tasks/{task_id}"
+
+
+@router.post("", status_code=202, response_model=TaskStatus)
+async def submit(body: TaskRequest, response: Response, state: State, who: User) -> TaskStatus:
+    await within_rate(state, who, body.priority)
+    handle = await state.fleet.submit(body)
+    await remember_owner(state, handle.id, who)
+    response.headers["Location"] = status_url(handle.id)
+    return TaskStatus(id=handle.id, status="PENDING", status_url=status_url(handle.id))
+
+
+@router.get("/{task_id}", response_model=TaskStatus)
+async def status(task_id: str, state: State, who: User,
+                 wait: Annotated[float, Query(ge=0, le=300, allow_inf_nan=False,
+                                              description="long-poll up to this many seconds")] = 0) -> TaskStatus:
+    await owned(state, task_id, who)
+    try:
+        result = await state.fleet.result(task_id, timeout=min(wait, state.settings.gateway.max_wait_s))
+        return TaskStatus(id=task_id, status="SUCCESS", status_url=status_url(task_id), result=result)
+    except TimeoutError:
+        current = await state.fleet.status(task_id)
+        return TaskStatus(id=task_id, status=current if current in ("PENDING", "STARTED") else "PENDING",
+                          status_url=status_url(task_id))
+    except FleetError as exc:
+        if exc.code == ErrorCode.BROKER_UNAVAILABLE:
+            raise
+        name = "CANCELLED" if exc.code == ErrorCode.CANCELLED else "FAILURE"
+        return TaskStatus(id=task_id, status=name, status_url=status_url(task_id), error=ErrorBody(**exc.to_dict()))
+
+
+@router.delete("/{task_id}", status_code=202, response_model=TaskStatus)
+async def cancel(task_id: str, state: State, who: User) -> TaskStatus:
+    await owned(state, task_id, who)
+    await state.fleet.cancel(task_id)
+    return TaskStatus(id=task_id, status="CANCELLED", status_url=status_url(task_id))

@@ -1,0 +1,25 @@
+"""What the gateway's routes share, typed, built once per app in its lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from fastapi import Request
+
+from producers.aio import AsyncFleetClient
+from producers.ratelimit import RateLimiter
+from shared.config import Settings
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    fleet: AsyncFleetClient
+    redis: aioredis.Redis  # the fleet's pool: owner keys, rate-limit buckets, DLQ reads
+    limiter: RateLimiter
+
+
+def gateway_state(request: Request) -> GatewayState:
+    """FastAPI dependency: the app's state (set by the lifespan in app.py)."""
+    return request.app.state.gateway
