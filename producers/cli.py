@@ -54,10 +54,11 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from shared.broker import EmbeddedRedis
+    from shared.broker import EmbeddedRedis, exit_on_sigterm
 
+    exit_on_sigterm()  # SIGTERM unwinds the with-block too, so the server child is stopped
     with EmbeddedRedis() as server:
-        print(f"REDIS_URL={server.url}  (Ctrl-C to stop)", flush=True)
+        print(f"REDIS_URL={server.url}  (Ctrl-C or SIGTERM to stop)", flush=True)
         try:
             while True:
                 time.sleep(3600)

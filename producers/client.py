@@ -12,13 +12,13 @@ from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 from kombu.utils.uuid import uuid
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from shared.config import Settings, load_settings
 from producers.outcome import decode_outcome
@@ -29,6 +29,9 @@ from shared.telemetry import setup_tracing, trace_headers, tracer
 
 _request_adapter: TypeAdapter = TypeAdapter(TaskRequest)
 BROKER_ERRORS = (OperationalError, RedisError, ConnectionError)
+# Raised while publishing when Redis is gone: kombu's batch publisher wraps the failure, and
+# Celery's result consumer raises RuntimeError when it cannot resubscribe for the new task id.
+PUBLISH_ERRORS = (*BROKER_ERRORS, BatchPublishError, RuntimeError)
 TASK_NAMES = {TaskType.TEXT_GENERATION: GENERATE_TASK, TaskType.CLASSIFICATION: CLASSIFY_TASK}
 Request = GenerateRequest | ClassifyRequest
 
@@ -88,6 +91,13 @@ class FleetClient:
             raise FleetError(ErrorCode.BROKER_UNAVAILABLE, "no broker configured: set REDIS_URL or redis_url in the config")
         self.redis_url = url
         self.app = make_celery(self.settings, url, name="autoglm-producer")
+        # One quick connection retry inside kombu per publish attempt; the attempts and the overall
+        # budget are ours (below), so a caller hears BROKER_UNAVAILABLE within broker.publish_budget_s.
+        self.app.conf.broker_transport_options = {
+            **self.app.conf.broker_transport_options,
+            "max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.2,
+        }
+        self.app.conf.result_backend_max_retries = 1
         setup_tracing("autoglm-producer")
         self._models = {m.name: m for m in self.settings.models}
 
@@ -114,8 +124,8 @@ class FleetClient:
         """Publishing survives a broker blip: exponential backoff with jitter, then BROKER_UNAVAILABLE."""
         broker = self.settings.broker
         return Retrying(
-            retry=retry_if_exception_type(BROKER_ERRORS),
-            stop=stop_after_attempt(broker.publish_attempts),
+            retry=retry_if_exception_type(PUBLISH_ERRORS),
+            stop=stop_after_attempt(broker.publish_attempts) | stop_after_delay(broker.publish_budget_s),
             wait=wait_exponential_jitter(multiplier=0.1, max=broker.publish_backoff_max_s, jitter=0.1),
             reraise=True,
         )
@@ -143,7 +153,8 @@ class FleetClient:
     def _unavailable(self, exc: BaseException) -> FleetError:
         return FleetError(
             ErrorCode.BROKER_UNAVAILABLE,
-            f"cannot publish to {self.redis_url} after {self.settings.broker.publish_attempts} attempts: {exc}",
+            f"cannot publish to {self.redis_url} (tried for up to {self.settings.broker.publish_budget_s:g}s): "
+            f"{type(exc).__name__}: {exc}",
         )
 
     def submit(self, request: Request | dict[str, Any]) -> TaskHandle:
@@ -154,7 +165,7 @@ class FleetClient:
         with tracer().start_as_current_span("autoglm.submit", kind=SpanKind.PRODUCER, attributes=attributes) as span:
             try:
                 return self._retrying()(self._send, built, task_id)
-            except BROKER_ERRORS as exc:
+            except PUBLISH_ERRORS as exc:
                 error = self._unavailable(exc)
                 span.set_attribute("autoglm.error_code", str(error.code))
                 raise error from exc
@@ -198,7 +209,7 @@ class FleetClient:
 
         try:
             return self._retrying()(publish_all)
-        except BROKER_ERRORS as exc:
+        except PUBLISH_ERRORS as exc:
             raise self._unavailable(exc) from exc
 
     def queue_depth(self, queue: str) -> int:

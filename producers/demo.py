@@ -15,7 +15,7 @@ from typing import Any
 
 from producers.client import FleetClient
 from producers.fleet import running_worker
-from shared.broker import broker_url
+from shared.broker import broker_url, exit_on_sigterm
 from shared.config import Settings, load_settings
 
 INTERACTIVE_PROMPTS = [
@@ -40,6 +40,7 @@ def run_demo(bulk: int = 64, as_json: bool = False, settings: Settings | None = 
     examples = sentiment_examples()
     bulk_items = [examples[i % len(examples)] for i in range(bulk)]
 
+    exit_on_sigterm()  # a stopped demo stops its embedded broker and worker too
     with broker_url(settings.redis_url) as url:
         print(f"[demo] broker: {url}{'' if settings.redis_url else ' (embedded)'}", flush=True)
         client = FleetClient(url, settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +44,9 @@ class EmbeddedRedis:
         return self
 
     def stop(self) -> None:
-        """Graceful (SIGTERM): with ``persist`` the append-only file is flushed first."""
-        self._server.stop()
+        """Graceful (SIGTERM): with ``persist`` the append-only file is flushed first. Idempotent."""
+        if self.pid is not None:
+            self._server.stop()
 
     def restart(self, down_s: float = 0.0) -> None:
         """Stop, stay down ``down_s`` seconds, start again on the same port and data directory."""
@@ -55,6 +57,12 @@ class EmbeddedRedis:
         self.start()
 
     @property
+    def pid(self) -> int | None:
+        """The server process (tests pause it with SIGSTOP to play a hung Redis)."""
+        process = getattr(self._server, "_process", None)
+        return process.pid if process is not None else None
+
+    @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self._server.port}/0"
 
@@ -63,6 +71,16 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in the main thread, so ``with EmbeddedRedis()`` blocks unwind and
+    stop their server (by default SIGTERM ends Python at once and leaves the server running)."""
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def redis_client(url: str, outage_s: float = 30.0, timeout_s: float | None = None, decode: bool = True) -> redis.Redis:

@@ -153,6 +153,9 @@ class BrokerConfig(_Section):
     )
     publish_attempts: Annotated[int, Field(ge=1)] = 5
     publish_backoff_max_s: Annotated[float, Field(gt=0)] = 2.0
+    publish_budget_s: Annotated[float, Field(gt=0)] = Field(
+        default=5.0, description="Producers give up publishing (BROKER_UNAVAILABLE) after this long in all."
+    )
 
     @model_validator(mode="after")
     def _heartbeat_beats_timeout(self) -> BrokerConfig:

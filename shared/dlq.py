@@ -34,7 +34,7 @@ class DeadLetters:
         self.client.rpush(DLQ_KEY, json.dumps(entry, default=str))
 
     def list(self, limit: int = 100) -> list[dict[str, Any]]:
-        return [_decode(raw) for raw in self.client.lrange(DLQ_KEY, 0, limit - 1)]
+        return [decode_entry(raw) for raw in self.client.lrange(DLQ_KEY, 0, limit - 1)]
 
     def __len__(self) -> int:
         return int(self.client.llen(DLQ_KEY))
@@ -43,7 +43,7 @@ class DeadLetters:
         """Publish entries again (all, or those ids) under their original task ids; returns the ids."""
         requeued = []
         for raw in self.client.lrange(DLQ_KEY, 0, -1):
-            entry = _decode(raw)
+            entry = decode_entry(raw)
             if task_ids is not None and entry["task_id"] not in task_ids:
                 continue
             if not entry.get("task_name") or entry.get("request") is None:
@@ -63,5 +63,5 @@ class DeadLetters:
         self.client.close()
 
 
-def _decode(raw: bytes) -> dict[str, Any]:
+def decode_entry(raw: bytes) -> dict[str, Any]:
     return json.loads(raw.decode("utf-8", "replace"))

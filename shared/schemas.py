@@ -31,7 +31,9 @@ class Priority(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and Infinity are not numbers a request can mean (a NaN deadline compares false with
+    # everything, so it never expires): refused, like any other invalid value.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ChatMessage(_Strict):

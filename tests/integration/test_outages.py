@@ -1,0 +1,52 @@
+"""When Redis is gone: producers give up within their budget with BROKER_UNAVAILABLE, and a
+stopped embedded broker takes its server with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from producers.client import FleetClient
+from shared.broker import EmbeddedRedis
+from shared.config import load_settings
+from shared.errors import ErrorCode, FleetError
+
+pytestmark = pytest.mark.integration
+REQUEST = {"task_type": "classification", "text": "fine", "labels": ["yes", "no"]}
+
+
+@pytest.mark.parametrize("call", ["submit", "submit_many"])
+def test_publishing_into_an_outage_raises_broker_unavailable_within_the_budget(call: str) -> None:
+    server = EmbeddedRedis().start()
+    settings = load_settings(redis_url=server.url)
+    client = FleetClient(server.url, settings)
+    client.submit(REQUEST)  # connected and subscribed before the outage
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(FleetError) as caught:
+        client.submit(REQUEST) if call == "submit" else client.submit_many([REQUEST] * 5)
+    took = time.monotonic() - started
+    assert caught.value.code == ErrorCode.BROKER_UNAVAILABLE and caught.value.retryable
+    assert caught.value.__cause__ is not None  # the transport's own error, chained for whoever debugs it
+    assert took < settings.broker.publish_budget_s + 3, took  # a bound on giving up, not a speed target
+
+
+def test_sigterm_to_autoglm_broker_stops_its_server() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "producers.cli", "broker"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        url = line.split()[0].removeprefix("REDIS_URL=")
+        assert redis.Redis.from_url(url).ping()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    finally:
+        proc.kill()
