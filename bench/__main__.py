@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling")
+SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model")
 SIZES = {
     "quick": {"classify": 48, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 10, "backlog": 400,
-              "enqueue": 2000, "single": 100, "scaling": 48},
+              "enqueue": 2000, "single": 100, "scaling": 48, "machinery": 300, "fast": 200},
     "full": {"classify": 512, "generate": 32, "new_tokens": 16, "rounds": 3, "interactive": 40, "backlog": 5000,
-             "enqueue": 10000, "single": 500, "scaling": 256},
+             "enqueue": 10000, "single": 500, "scaling": 256, "machinery": 2000, "fast": 1000},
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -79,6 +79,17 @@ def run(mode: str, only: list[str]) -> dict[str, Any]:
                 from bench import scaling
 
                 summary.update(scaling.run(harness, size["scaling"]))
+            elif name in ("celery-floor", "machinery"):
+                if "machinery_n" in summary:
+                    continue  # both ran together, alternating rounds
+                from bench import machinery
+
+                which = {n for n in only if n in ("celery-floor", "machinery")}
+                summary.update(machinery.run(harness, size["machinery"], size["rounds"], which))
+            elif name == "fast-model":
+                from bench import fast_model
+
+                summary.update(fast_model.run(harness, size["fast"], size["rounds"]))
             summary[f"seconds_{name}"] = round(time.perf_counter() - started, 1)
     return summary
 
@@ -91,6 +102,8 @@ def table(summary: dict[str, Any]) -> str:
         ("enqueue_tasks_per_s", ">= 5000", lambda v: v >= 5000),
         ("submit_p99_ms", "<= 5", lambda v: v <= 5),
         ("gptq_weight_bytes_ratio", "<= 0.5", lambda v: v <= 0.5),
+        ("machinery_vs_celery_floor", ">= 0.8", lambda v: v >= 0.8),
+        ("fast_fleet_vs_naive", ">= 1.25", lambda v: v >= 1.25),
     ]
     lines = [f"device: {summary['device']}  mode: {summary['mode']}", "", "| metric | value | target | met |", "|---|---|---|---|"]
     for key, target, ok in targets:

@@ -47,16 +47,22 @@ class Harness:
             "bulk": {"name": f"bench-{self.run_id}-{tag}-bulk", "priority": 1},
         }
 
-    def client(self, tag: str) -> FleetClient:
-        settings = load_settings(redis_url=self.redis_url, queues=self.queues(tag))
+    def client(self, tag: str, models: list[dict] | None = None) -> FleetClient:
+        extra = {"models": models} if models is not None else {}
+        settings = load_settings(redis_url=self.redis_url, queues=self.queues(tag), **extra)
         return FleetClient(self.redis_url, settings)
 
     @contextlib.contextmanager
-    def fleet(self, tag: str, workers: int = 1, env: dict[str, str] | None = None) -> Iterator[FleetClient]:
-        """``workers`` real `python -m workers` processes on this tag's queues, and a client for them."""
-        client = self.client(tag)
+    def fleet(self, tag: str, workers: int = 1, env: dict[str, str] | None = None,
+              models: list[dict] | None = None) -> Iterator[FleetClient]:
+        """``workers`` real `python -m workers` processes on this tag's queues, and a client for them
+        (``models``: the model list both sides use instead of the configured one)."""
+        client = self.client(tag, models)
         child_env = {"AUTOGLM_QUEUES": json.dumps(self.queues(tag)), "AUTOGLM_WORKER__LOGLEVEL": "WARNING", **(env or {})}
+        if models is not None:
+            child_env["AUTOGLM_MODELS"] = json.dumps(models)
         procs = [WorkerProcess(self.redis_url, env=child_env) for _ in range(workers)]
+        self.worker_pids = [p.process.pid for p in procs]
         try:
             for proc in procs:
                 proc.wait_ready(client.app)
@@ -68,29 +74,46 @@ class Harness:
             client.close()
 
     @contextlib.contextmanager
-    def naive(self) -> Iterator[tuple[Celery, str]]:
+    def naive(self, env: dict[str, str] | None = None) -> Iterator[tuple[Celery, str]]:
         """The naive baseline worker (bench/naive.py, solo pool) and the queue it consumes."""
         from bench.naive import app
 
-        queue = f"bench-{self.run_id}-naive"
-        log = Path(tempfile.mkstemp(prefix="autoglm-naive-", suffix=".log")[1])
-        hostname = f"naive-{self.run_id}@%h"
-        env = {**os.environ, "REDIS_URL": self.redis_url}
+        with self._celery_worker("bench.naive", "naive", ["--pool", "solo"], env) as queue:
+            app.send_task("naive.warmup", queue=queue).get(timeout=600)
+            yield app, queue
+
+    @contextlib.contextmanager
+    def floor(self, concurrency: int) -> Iterator[tuple[Celery, str, int]]:
+        """The plain Celery echo worker (bench/floor.py, threads pool), its queue and its pid."""
+        from bench.floor import app
+
+        with self._celery_worker("bench.floor", "floor", ["--pool", "threads", f"--concurrency={concurrency}"]) as queue:
+            app.send_task("floor.echo", args=[{}], queue=queue).get(timeout=120)
+            yield app, queue, self._last_pid
+
+    @contextlib.contextmanager
+    def _celery_worker(self, module: str, tag: str, pool: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
+        queue = f"bench-{self.run_id}-{tag}"
+        log = Path(tempfile.mkstemp(prefix=f"autoglm-{tag}-", suffix=".log")[1])
+        hostname = f"{tag}-{self.run_id}@%h"
+        child_env = {**os.environ, "REDIS_URL": self.redis_url, **(env or {})}
         with log.open("w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "bench.naive", "worker", "--pool", "solo", "-Q", queue,
+                [sys.executable, "-m", "celery", "-A", module, "worker", *pool, "-Q", queue,
                  "--hostname", hostname, "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
+                env=child_env, stdout=out, stderr=subprocess.STDOUT,
             )
+            self._last_pid = proc.pid
             try:
-                app.send_task("naive.warmup", queue=queue).get(timeout=600)
-                yield app, queue
+                yield queue
             finally:
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                from bench.floor import app
+
                 self.purge(app, [queue])
 
     @staticmethod
@@ -100,6 +123,17 @@ class Harness:
             for name in queues:
                 with contextlib.suppress(Exception):
                     channel.queue_purge(name)
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time used so far by these processes and their children (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15]) / ticks  # utime stime cutime cstime
+    return total
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:  # noqa: ANN001

@@ -233,3 +233,18 @@ def test_malformed_messages_of_any_shape_go_to_the_dlq_and_the_worker_stays_up(p
         finally:
             second.stop()
         dlq.purge()
+
+
+def test_a_task_id_published_twice_runs_once_even_when_both_copies_are_in_flight(fleet: Fleet) -> None:
+    """What a resumed backfill does with a chunk whose publish it never saw confirmed: the same task
+    ids again. Each copy sits next to the original, so both are often in the worker at once."""
+    requests = [classify(f"{REVIEWS[i % 6]} (twice {i})") for i in range(24)]
+    ids = [uuid.uuid4().hex for _ in requests]
+    interleaved = [r for pair in zip(requests, requests, strict=True) for r in pair]
+    handles = fleet.client.submit_many(interleaved, task_ids=[i for pair in zip(ids, ids, strict=True) for i in pair])
+    results = [h.result(timeout=300) for h in handles]
+    assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]
+    ledger = Ledger(fleet.client.redis_url, 60)
+    counts = [ledger.counts(task_id) for task_id in ids]
+    assert all(c["deliveries"] == 2 for c in counts), counts
+    assert [c.get("executions") for c in counts] == [1] * 24, counts

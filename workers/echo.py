@@ -1,0 +1,60 @@
+"""A zero-cost engine for benchmarks and plumbing: the fleet's own per-task cost is then the whole figure.
+
+Selected by a model whose ``source`` is ``echo:``. It validates and renders exactly as the real
+engine does (same templates, same limits) but "tokenizes" by length and answers without a model:
+classification picks the first label, generation echoes the prompt. Never a stand-in for a model
+in demos or quality checks: its answers carry no information.
+"""
+
+from __future__ import annotations
+
+from shared import templates
+from shared.config import ModelConfig
+from shared.errors import ErrorCode, FleetError
+from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
+from workers.engine import MAX_CHARS_PER_TOKEN, Answer, Prepared, PreparedClassify, PreparedGenerate, join_labels
+
+SOURCE = "echo:"
+CHARS_PER_TOKEN = 4
+
+
+class EchoEngine:
+    device = "cpu"
+    load_seconds = 0.0
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.context = config.max_context_tokens
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def prepare(self, request: GenerateRequest | ClassifyRequest) -> Prepared:
+        if isinstance(request, GenerateRequest):
+            text = "\n".join(m["content"] for m in request.chat_messages())
+            ids = [0] * max(1, len(text) // CHARS_PER_TOKEN)
+            if len(ids) + request.max_new_tokens > self.context:
+                raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"prompt is {len(ids)} tokens; context {self.context}")
+            return PreparedGenerate(request, ids)
+        template = request.prompt_template or self.config.classification_template
+        try:
+            prompt = templates.render(template, request.text, join_labels(request.labels),
+                                      max_chars=self.context * MAX_CHARS_PER_TOKEN)
+        except templates.TemplateError as exc:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"prompt_template {exc}") from None
+        return PreparedClassify(request, template, [0] * max(1, len(prompt) // CHARS_PER_TOKEN),
+                                [[1] for _ in request.labels])
+
+    def run(self, items: list[Prepared]) -> list[Answer]:
+        answers = []
+        for item in items:
+            if isinstance(item, PreparedGenerate):
+                text = (item.request.prompt or "")[: item.request.max_new_tokens * CHARS_PER_TOKEN]
+                answers.append(Answer(GenerateOutput(text=text, finish_reason="stop"),
+                                      Usage(prompt_tokens=item.prompt_tokens, completion_tokens=max(1, len(text) // CHARS_PER_TOKEN))))
+            else:
+                labels = item.request.labels
+                scores = {label: 1.0 / len(labels) for label in labels}
+                answers.append(Answer(ClassifyOutput(label=labels[0], scores=scores), Usage(prompt_tokens=item.prompt_tokens)))
+        return answers
