@@ -117,6 +117,12 @@ class WorkerConfig(_Section):
         "messages in the batcher, where an interactive request would have to queue behind them.",
     )
     queues: list[Priority] = [Priority.INTERACTIVE, Priority.BULK]
+    consumers: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1,
+        description="Celery consumer processes feeding one engine core (workers/engine_core.py); each runs "
+        "`concurrency` task threads. More consumers spread Celery, tokenization and result writes "
+        "over more cores while the model loop keeps its own process.",
+    )
     send_task_events: bool = Field(
         default=False,
         description="Publish Celery task events on every task. Off by default: three event messages "

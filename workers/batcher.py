@@ -43,6 +43,7 @@ class BatchInfo:
     size: int
     batch_wait_ms: float
     inference_ms: float
+    leader: bool = False  # the batch's first member: batch-level metrics are counted once, through it
 
 
 @dataclass(order=True)
@@ -80,6 +81,7 @@ class MicroBatcher:
         max_pending: int | None = None,
         call_policy: CallPolicy = _call_once,
         urgent_upstream: Callable[[], bool] | None = None,
+        most_urgent: int = 0,
         name: str = "micro-batcher",
     ) -> None:
         self._run = run
@@ -95,6 +97,7 @@ class MicroBatcher:
         self._stopping = False
         self._idle_since = time.monotonic()
         self._urgent_upstream = urgent_upstream
+        self.most_urgent = most_urgent  # the priority value of work that is never held back
         self._upstream_checked_at: float | None = None  # the idle period the last answer belongs to
         self._upstream_urgent = False
         self.recent_batch_sizes: deque[int] = deque(maxlen=10_000)
@@ -111,11 +114,14 @@ class MicroBatcher:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    def submit(self, key: Hashable, payload: Any, shape: Shape, priority: int = 0) -> Future:
-        """Queue one request; the Future resolves to ``(result, BatchInfo)`` or raises its error."""
+    def submit(self, key: Hashable, payload: Any, shape: Shape, priority: int = 0,
+               span_context: trace.SpanContext | None = None) -> Future:
+        """Queue one request; the Future resolves to ``(result, BatchInfo)`` or raises its error.
+        ``priority``: lower runs first. ``span_context``: the request's span (default: the current
+        one), which the batch span links to."""
         future: Future = Future()
-        item = _Pending((priority, next(self._seq)), key, shape, payload, future, time.monotonic(),
-                        trace.get_current_span().get_span_context())
+        context = span_context if span_context is not None else trace.get_current_span().get_span_context()
+        item = _Pending((priority, next(self._seq)), key, shape, payload, future, time.monotonic(), context)
         with self._cond:
             if self._stopping:
                 raise RuntimeError("batcher is stopping")
@@ -151,7 +157,7 @@ class MicroBatcher:
     def _hold_for_upstream(self, head: _Pending) -> bool:
         """Whether a full batch of lower-priority work should wait for more urgent requests that
         are queued in the broker. Asked once per idle period: it costs a broker round trip."""
-        if self._urgent_upstream is None or head.order[0] == 0:
+        if self._urgent_upstream is None or head.order[0] == self.most_urgent:
             return False
         if self._upstream_checked_at != self._idle_since:
             self._upstream_checked_at = self._idle_since
@@ -234,11 +240,12 @@ class MicroBatcher:
             span.add_event("attempt failed", {k: str(v) for k, v in attempt.items()})
         finished = time.monotonic()
         self.recent_batch_sizes.append(len(batch))
-        for member, result in zip(batch, results, strict=True):
+        for index, (member, result) in enumerate(zip(batch, results, strict=True)):
             info = BatchInfo(
                 size=len(batch),
                 batch_wait_ms=(started - member.enqueued) * 1000.0,
                 inference_ms=(finished - started) * 1000.0,
+                leader=index == 0,
             )
             member.future.set_result((result, info))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from shared import templates
 from shared.config import ModelConfig
@@ -96,35 +96,22 @@ def join_labels(labels: list[str]) -> str:
     return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
 
 
-class Engine:
-    """A causal LM loaded with the real ``from_pretrained`` path (GPTQ folders included)."""
+class Preparer:
+    """The request side of a model: tokenizer, context window, templates. Runs where requests are
+    taken in (a consumer process, in the task's thread), so the engine core only collates tensors.
+    Needs the model folder's tokenizer and config, never its weights."""
 
-    def __init__(self, config: ModelConfig, path: Path, device: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, path: Path) -> None:
         self.config = config
-        self.path = path
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(config.dtype, self.device)
-        started = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device))
-        self.model.eval()
-        self.load_seconds = time.perf_counter() - started
-        self.context = min(config.max_context_tokens, getattr(self.model.config, "max_position_embeddings", 1 << 30))
-        self.stop_token_ids = self._stop_token_ids()
-        self._priors: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
-        log.info("loaded %s from %s on %s/%s in %.1fs", config.name, path, self.device, self.dtype, self.load_seconds)
+        positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 1 << 30
+        self.context = min(config.max_context_tokens, positions)
 
     @property
     def name(self) -> str:
         return self.config.name
-
-    def _stop_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        eos = self.model.generation_config.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos])
-        return sorted(i for i in ids if i is not None)
 
     # -- per request, in the task's thread -----------------------------------------------------
     def prepare(self, request: GenerateRequest | ClassifyRequest) -> Prepared:
@@ -168,6 +155,39 @@ class Engine:
                 f"text is {len(prompt_ids)} tokens with the template; model {self.name} takes {self.context}",
             )
         return PreparedClassify(request, template, prompt_ids, label_ids)
+
+
+class Engine:
+    """A causal LM loaded with the real ``from_pretrained`` path (GPTQ folders included)."""
+
+    def __init__(self, config: ModelConfig, path: Path, device: str = "auto") -> None:
+        self.config = config
+        self.path = path
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        started = time.perf_counter()
+        self.preparer = Preparer(config, path)
+        self.tokenizer = self.preparer.tokenizer
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device))
+        self.model.eval()
+        self.load_seconds = time.perf_counter() - started
+        self.context = self.preparer.context
+        self.stop_token_ids = self._stop_token_ids()
+        self._priors: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+        log.info("loaded %s from %s on %s/%s in %.1fs", config.name, path, self.device, self.dtype, self.load_seconds)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def prepare(self, request: GenerateRequest | ClassifyRequest) -> Prepared:
+        return self.preparer.prepare(request)
+
+    def _stop_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return sorted(i for i in ids if i is not None)
 
     # -- per batch, in the batcher's thread ----------------------------------------------------
     @torch.inference_mode()

@@ -1,85 +1,67 @@
-"""Per-process worker state: the loaded engines and the one micro-batcher that feeds them.
+"""A consumer process's worker context: what its tasks need, built once from settings.
 
-Built once when the Celery worker process starts (``worker_init``), before it consumes messages,
-so no task ever waits for a model load.
+Built when the Celery worker process starts (``worker_init``), before it consumes messages: the
+request side of every model (tokenizer, templates, limits), the engine core it feeds (started here,
+models loaded before the first message), and the Redis-backed ledger, dead-letter queue and cache.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from typing import Any
 
-import torch
-
-from shared.broker import redis_client
-from shared.config import Settings
+from shared.config import ModelConfig, Settings
 from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError
-from shared.schemas import ClassifyRequest, GenerateRequest, Priority
-from shared.telemetry import tracer
+from shared.schemas import ClassifyRequest, GenerateRequest
+from shared.telemetry import trace_headers
 from workers import metrics
-from workers.batcher import BatchInfo, MicroBatcher, Shape
-from workers.engine import Answer, Engine, Prepared, PreparedGenerate
+from workers.batcher import BatchInfo
 from workers.cache import ResultCache
-from workers.faults import Faults
+from workers.engine import Answer, Prepared
+from workers.engine_client import EngineClient
 from workers.ledger import Ledger
-from workers.models import prepared_path
-from workers.policies import BatchPolicies
 
 log = logging.getLogger(__name__)
-PRIORITY_RANK = {Priority.INTERACTIVE: 0, Priority.BULK: 1}
 
 
-def shape_of(prepared: Prepared) -> Shape:
-    if isinstance(prepared, PreparedGenerate):
-        return Shape(rows=1, width=prepared.cost_tokens)
-    return Shape(rows=prepared.rows, width=prepared.width)
+def load_preparer(settings: Settings, config: ModelConfig) -> Any:
+    """The request side of a model: the echo engine prepares for itself; a real model's tokenizer."""
+    from workers.echo import SOURCE, EchoEngine
+
+    if config.source == SOURCE:
+        return EchoEngine(config)
+    from workers.engine import Preparer
+    from workers.models import prepared_path
+
+    return Preparer(config, prepared_path(settings, config))
 
 
 class Runtime:
-    def __init__(self, settings: Settings, engines: dict[str, Engine]) -> None:
+    def __init__(self, settings: Settings, preparers: dict[str, Any], engine: EngineClient) -> None:
         self.settings = settings
-        self.engines = engines
+        self.preparers = preparers
+        self.engine = engine
         url = settings.redis_url or ""
         self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s)
         self.dead_letters = DeadLetters(url)
         self.cache = ResultCache(url, ttl_s=settings.broker.cache_ttl_s)
-        # No retries, short timeout: a peek that fails is answered "no" and never stalls the model.
-        self._peek = redis_client(url, outage_s=0, timeout_s=0.5)
-        consumes_interactive = Priority.INTERACTIVE in settings.worker.queues
-        self.batcher = MicroBatcher(
-            self._run_batch,
-            max_batch_size=lambda key: settings.max_batch_size(key[1]),
-            max_batch_tokens=settings.batching.max_batch_tokens,
-            max_wait_ms=settings.batching.max_wait_ms,
-            max_pending=settings.worker_concurrency,
-            call_policy=BatchPolicies(settings).call,
-            urgent_upstream=self._interactive_queued if consumes_interactive else None,
-        ).start()
-        self.faults = Faults(settings.faults)
-        if self.faults:
-            log.warning("FAULT INJECTION IS ON (test only): %s", settings.faults)
 
-    def _interactive_queued(self) -> bool:
-        """Whether interactive messages wait in the broker (one LLEN; the batcher asks only when
-        a full bulk batch is ready the moment the model is free)."""
-        return bool(self._peek.llen(self.settings.queue_name(Priority.INTERACTIVE)))
-
-    def engine_for(self, request: GenerateRequest | ClassifyRequest) -> tuple[Engine, str | None]:
-        """The engine that answers, and the requested model's name when a fallback answers instead."""
+    def engine_for(self, request: GenerateRequest | ClassifyRequest) -> tuple[Any, str | None]:
+        """The model that answers, and the requested model's name when a fallback answers instead."""
         name = request.model
         if name is None:
-            candidates = [e for e in self.engines.values() if request.task_type in e.config.task_type]
+            candidates = [p for p in self.preparers.values() if request.task_type in p.config.task_type]
             if not candidates:
                 raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"no loaded model serves {request.task_type}")
             return candidates[0], None
-        engine = self.engines.get(name)
-        if engine is not None:
-            if request.task_type not in engine.config.task_type:
+        preparer = self.preparers.get(name)
+        if preparer is not None:
+            if request.task_type not in preparer.config.task_type:
                 raise FleetError(ErrorCode.INVALID_INPUT, f"model {name!r} does not serve {request.task_type}")
-            return engine, None
+            return preparer, None
         unavailable = FleetError(
-            ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not loaded on this worker (loaded: {sorted(self.engines)})"
+            ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not loaded on this worker (loaded: {sorted(self.preparers)})"
         )
         if self.settings.policy(ErrorCode.MODEL_UNAVAILABLE).action != "fallback":
             raise unavailable
@@ -88,55 +70,43 @@ class Runtime:
         except KeyError:
             raise unavailable from None
         for fallback in chain:
-            engine = self.engines.get(fallback)
-            if engine is not None and request.task_type in engine.config.task_type:
+            preparer = self.preparers.get(fallback)
+            if preparer is not None and request.task_type in preparer.config.task_type:
                 log.info("model %s unavailable; falling back to %s", name, fallback)
-                return engine, name
+                return preparer, name
         raise FleetError(
             ErrorCode.MODEL_UNAVAILABLE,
-            f"model {name!r} and its fallbacks {chain} are not loaded on this worker (loaded: {sorted(self.engines)})",
+            f"model {name!r} and its fallbacks {chain} are not loaded on this worker (loaded: {sorted(self.preparers)})",
         )
 
-    def _run_batch(self, key: Hashable, payloads: Sequence[Prepared]) -> list[Answer]:
-        model_name, kind = key  # type: ignore[misc]
-        engine = self.engines[model_name]
-        input_tokens = sum(p.prompt_tokens for p in payloads)
-        attributes = {"autoglm.model": model_name, "autoglm.device": str(engine.device), "autoglm.task_type": str(kind),
-                      "autoglm.input_tokens": input_tokens, "autoglm.batch.size": len(payloads)}
-        with tracer().start_as_current_span(f"autoglm.model.{kind}", attributes=attributes) as span, \
-                metrics.BATCH_SECONDS.labels(str(kind)).time():
-            if self.faults:
-                self.faults.check(payloads)
-            answers = engine.run(list(payloads))
-            span.set_attribute("autoglm.output_tokens", sum(a.usage.completion_tokens for a in answers))
-        metrics.observe_batch(str(kind), len(payloads), input_tokens, answers)
-        return answers
-
-    def infer(self, engine: Engine, prepared: Prepared) -> tuple[Answer, BatchInfo]:
-        """Hand one request to the batcher and wait for its batch to finish."""
+    def infer(self, preparer: Any, prepared: Prepared) -> tuple[Answer, BatchInfo]:
+        """Send one request to the engine core and wait for its batch. Priority is the queue's own
+        (config ``queues.<name>.priority``: lower is served first), the one representation of it."""
         request = prepared.request
-        future = self.batcher.submit(
-            (engine.name, request.task_type), prepared, shape_of(prepared), PRIORITY_RANK[request.priority]
-        )
-        return future.result()
+        priority = self.settings.queues[request.priority].priority
+        answer, info = self.engine.infer(preparer.name, prepared, priority, trace_headers().get("traceparent", ""))
+        kind = str(request.task_type)
+        if info.leader:  # batch-level figures once per batch, by whichever consumer got its first member
+            metrics.BATCH_SIZE.labels(kind).observe(info.size)
+            metrics.BATCH_SECONDS.labels(kind).observe(info.inference_ms / 1000.0)
+        metrics.TOKENS.labels("input").inc(prepared.prompt_tokens)
+        metrics.TOKENS.labels("output").inc(answer.usage.completion_tokens)
+        return answer, info
 
     def close(self) -> None:
-        self.batcher.stop(timeout=30)
-
-
-_runtime: Runtime | None = None
+        self.engine.close()
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    if settings.worker.torch_threads:
-        torch.set_num_threads(settings.worker.torch_threads)
     names = settings.worker.models or [m.name for m in settings.models]
-    engines = {}
-    for name in names:
-        config = settings.model(name)
-        engines[name] = Engine(config, prepared_path(settings, config), device=settings.worker.device)
-        metrics.MODEL_LOAD.labels(name).set(engines[name].load_seconds)
-    return Runtime(settings, engines)
+    preparers = {name: load_preparer(settings, settings.model(name)) for name in names}
+    engine = EngineClient()
+    for name, info in engine.models.items():
+        metrics.MODEL_LOAD.labels(name).set(info["load_seconds"])
+    return Runtime(settings, preparers, engine)
+
+
+_runtime: Runtime | None = None
 
 
 def install(runtime: Runtime) -> None:

@@ -20,6 +20,7 @@ from shared.queues import CLASSIFY_TASK, GENERATE_TASK
 from shared.schemas import TaskResult, TaskType, Timings
 from workers import metrics, runtime
 from workers.app import app
+from workers.engine_client import EngineLost
 from workers.parsing import parse_request
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
             return hit.model_copy(update={"worker": task.request.hostname or ""}).model_dump(mode="json")
         prepared = engine.prepare(request)
         answer, info = rt.infer(engine, prepared)
+    except EngineLost as exc:  # the core died holding it: back to the queue, never acked as done
+        log.warning("engine core lost with task %s in it; requeueing", task_id)
+        raise Reject(str(exc), requeue=True) from exc
     except Exception as exc:  # noqa: BLE001 - every failure leaves with a code
         error = as_fleet_error(exc)
         span.set_attribute("autoglm.error_code", str(error.code))

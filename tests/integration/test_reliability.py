@@ -248,3 +248,38 @@ def test_a_task_id_published_twice_runs_once_even_when_both_copies_are_in_flight
     counts = [ledger.counts(task_id) for task_id in ids]
     assert all(c["deliveries"] == 2 for c in counts), counts
     assert [c.get("executions") for c in counts] == [1] * 24, counts
+
+
+def _engine_core_pid(worker: WorkerProcess) -> int:
+    """The worker's engine-core child (python -m workers.engine_core), from /proc."""
+    cores = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == worker.process.pid and b"workers.engine_core" in (entry / "cmdline").read_bytes():
+                cores.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    assert len(cores) == 1, cores
+    return cores[0]
+
+
+def test_killing_the_engine_core_mid_batch_loses_nothing_and_runs_nothing_twice(prepared_models: None, redis_url: str) -> None:
+    """The model process dies under a batch: its requests are requeued (never acked as done), the
+    consumer restarts the core, and every task is answered once."""
+    with fleet_on(redis_url, faults={"slow_ms": 300}) as fleet:
+        core = _engine_core_pid(fleet.worker)
+        handles = fleet.client.submit_many(classify(f"{REVIEWS[i % 6]} (core {i})") for i in range(60))
+        deadline = time.monotonic() + 120
+        while sum(h.ready() for h in handles) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(core, signal.SIGKILL)  # mid-batch: batches take >= 300 ms
+        assert sum(h.ready() for h in handles) < 60
+        results = [h.result(timeout=300) for h in handles]
+        assert fleet.worker.process.poll() is None, "the consumer must outlive its engine core"
+        assert _engine_core_pid(fleet.worker) != core, "the engine core was not restarted"
+    assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]
+    ledger = Ledger(redis_url, 60)
+    counts = [ledger.counts(h.id) for h in handles]
+    assert [c.get("executions") for c in counts] == [1] * 60, counts
+    assert any(c["deliveries"] >= 2 for c in counts), "no task was in the killed core"

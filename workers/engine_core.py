@@ -1,0 +1,189 @@
+"""The engine core: one process per device that owns the models and the micro-batcher.
+
+Why a process of its own (vLLM V1's EngineCore): Celery's per-task threads, the batcher and the
+model's kernel launches used to share one GIL; on a GPU the model loop then waited for message
+handling (an H100 fed at a tenth of its rate). Here the consumer process(es) do everything per task
+(Celery, validation, tokenization, ledger, result writes) and send ready-to-batch requests over a
+ZMQ socket; this process only collates, runs the model and replies. No Celery, no per-task threads.
+
+Threads here: the main thread moves frames (ROUTER socket <-> batcher); the batcher thread runs
+batches. Replies leave the batcher thread through an inproc PUSH socket, so only the main thread
+touches the ROUTER (ZMQ sockets are not thread-safe).
+
+Started by a consumer (workers/engine_client.py) as ``python -m workers.engine_core ADDRESS PARENT_PID``;
+it dies with its parent (PR_SET_PDEATHSIG), and the parent restarts it if it dies alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import msgpack
+import zmq
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+
+from shared.broker import redis_client
+from shared.config import ModelConfig, Settings, load_settings
+from shared.schemas import Priority
+from shared.telemetry import setup_logging, setup_tracing, tracer
+from workers import protocol
+from workers.batcher import BatchInfo, MicroBatcher, Shape
+from workers.engine import Answer, Prepared, PreparedGenerate
+from workers.faults import Faults
+from workers.policies import BatchPolicies
+
+log = logging.getLogger(__name__)
+HELLO = b"hello"
+REPLIES = "inproc://replies"
+
+
+def shape_of(prepared: Prepared) -> Shape:
+    if isinstance(prepared, PreparedGenerate):
+        return Shape(rows=1, width=prepared.cost_tokens)
+    return Shape(rows=prepared.rows, width=prepared.width)
+
+
+def load_engine(settings: Settings, config: ModelConfig) -> Any:
+    """The model behind an alias: the zero-cost echo engine for ``source: echo:``, else the real one."""
+    from workers.echo import SOURCE, EchoEngine
+
+    if config.source == SOURCE:
+        return EchoEngine(config)
+    from workers.engine import Engine
+    from workers.models import prepared_path
+
+    return Engine(config, prepared_path(settings, config), device=settings.worker.device)
+
+
+class EngineCore:
+    def __init__(self, settings: Settings) -> None:
+        import torch
+
+        if settings.worker.torch_threads:
+            torch.set_num_threads(settings.worker.torch_threads)
+        self.settings = settings
+        names = settings.worker.models or [m.name for m in settings.models]
+        self.engines = {name: load_engine(settings, settings.model(name)) for name in names}
+        self.faults = Faults(settings.faults)
+        if self.faults:
+            log.warning("FAULT INJECTION IS ON (test only): %s", settings.faults)
+        # No retries, short timeout: a peek that fails is answered "no" and never stalls the model.
+        self._peek = redis_client(settings.redis_url or "", outage_s=0, timeout_s=0.5)
+        consumes_interactive = Priority.INTERACTIVE in settings.worker.queues
+        self.batcher = MicroBatcher(
+            self._run_batch,
+            max_batch_size=lambda key: settings.max_batch_size(key[1]),
+            max_batch_tokens=settings.batching.max_batch_tokens,
+            max_wait_ms=settings.batching.max_wait_ms,
+            max_pending=settings.worker_concurrency * settings.worker.consumers,
+            call_policy=BatchPolicies(settings).call,
+            urgent_upstream=self._interactive_queued if consumes_interactive else None,
+        ).start()
+
+    def hello(self) -> dict[str, Any]:
+        return {name: {"load_seconds": e.load_seconds, "device": str(e.device)} for name, e in self.engines.items()}
+
+    def _interactive_queued(self) -> bool:
+        """Whether interactive messages wait in the broker (one LLEN; the batcher asks only when
+        a full bulk batch is ready the moment the model is free)."""
+        return bool(self._peek.llen(self.settings.queue_name(Priority.INTERACTIVE)))
+
+    def _run_batch(self, key: Hashable, payloads: Sequence[Prepared]) -> list[Answer]:
+        model_name, kind = key  # type: ignore[misc]
+        engine = self.engines[model_name]
+        attributes = {"autoglm.model": model_name, "autoglm.device": str(engine.device), "autoglm.task_type": str(kind),
+                      "autoglm.input_tokens": sum(p.prompt_tokens for p in payloads), "autoglm.batch.size": len(payloads)}
+        with tracer().start_as_current_span(f"autoglm.model.{kind}", attributes=attributes) as span:
+            if self.faults:
+                self.faults.check(payloads)
+            answers = engine.run(list(payloads))
+            span.set_attribute("autoglm.output_tokens", sum(a.usage.completion_tokens for a in answers))
+        return answers
+
+    def submit(self, model: str, priority: int, traceparent: str, prepared: Prepared) -> Future:
+        if model not in self.engines:
+            raise KeyError(f"model {model!r} is not loaded in this engine core (loaded: {sorted(self.engines)})")
+        context = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context() if traceparent \
+            else trace.INVALID_SPAN_CONTEXT
+        return self.batcher.submit((model, prepared.request.task_type), prepared, shape_of(prepared), priority,
+                                   span_context=context)
+
+    def serve(self, address: str) -> None:
+        """Move frames until SIGTERM: requests in from the ROUTER, replies out from the batcher."""
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(address)
+        replies = ctx.socket(zmq.PULL)
+        replies.bind(REPLIES)
+        local = threading.local()
+        stopping = threading.Event()
+
+        def send_back(identity: bytes, request_id: bytes, future: Future) -> None:
+            # Runs in the batcher thread: its own PUSH socket, never the ROUTER.
+            if not hasattr(local, "push"):
+                local.push = ctx.socket(zmq.PUSH)
+                local.push.connect(REPLIES)
+            try:
+                answer, info = future.result()
+                frame = protocol.pack_answer(request_id, answer, info)
+            except Exception as exc:  # noqa: BLE001 - the consumer turns it into the task's error
+                frame = protocol.pack_error(request_id, exc)
+            local.push.send_multipart([identity, frame])
+
+        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(replies, zmq.POLLIN)
+        log.info("engine core ready on %s with %s", address, sorted(self.engines))
+        while not stopping.is_set():
+            for sock, _ in poller.poll(200):
+                if sock is replies:
+                    router.send_multipart(replies.recv_multipart())
+                    continue
+                identity, data = router.recv_multipart()
+                if data == HELLO:
+                    router.send_multipart([identity, msgpack.packb(self.hello())])
+                    continue
+                request_id, model, priority, traceparent, prepared = protocol.unpack_request(data)
+                try:
+                    future = self.submit(model, priority, traceparent, prepared)
+                except Exception as exc:  # noqa: BLE001
+                    router.send_multipart([identity, protocol.pack_error(request_id, exc)])
+                    continue
+                future.add_done_callback(lambda f, i=identity, r=request_id: send_back(i, r, f))
+        self.batcher.stop(timeout=30)
+        while replies.poll(0):
+            router.send_multipart(replies.recv_multipart())
+        router.close(linger=1000)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the consumer that started it dies, however it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        log.warning("cannot set PR_SET_PDEATHSIG; the engine core may outlive a killed consumer")
+    if os.getppid() != parent_pid:
+        sys.exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    address, parent_pid = (argv or sys.argv[1:])[:2]
+    _die_with_parent(int(parent_pid))
+    settings = load_settings()
+    setup_logging(settings.worker.loglevel, settings.worker.log_format)
+    setup_tracing("autoglm-engine-core")
+    EngineCore(settings).serve(address)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The frames consumers and the engine core exchange (msgpack over ZMQ).
+
+request:  [id, model, priority, traceparent, kind, request, ids, template, label_ids]
+reply:    [id, ok, body, batch]   body = {output, usage} | {code, message, history};
+          batch = [size, batch_wait_ms, inference_ms, leader]  (leader: the first member of its
+          batch, so batch-level metrics are counted once per batch by whichever consumer gets it)
+
+A request arrives already validated and tokenized; the core rebuilds it without validating again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from shared.errors import FleetError, as_fleet_error
+from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
+from workers.batcher import BatchInfo
+from workers.engine import Answer, Prepared, PreparedClassify, PreparedGenerate
+
+GENERATE, CLASSIFY = 0, 1
+
+
+def pack_request(request_id: bytes, model: str, priority: int, traceparent: str, prepared: Prepared) -> bytes:
+    body = prepared.request.model_dump(mode="json")
+    if isinstance(prepared, PreparedGenerate):
+        frame = [request_id, model, priority, traceparent, GENERATE, body, prepared.input_ids, None, None]
+    else:
+        frame = [request_id, model, priority, traceparent, CLASSIFY, body, prepared.prompt_ids, prepared.template,
+                 prepared.label_ids]
+    return msgpack.packb(frame)
+
+
+def unpack_request(data: bytes) -> tuple[bytes, str, int, str, Prepared]:
+    request_id, model, priority, traceparent, kind, body, ids, template, label_ids = msgpack.unpackb(data)
+    if kind == GENERATE:
+        prepared: Prepared = PreparedGenerate(GenerateRequest.model_construct(**body), ids)
+    else:
+        prepared = PreparedClassify(ClassifyRequest.model_construct(**body), template, ids, label_ids)
+    return request_id, model, priority, traceparent, prepared
+
+
+def pack_answer(request_id: bytes, answer: Answer, info: BatchInfo) -> bytes:
+    body = {"output": answer.output.model_dump(), "usage": answer.usage.model_dump()}
+    return msgpack.packb([request_id, True, body, [info.size, info.batch_wait_ms, info.inference_ms, info.leader]])
+
+
+def pack_error(request_id: bytes, exc: BaseException) -> bytes:
+    error = as_fleet_error(exc)
+    body = {"code": str(error.code), "message": error.message, "history": getattr(exc, "history", [])}
+    return msgpack.packb([request_id, False, body, None], default=str)
+
+
+def unpack_reply(data: bytes) -> tuple[bytes, Answer | FleetError, BatchInfo | None]:
+    request_id, ok, body, batch = msgpack.unpackb(data)
+    if not ok:
+        error = FleetError(body["code"], body["message"])
+        error.history = body["history"]  # type: ignore[attr-defined]
+        return request_id, error, None
+    output_data: dict[str, Any] = body["output"]
+    output = ClassifyOutput(**output_data) if "label" in output_data else GenerateOutput(**output_data)
+    size, wait_ms, inference_ms, leader = batch
+    return request_id, Answer(output, Usage(**body["usage"])), BatchInfo(size, wait_ms, inference_ms, leader)
