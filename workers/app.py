@@ -42,6 +42,10 @@ def create_app(settings: Settings) -> Celery:
         worker_disable_prefetch=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # STARTED and SUCCESS are written by the ledger in its own round trips (workers/ledger.py);
+        # Celery stores failures.
+        task_track_started=False,
+        task_store_errors_even_if_ignored=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=settings.worker.send_task_events,
         task_send_sent_event=True,

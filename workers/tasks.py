@@ -8,6 +8,7 @@ rebuilds it, so callers see the code, message and retry advice.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -21,11 +22,23 @@ from shared.schemas import TaskResult, TaskType, Timings
 from workers import metrics, runtime
 from workers.app import app
 from workers.engine_client import EngineLost
+from workers.ledger import StoredState
 from workers.parsing import parse_request
 
 log = logging.getLogger(__name__)
 # The caller's own mistakes: failing them again would fail the same way, so they skip the DLQ.
 CALLER_ERRORS = {ErrorCode.INVALID_INPUT, ErrorCode.PROMPT_TOO_LONG, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CANCELLED}
+
+
+def stored_state(task: Any, state: str, result: Any) -> StoredState:
+    """Celery's result-backend write for this task, encoded as Celery would (``result_extended``
+    meta included), so the ledger can make it in the same round trip as its own bookkeeping. The
+    tasks are ``ignore_result``: Celery itself stores only failures."""
+    backend = task.backend
+    meta = backend._get_result_meta(result=result, state=state, traceback=None, request=task.request)
+    meta["task_id"] = task.request.id
+    return StoredState(backend.get_key_for_task(task.request.id).decode(), backend.encode(meta),
+                       int(backend.expires or 86_400))
 
 
 def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -34,12 +47,14 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
     queue = (task.request.delivery_info or {}).get("routing_key") or ""
     delivery_tag = (task.request.properties or {}).get("delivery_tag") or ""
     try:
-        claim = rt.ledger.claim(task_id, delivery_tag)
+        started = stored_state(task, "STARTED", {"pid": os.getpid(), "hostname": task.request.hostname})
+        claim = rt.ledger.claim(task_id, delivery_tag, started)
     except RedisError as exc:  # Redis is gone for longer than the client rides out: put it back
         raise Reject(f"ledger unavailable: {exc}", requeue=True) from exc
     deliveries = claim.deliveries
     if claim.outcome == "done":  # redelivered after it was answered: answer once, from the ledger
         log.warning("task %s delivered again after it was answered; returning the recorded result", task_id)
+        rt.ledger.record(task_id, claim.result, stored_state(task, "SUCCESS", claim.result), executed=False)
         return claim.result
     if claim.outcome == "busy":  # another delivery of this task id is running it right now
         log.warning("task %s is already running from another delivery; this one stands down", task_id)
@@ -64,7 +79,9 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
         cache_key = request.cache_key(engine.name)
         if cache_key and (hit := rt.cache.get(cache_key)) is not None:
             metrics.TASKS.labels(str(task_type), "cache_hit", "").inc()
-            return hit.model_copy(update={"worker": task.request.hostname or ""}).model_dump(mode="json")
+            answer_json = hit.model_copy(update={"worker": task.request.hostname or ""}).model_dump(mode="json")
+            rt.ledger.record(task_id, answer_json, stored_state(task, "SUCCESS", answer_json), executed=False)
+            return answer_json
         prepared = engine.prepare(request)
         answer, info = rt.infer(engine, prepared)
     except EngineLost as exc:  # the core died holding it: back to the queue, never acked as done
@@ -108,17 +125,19 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
         fallback_from=fallback_from,
     )
     answer_json = result.model_dump(mode="json")
-    rt.ledger.record(task_id, answer_json)
+    rt.ledger.record(task_id, answer_json, stored_state(task, "SUCCESS", answer_json))
     if cache_key:
         rt.cache.put(cache_key, result)
     return answer_json
 
 
-@app.task(name=GENERATE_TASK, bind=True)
+# ignore_result: the ledger stores SUCCESS itself, in the step that records the answer (one round
+# trip instead of three); failures are still stored by Celery (task_store_errors_even_if_ignored).
+@app.task(name=GENERATE_TASK, bind=True, ignore_result=True)
 def generate(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return handle(self, TaskType.TEXT_GENERATION, args, kwargs)
 
 
-@app.task(name=CLASSIFY_TASK, bind=True)
+@app.task(name=CLASSIFY_TASK, bind=True, ignore_result=True)
 def classify(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return handle(self, TaskType.CLASSIFICATION, args, kwargs)
