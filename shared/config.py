@@ -117,11 +117,11 @@ class WorkerConfig(_Section):
         "messages in the batcher, where an interactive request would have to queue behind them.",
     )
     queues: list[Priority] = [Priority.INTERACTIVE, Priority.BULK]
-    consumers: Annotated[int, Field(ge=1, le=64)] = Field(
+    consumers: Annotated[int, Field(ge=1, le=1)] = Field(
         default=1,
-        description="Celery consumer processes feeding one engine core (workers/engine_core.py); each runs "
-        "`concurrency` task threads. More consumers spread Celery, tokenization and result writes "
-        "over more cores while the model loop keeps its own process.",
+        description="Celery consumer processes feeding one engine core (workers/engine_core.py). Only 1 "
+        "is implemented so far (the consumer starts its own core); several consumers per core are "
+        "the next step for GPUs (docs/architecture.md).",
     )
     send_task_events: bool = Field(
         default=False,

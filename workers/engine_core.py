@@ -87,6 +87,7 @@ class EngineCore:
             max_pending=settings.worker_concurrency * settings.worker.consumers,
             call_policy=BatchPolicies(settings).call,
             urgent_upstream=self._interactive_queued if consumes_interactive else None,
+            most_urgent=min(q.priority for q in settings.queues.values()),
         ).start()
 
     def hello(self) -> dict[str, Any]:

@@ -40,12 +40,14 @@ from shared.dlq import DLQ_KEY
 log = logging.getLogger(__name__)
 
 # KEYS: the queue lists in the order to serve them, then unacked hash, unacked index, dead-letter list.
-# ARGV: now (epoch s), number of queue keys.
+# ARGV: now (epoch s), number of queue keys, most messages to take. Returns {key, message, ...}.
 FETCH = """
-local n = tonumber(ARGV[2])
+local n, want = tonumber(ARGV[2]), tonumber(ARGV[3])
 local unacked, index, dlq = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
+local taken = {}
 for i = 1, n do
-  for _ = 1, 64 do
+  for _ = 1, 64 + want do
+    if #taken >= 2 * want then return taken end
     local item = redis.call('RPOP', KEYS[i])
     if not item then break end
     local ok, msg = pcall(cjson.decode, item)
@@ -73,11 +75,13 @@ for i = 1, n do
       if type(rk) ~= 'string' then rk = '' end
       redis.call('ZADD', index, ARGV[1], tag)
       redis.call('HSET', unacked, tag, '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-      return {KEYS[i], item}
+      taken[#taken + 1] = KEYS[i]
+      taken[#taken + 1] = item
     end
   end
 end
-return false
+if #taken == 0 then return false end
+return taken
 """
 
 
@@ -153,9 +157,15 @@ class Channel(kombu_redis.Channel):
     def _queue_keys(self, queues: list[str]) -> list[str]:
         return [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
 
-    def _fetch_args(self, keys: list[str]) -> list[Any]:
+    def _fetch_args(self, keys: list[str], want: int = 1) -> list[Any]:
         return [FETCH, len(keys) + 3, *keys, self.unacked_key, self.unacked_index_key, self.dead_letter_key,
-                time.time(), len(keys)]
+                time.time(), len(keys), want]
+
+    def _room(self) -> int:
+        """How many messages this channel may take now: prefetch (= the pool's threads, prefetch 1)
+        minus what it holds. Taking them in one round trip never holds more than one at a time would."""
+        room = self.qos.can_consume_max_estimate()
+        return max(1, int(room)) if room is not None else 1
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -165,7 +175,7 @@ class Channel(kombu_redis.Channel):
         self._waiting = False
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
-        self.client.connection.send_command("EVAL", *self._fetch_args(self._fetching))
+        self.client.connection.send_command("EVAL", *self._fetch_args(self._fetching, self._room()))
 
     def _brpop_read(self, **options: Any) -> bool:
         connection = self.client.connection
@@ -188,10 +198,10 @@ class Channel(kombu_redis.Channel):
             raise virtual.Empty()
         self._in_poll = None
         self._flush_brpop_reauth()
-        dest, item = (bytes_to_str(part) for part in reply)
-        dest = dest.rsplit(self.sep, 1)[0]
-        self._queue_cycle.rotate(dest)
-        self._take_in(json.loads(item), item, dest)
+        for key, raw in zip(reply[::2], reply[1::2], strict=True):
+            dest, item = bytes_to_str(key).rsplit(self.sep, 1)[0], bytes_to_str(raw)
+            self._queue_cycle.rotate(dest)
+            self._take_in(json.loads(item), item, dest)
         return True
 
     def _get(self, queue: str) -> dict[str, Any]:
