@@ -17,8 +17,8 @@ from pathlib import Path
 
 from celery import Celery
 
+from autoglm.fleet import WorkerProcess
 from producers.client import FleetClient
-from producers.fleet import WorkerProcess
 from shared.config import Settings, load_settings
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from producers.client import FleetClient
-from producers.fleet import WorkerProcess, running_worker
+from autoglm.fleet import WorkerProcess, running_worker
 from shared.broker import broker_url
 from shared.config import Settings, load_settings
 

@@ -24,7 +24,7 @@ REVIEWS = ["Great value, works perfectly.", "Broke after a day, avoid.", "Lovely
 def _run(fleet: Fleet, args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "REDIS_URL": fleet.client.redis_url,
            "AUTOGLM_QUEUES": json.dumps({k.value: v.model_dump() for k, v in fleet.settings.queues.items()})}
-    return subprocess.Popen([sys.executable, "-m", "producers.cli", "backfill", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "autoglm.cli", "backfill", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 

@@ -144,7 +144,7 @@ def test_identical_deterministic_requests_can_be_answered_from_the_cache(fleet: 
 
 def test_autoglm_trace_prints_a_tasks_timeline(fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from producers.cli import main
+    from autoglm.cli import main
 
     handle = fleet.client.submit_generate("Name a tree.", max_new_tokens=4)
     handle.result(timeout=300)

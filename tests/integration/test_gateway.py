@@ -46,7 +46,7 @@ class Gateways:
 def start_gateway(env: dict[str, str], tmp: Path) -> Gateway:
     port = free_port()
     log = tmp / f"gateway-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "producers.cli", "gateway", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "autoglm.cli", "gateway", "--port", str(port)],
                             env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

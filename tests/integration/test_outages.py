@@ -38,7 +38,7 @@ def test_publishing_into_an_outage_raises_broker_unavailable_within_the_budget(c
 
 
 def test_sigterm_to_autoglm_broker_stops_its_server() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "producers.cli", "broker"], stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "autoglm.cli", "broker"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producers.fleet import WorkerProcess
+from autoglm.fleet import WorkerProcess
 from shared.broker import EmbeddedRedis
 from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError

@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
+from autoglm.fleet import running_worker
 from producers.client import FleetClient
-from producers.fleet import running_worker
 from shared.broker import broker_url, exit_on_sigterm
 from shared.config import Settings, load_settings
 

@@ -12,7 +12,7 @@ from shared.errors import FleetError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from producers.demo import run_demo
+    from autoglm.demo import run_demo
 
     run_demo(bulk=args.bulk, as_json=args.json)
     return 0
