@@ -21,6 +21,7 @@ from workers.cache import ResultCache
 from workers.engine import Answer, Prepared
 from workers.engine_client import EngineClient
 from workers.ledger import Ledger
+from workers.middleware import default_chain
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Runtime:
         self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s)
         self.dead_letters = DeadLetters(url)
         self.cache = ResultCache(url, ttl_s=settings.broker.cache_ttl_s)
+        self.middleware = default_chain()
 
     def engine_for(self, request: GenerateRequest | ClassifyRequest) -> tuple[Any, str | None]:
         """The model that answers, and the requested model's name when a fallback answers instead."""

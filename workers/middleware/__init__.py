@@ -1,0 +1,26 @@
+"""Cross-cutting concerns of a task, one file each (dramatiq's middleware, arq's explicit ctx).
+
+A task (workers/tasks.py) builds a :class:`Job` and runs the chain around its one job, answering
+a request; every middleware sees the worker context and the job at fixed points:
+
+- ``before_delivery``: the message arrived, nothing parsed yet (redelivery ledger);
+- ``before_run``: the request is parsed and its model chosen (deadline, result cache);
+  either hook may answer the task without running it (return a result);
+- ``after_success`` / ``after_failure``: every outcome passes through all of them, in reverse order.
+"""
+
+from workers.middleware.base import Job, Middleware
+from workers.middleware.cache import ResultCaching
+from workers.middleware.dead_letters import DeadLettering
+from workers.middleware.deadline import Deadlines
+from workers.middleware.redelivery import Redelivery
+from workers.middleware.telemetry import Telemetry
+
+
+def default_chain() -> list[Middleware]:
+    """Outermost first: telemetry sees every outcome, the ledger records after the others."""
+    return [Telemetry(), DeadLettering(), Redelivery(), Deadlines(), ResultCaching()]
+
+
+__all__ = ["Job", "Middleware", "default_chain", "Telemetry", "DeadLettering", "Redelivery", "Deadlines",
+           "ResultCaching"]
