@@ -8,11 +8,10 @@ in demos or quality checks: its answers carry no information.
 
 from __future__ import annotations
 
-from shared import templates
 from shared.config import ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
-from workers.engine import MAX_CHARS_PER_TOKEN, Answer, Prepared, PreparedClassify, PreparedGenerate, join_labels
+from workers.engine import Answer, Prepared, PreparedClassify, PreparedGenerate, render_prompt
 
 SOURCE = "echo:"
 CHARS_PER_TOKEN = 4
@@ -38,11 +37,7 @@ class EchoEngine:
                 raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"prompt is {len(ids)} tokens; context {self.context}")
             return PreparedGenerate(request, ids)
         template = request.prompt_template or self.config.classification_template
-        try:
-            prompt = templates.render(template, request.text, join_labels(request.labels),
-                                      max_chars=self.context * MAX_CHARS_PER_TOKEN)
-        except templates.TemplateError as exc:
-            raise FleetError(ErrorCode.INVALID_INPUT, f"prompt_template {exc}") from None
+        prompt = render_prompt(template, request, self.context)
         return PreparedClassify(request, template, [0] * max(1, len(prompt) // CHARS_PER_TOKEN),
                                 [[1] for _ in request.labels])
 

@@ -96,6 +96,17 @@ def join_labels(labels: list[str]) -> str:
     return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
 
 
+def render_prompt(template: str, request: ClassifyRequest, context: int) -> str:
+    """The classification prompt, never via str.format (a caller's format spec could ask for
+    gigabytes; shared/templates.py): INVALID_INPUT for a bad template, PROMPT_TOO_LONG when it
+    could not fit a ``context``-token window."""
+    try:
+        return templates.render(template, request.text, join_labels(request.labels), max_chars=context * MAX_CHARS_PER_TOKEN)
+    except templates.TemplateError as exc:
+        code = ErrorCode.PROMPT_TOO_LONG if isinstance(exc, templates.RenderedTooLong) else ErrorCode.INVALID_INPUT
+        raise FleetError(code, f"prompt_template {exc}") from None
+
+
 class Preparer:
     """The request side of a model: tokenizer, context window, templates. Runs where requests are
     taken in (a consumer process, in the task's thread), so the engine core only collates tensors.
@@ -140,12 +151,7 @@ class Preparer:
 
     def _prepare_classify(self, request: ClassifyRequest) -> PreparedClassify:
         template = request.prompt_template or self.config.classification_template
-        try:  # never str.format: a caller's format spec could ask for gigabytes (shared/templates.py)
-            prompt = templates.render(template, request.text, join_labels(request.labels),
-                                      max_chars=self.context * MAX_CHARS_PER_TOKEN)
-        except templates.TemplateError as exc:
-            code = ErrorCode.PROMPT_TOO_LONG if isinstance(exc, templates.RenderedTooLong) else ErrorCode.INVALID_INPUT
-            raise FleetError(code, f"prompt_template {exc}") from None
+        prompt = render_prompt(template, request, self.context)
         prompt_ids = self.tokenizer(prompt)["input_ids"]
         label_ids = [self.tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in request.labels]
         longest = len(prompt_ids) + max(len(ids) for ids in label_ids)
