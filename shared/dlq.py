@@ -27,11 +27,7 @@ class DeadLetters:
 
     def push(self, task_id: str, task_name: str, request: Any, queue: str, error: dict[str, Any],
              history: list[dict[str, Any]], deliveries: int) -> None:
-        entry = {
-            "task_id": task_id, "task_name": task_name, "request": request, "queue": queue, "error": error,
-            "history": history, "deliveries": deliveries, "dead_at": time.time(),
-        }
-        self.client.rpush(DLQ_KEY, json.dumps(entry, default=str))
+        self.client.rpush(DLQ_KEY, encode_entry(task_id, task_name, request, queue, error, history, deliveries))
 
     def list(self, limit: int = 100) -> list[dict[str, Any]]:
         return [decode_entry(raw) for raw in self.client.lrange(DLQ_KEY, 0, limit - 1)]
@@ -61,6 +57,14 @@ class DeadLetters:
 
     def close(self) -> None:
         self.client.close()
+
+
+def encode_entry(task_id: str | None, task_name: str | None, request: Any, queue: str, error: dict[str, Any],
+                 history: list[dict[str, Any]], deliveries: int, **extra: Any) -> str:
+    """One DLQ entry (``extra``: e.g. a malformed message's ``raw`` body and ``reason``)."""
+    entry = {"task_id": task_id, "task_name": task_name, "request": request, "queue": queue, "error": error,
+             "history": history, "deliveries": deliveries, "dead_at": time.time(), **extra}
+    return json.dumps(entry, default=str)
 
 
 def decode_entry(raw: bytes) -> dict[str, Any]:

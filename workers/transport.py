@@ -35,7 +35,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.objects import cached_property
 
-from shared.dlq import DLQ_KEY
+from shared.dlq import DLQ_KEY, encode_entry
 
 log = logging.getLogger(__name__)
 
@@ -229,16 +229,15 @@ class Channel(kombu_redis.Channel):
         """Move a held message to the dead-letter list with its raw body and a reason, and ack it,
         in one transaction: if the worker dies first, the message is still unacked and comes back."""
         headers = payload.get("headers") if isinstance(payload.get("headers"), dict) else {}
-        entry = {
-            "task_id": headers.get("id") if isinstance(headers.get("id"), str) else None,
-            "task_name": headers.get("task") if isinstance(headers.get("task"), str) else None,
-            "request": None, "queue": queue, "raw": raw, "reason": reason, "deliveries": 1, "dead_at": time.time(),
-            "history": [], "error": {"code": "INVALID_INPUT", "message": reason, "retryable": False},
-        }
+        entry = encode_entry(
+            headers.get("id") if isinstance(headers.get("id"), str) else None,
+            headers.get("task") if isinstance(headers.get("task"), str) else None,
+            None, queue, {"code": "INVALID_INPUT", "message": reason, "retryable": False}, [], 1, raw=raw, reason=reason,
+        )
         log.warning("dead-lettered a malformed message from %s: %s", queue, reason)
         with self.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=True)
-            pipe.rpush(self.dead_letter_key, json.dumps(entry, default=str))
+            pipe.rpush(self.dead_letter_key, entry)
             pipe.zrem(self.unacked_index_key, tag).hdel(self.unacked_key, tag)
             pipe.execute()
         self.qos._delivered.pop(tag, None)
