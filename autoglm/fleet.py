@@ -33,19 +33,23 @@ class WorkerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "workers"], env=child_env, stdout=self._log, stderr=subprocess.STDOUT
         )
-        self.hostname_prefix = f"autoglm-{self.process.pid}@"
+        self.hostname_prefix = f"autoglm-{self.process.pid}"
+        # Its extra consumer processes answer pings as autoglm-PID.N@host (workers/consumers.py).
+        self.consumers = int(child_env.get("AUTOGLM_WORKER__CONSUMERS") or 1)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def wait_ready(self, app: Celery, timeout: float = 600.0) -> None:
-        """Block until this worker answers a control ping (models are loaded by then)."""
+        """Block until this worker's consumers all answer a control ping (models are loaded by then)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
             replies = app.control.ping(timeout=0.5) or []
-            if any(name.startswith(self.hostname_prefix) for reply in replies for name in reply):
+            names = {name for reply in replies for name in reply}
+            mine = [n for n in names if n.startswith(self.hostname_prefix + "@") or n.startswith(self.hostname_prefix + ".")]
+            if len(mine) >= self.consumers:
                 return
         raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"worker not ready after {timeout}s:\n{self.log_tail()}")
 

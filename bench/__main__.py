@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model")
+
+SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model",
+             "engine-sweep")
 SIZES = {
     "quick": {"classify": 48, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 10, "backlog": 400,
               "enqueue": 2000, "single": 100, "scaling": 48, "machinery": 300, "fast": 200},
@@ -36,32 +38,72 @@ def device_name() -> str:
     return f"cpu: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
-def run(mode: str, only: list[str]) -> dict[str, Any]:
+def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | None = None,
+        batches: list[str] | None = None, consumers: int | None = None) -> dict[str, Any]:
+    """``shape``: measure a random-weight model of that shape (bench/shapes.py) instead of the
+    configured ones; ``batches``: run `throughput` once per batch size ("shipped" = the config's);
+    ``consumers``: the fleet's consumer processes (default: the device's, config worker.consumers)."""
     from shared.broker import broker_url
     from shared.config import load_settings
     from workers.quantize import prepare
 
     settings = load_settings()
+    env: dict[str, str] = {}
+    if shape:
+        from bench import shapes
+
+        shaped = shapes.model_config(settings, shape, Path(tokenizer) if tokenizer else None)
+        settings = load_settings(models=[shaped])
+        env["AUTOGLM_MODELS"] = json.dumps([shaped])
+    if consumers:
+        env["AUTOGLM_WORKER__CONSUMERS"] = str(consumers)
     size = SIZES[mode]
     for model in settings.models:
         prepare(settings, model, report=lambda msg: print(f"[bench] {msg}", flush=True))
-    summary: dict[str, Any] = {"mode": mode, "device": device_name(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    summary: dict[str, Any] = {"mode": mode, "device": device_name(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "shape": shape, "consumers": consumers or settings.worker_consumers}
     with broker_url(settings.redis_url) as url:
         os.environ["REDIS_URL"] = url  # the naive baseline app reads it at import
         from bench.harness import Harness
 
-        harness = Harness(settings, url)
+        harness = Harness(settings, url, env)
         for name in only:
             print(f"[bench] scenario {name} ...", flush=True)
             started = time.perf_counter()
             if name == "throughput":
                 from bench import throughput
+                from shared.schemas import TaskType
                 from workers.engine import Engine
                 from workers.models import prepared_path
 
                 model = settings.models[0]
                 engine = Engine(model, prepared_path(settings, model), device=settings.worker.device)
-                summary.update(throughput.run(harness, engine, size["classify"], size["generate"], size["new_tokens"], size["rounds"]))
+                by_batch: dict[str, Any] = {}
+                for label in batches or ["shipped"]:
+                    h, scale = harness, 1
+                    if label != "shipped":
+                        b = int(label)
+                        batching = settings.batching.model_copy(
+                            update={"max_batch_size": b, "max_batch_size_by_task": {TaskType.CLASSIFICATION: b}})
+                        h = Harness(settings.model_copy(update={"batching": batching}), url,
+                                    {**env, "AUTOGLM_BATCHING": batching.model_dump_json()})
+                        scale = max(1, b // 8)
+                    result = throughput.run(h, engine, size["classify"] * scale, size["generate"] * scale, size["new_tokens"],
+                                            size["rounds"], naive_share=0.25 / scale if shape else 1.0)
+                    by_batch[label] = result
+                    print(f"[bench] throughput at batch {label}: {json.dumps(result)}", flush=True)
+                summary.update(by_batch[(batches or ["shipped"])[0]])
+                if len(by_batch) > 1:
+                    summary["throughput_by_batch"] = by_batch
+                del engine
+            elif name == "engine-sweep":
+                from bench import sweep
+                from workers.engine import Engine
+                from workers.models import prepared_path
+
+                model = settings.models[0]
+                engine = Engine(model, prepared_path(settings, model), device=settings.worker.device)
+                summary.update(sweep.run(engine, [1, 8, 32] if mode == "quick" else [1, 8, 16, 32, 64, 128], size["new_tokens"]))
                 del engine
             elif name == "isolation":
                 from bench import isolation
@@ -123,17 +165,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, ~2 minutes on 2 cores")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
+    parser.add_argument("--only", default=",".join(s for s in SCENARIOS if s != "engine-sweep"),
+                        help=f"comma-separated subset of {SCENARIOS}")
+    parser.add_argument("--shape", choices=["1.7b", "135m"], help="measure speed on a random-weight model of this "
+                        "shape, built on this machine (e.g. 1.7b on a GPU; bench/shapes.py)")
+    parser.add_argument("--tokenizer", help="tokenizer folder for --shape (default: the bundled model's)")
+    parser.add_argument("--batch", default="", help="comma-separated batch sizes for `throughput`, each run side by "
+                        "side with its own limit and naive ('shipped' = the config's), e.g. shipped,32")
+    parser.add_argument("--consumers", type=int, default=None, help="the fleet's consumer processes per worker "
+                        "(default: config worker.consumers, by device)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     only = [s for s in args.only.split(",") if s]
     unknown = set(only) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}")
+    if args.shape and {"quantization", "scaling"} & set(only):
+        parser.error("--shape measures speed only: a random-weight model has no quality to report")
     mode = "quick" if args.quick else "full"
-    summary = run(mode, only)
+    summary = run(mode, only, args.shape, args.tokenizer, [b for b in args.batch.split(",") if b] or None, args.consumers)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{mode}.json").write_text(json.dumps(summary, indent=2))
+    (RESULTS / f"{mode}{'-' + args.shape if args.shape else ''}.json").write_text(json.dumps(summary, indent=2))
     print(table(summary), flush=True)
     if args.json:
         print(json.dumps(summary), flush=True)

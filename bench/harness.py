@@ -36,9 +36,12 @@ def wait_all(handles: Sequence, timeout: float = 3600) -> list:
 class Harness:
     """One broker for the whole run; every competitor gets queues of its own."""
 
-    def __init__(self, settings: Settings, redis_url: str) -> None:
+    def __init__(self, settings: Settings, redis_url: str, env: dict[str, str] | None = None) -> None:
+        """``env``: settings every child (fleet and naive workers) gets, e.g. the model and batch
+        sizes of a ``--shape`` run; ``settings`` must hold the same values for this side."""
         self.settings = settings
         self.redis_url = redis_url
+        self.env = dict(env or {})
         self.run_id = uuid.uuid4().hex[:6]
 
     def queues(self, tag: str) -> dict[str, dict]:
@@ -58,7 +61,8 @@ class Harness:
         """``workers`` real `python -m workers` processes on this tag's queues, and a client for them
         (``models``: the model list both sides use instead of the configured one)."""
         client = self.client(tag, models)
-        child_env = {"AUTOGLM_QUEUES": json.dumps(self.queues(tag)), "AUTOGLM_WORKER__LOGLEVEL": "WARNING", **(env or {})}
+        child_env = {**self.env, "AUTOGLM_QUEUES": json.dumps(self.queues(tag)), "AUTOGLM_WORKER__LOGLEVEL": "WARNING",
+                     **(env or {})}
         if models is not None:
             child_env["AUTOGLM_MODELS"] = json.dumps(models)
         procs = [WorkerProcess(self.redis_url, env=child_env) for _ in range(workers)]
@@ -78,7 +82,7 @@ class Harness:
         """The naive baseline worker (bench/naive.py, solo pool) and the queue it consumes."""
         from bench.naive import app
 
-        with self._celery_worker("bench.naive", "naive", ["--pool", "solo"], env) as queue:
+        with self._celery_worker("bench.naive", "naive", ["--pool", "solo"], {**self.env, **(env or {})}) as queue:
             app.send_task("naive.warmup", queue=queue).get(timeout=600)
             yield app, queue
 
@@ -125,11 +129,25 @@ class Harness:
                     channel.queue_purge(name)
 
 
+def descendants(pids: Sequence[int]) -> list[int]:
+    """These processes and every live process below them (a worker's engine core and extra consumers)."""
+    found: list[int] = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                todo += [int(c) for c in children.read_text().split()]
+    return found
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time used so far by these processes and their children (Linux /proc)."""
+    """User + system CPU time used so far by these processes and all their descendants (Linux /proc;
+    live children are counted directly: a process's cutime only covers children it has reaped)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for pid in pids:
+    for pid in descendants(pids):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += sum(int(f) for f in fields[11:15]) / ticks  # utime stime cutime cstime

@@ -10,6 +10,9 @@ Why these settings (measured, see ../shared/FACTS.md and docs/architecture.md):
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from typing import Any
 
 from celery import Celery, signals
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
@@ -19,6 +22,8 @@ from shared.errors import ErrorCode, FleetError
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
 from shared.telemetry import setup_logging, setup_tracing
 from workers import metrics, runtime
+from workers.consumers import ConsumerGroup
+from workers.main import celery_argv
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +62,21 @@ settings = load_settings()
 app = create_app(settings)
 
 
+_group: ConsumerGroup | None = None
+
+
 @signals.worker_init.connect
-def _load_models(**_: object) -> None:
+def _load_models(sender: Any = None, **_: object) -> None:
+    global _group
     setup_tracing("autoglm-worker")
     CeleryInstrumentor().instrument()  # continues the producer's trace from the message headers
-    runtime.install(runtime.build_runtime(settings))
-    if settings.worker.metrics_port:
+    ctx = runtime.build_runtime(settings)
+    runtime.install(ctx)
+    if ctx.engine.owner and settings.worker_consumers > 1:
+        hostname = getattr(sender, "hostname", None) or f"autoglm-{os.getpid()}@{socket.gethostname()}"
+        argv = celery_argv(settings, None, hostname)
+        _group = ConsumerGroup(argv, ctx.engine.address, settings.worker_consumers, hostname).start()
+    if settings.worker.metrics_port and ctx.engine.owner:  # one /metrics per worker: the owner's
         metrics.serve(settings.worker.metrics_port, settings.redis_url or "", [q.name for q in settings.queues.values()])
 
 
@@ -74,6 +88,8 @@ def _logging(**_: object) -> None:
 
 @signals.worker_shutdown.connect
 def _stop_batcher(**_: object) -> None:
+    if _group is not None:
+        _group.stop()
     try:
         runtime.current().close()
     except FleetError:

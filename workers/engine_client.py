@@ -1,4 +1,8 @@
-"""A consumer's link to its engine core: start it, talk to it, notice when it dies, restart it.
+"""A consumer's link to its engine core: start it (or attach to it), talk to it, notice when it dies.
+
+One worker = one engine core + ``worker.consumers`` Celery consumer processes. The first consumer
+owns the core: it starts it at a fixed address and restarts it there when it dies. The others attach
+to that address (``worker.engine_address``) and watch the core's pid from its hello.
 
 Each Celery task thread gets its own ZMQ DEALER socket (sockets are not thread-safe; the core's
 ROUTER routes each reply back to the socket that asked). A thread waits for its reply in short polls
@@ -34,18 +38,30 @@ class EngineLost(Exception):
     """The engine core died while (or before) it held this request; nothing was answered."""
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class EngineClient:
-    def __init__(self, ready_timeout_s: float = 900.0, poll_ms: int = 200) -> None:
+    def __init__(self, address: str | None = None, ready_timeout_s: float = 900.0, poll_ms: int = 200) -> None:
         self._ctx = zmq.Context()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._closing = False
+        self.owner = address is None  # the owner starts and restarts the core; others attach
+        self.address = address or f"ipc://{tempfile.gettempdir()}/autoglm-core-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.ready_timeout_s = ready_timeout_s
         self.poll_ms = poll_ms
         self.generation = 0
         self.process: subprocess.Popen | None = None
-        self.address = ""
+        self.core_pid = 0
         self.models: dict[str, Any] = {}
         self._start()
         self._monitor = threading.Thread(target=self._watch, name="engine-core-monitor", daemon=True)
@@ -53,46 +69,62 @@ class EngineClient:
 
     # -- the core process ------------------------------------------------------------------------
     def _start(self) -> None:
-        """Start a core, wait for its hello (models loaded), then let requests through."""
-        address = f"ipc://{tempfile.gettempdir()}/autoglm-core-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        process = subprocess.Popen([sys.executable, "-m", "workers.engine_core", address, str(os.getpid())])
+        """(Owner: start a core, then) wait for the core's hello (models loaded), then let requests through."""
+        process = None
+        if self.owner:
+            process = subprocess.Popen([sys.executable, "-m", "workers.engine_core", self.address, str(os.getpid())])
         hello = self._ctx.socket(zmq.DEALER)
-        hello.connect(address)
+        hello.connect(self.address)
         try:
             hello.send(HELLO)
             waited = 0.0
             while not hello.poll(500):
                 waited += 0.5
-                if process.poll() is not None or waited > self.ready_timeout_s:
-                    process.kill()
-                    raise EngineLost(f"engine core exited with {process.returncode} before it was ready")
-            self.models = msgpack.unpackb(hello.recv())
+                exited = process is not None and process.poll() is not None
+                if exited or waited > self.ready_timeout_s or self._closing:
+                    if process is not None:
+                        process.kill()
+                    raise EngineLost(f"engine core at {self.address} did not become ready "
+                                     f"({'exited with %s' % process.returncode if exited else 'no hello'})")
+            reply = msgpack.unpackb(hello.recv())
         finally:
             hello.close(linger=0)
         with self._lock:
-            self.process, self.address = process, address
+            self.process, self.core_pid, self.models = process, reply["pid"], reply["models"]
             self.generation += 1
-        log.info("engine core pid %d ready on %s (generation %d)", process.pid, address, self.generation)
+        log.info("engine core pid %d ready on %s (generation %d%s)", self.core_pid, self.address, self.generation,
+                 "" if self.owner else ", attached")
         self._ready.set()
+
+    def _wait_for_exit(self) -> None:
+        if self.process is not None:
+            self.process.wait()
+            return
+        while not self._closing and _pid_alive(self.core_pid):
+            time.sleep(0.1)
 
     def _watch(self) -> None:
         while not self._closing:
-            process = self.process
-            assert process is not None
-            process.wait()
+            self._wait_for_exit()
             if self._closing:
                 return
             self._ready.clear()
-            log.error("engine core pid %d exited with %s; its requests are requeued; restarting it",
-                      process.pid, process.returncode)
-            try:
-                self._start()
-            except EngineLost:
-                log.exception("engine core failed to start; retrying in 1 s")
-                time.sleep(1.0)
+            with self._lock:
+                self.generation += 1  # every thread waiting on the dead core gives up now
+            log.error("engine core pid %d exited; its requests are requeued; %s", self.core_pid,
+                      "restarting it" if self.owner else "waiting for its owner to restart it")
+            while not self._closing:
+                try:
+                    self._start()
+                    break
+                except EngineLost:
+                    log.exception("engine core failed to become ready; retrying in 1 s")
+                    time.sleep(1.0)
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        if self.process is not None:
+            return self.process.poll() is None
+        return self.core_pid > 0 and _pid_alive(self.core_pid)
 
     # -- requests ---------------------------------------------------------------------------------
     def _socket(self) -> tuple[zmq.Socket, int]:
@@ -109,8 +141,11 @@ class EngineClient:
     def infer(self, model: str, prepared: Prepared, priority: int, traceparent: str = "") -> tuple[Answer, BatchInfo]:
         """Send one prepared request to the core and wait for its batch; raises the request's
         FleetError, or EngineLost when the core died before answering."""
-        if not self._ready.wait(self.ready_timeout_s):
-            raise EngineLost("engine core not ready")
+        waited = 0.0
+        while not self._ready.wait(1.0):
+            waited += 1.0
+            if self._closing or waited >= self.ready_timeout_s:
+                raise EngineLost("engine core not ready")
         sock, generation = self._socket()
         request_id = uuid.uuid4().bytes
         sock.send(protocol.pack_request(request_id, model, priority, traceparent, prepared))
@@ -127,7 +162,7 @@ class EngineClient:
 
     def close(self) -> None:
         self._closing = True
-        if self.process is not None and self.process.poll() is None:
+        if self.owner and self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(30)

@@ -84,14 +84,16 @@ class EngineCore:
             max_batch_size=lambda key: settings.max_batch_size(key[1]),
             max_batch_tokens=settings.batching.max_batch_tokens,
             max_wait_ms=settings.batching.max_wait_ms,
-            max_pending=settings.worker_concurrency * settings.worker.consumers,
+            max_pending=settings.worker_concurrency * settings.worker_consumers,
             call_policy=BatchPolicies(settings).call,
             urgent_upstream=self._interactive_queued if consumes_interactive else None,
             most_urgent=min(q.priority for q in settings.queues.values()),
         ).start()
 
     def hello(self) -> dict[str, Any]:
-        return {name: {"load_seconds": e.load_seconds, "device": str(e.device)} for name, e in self.engines.items()}
+        """What a consumer learns when it connects: models loaded, and the pid it watches for death."""
+        models = {name: {"load_seconds": e.load_seconds, "device": str(e.device)} for name, e in self.engines.items()}
+        return {"pid": os.getpid(), "models": models}
 
     def _interactive_queued(self) -> bool:
         """Whether interactive messages wait in the broker (one LLEN; the batcher asks only when

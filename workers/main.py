@@ -7,7 +7,7 @@ import os
 import sys
 
 from shared.broker import broker_url
-from shared.config import load_settings
+from shared.config import Settings, load_settings
 from shared.telemetry import setup_logging
 
 log = logging.getLogger(__name__)
@@ -24,17 +24,21 @@ def run_worker(concurrency: int | None = None, loglevel: str | None = None, host
             os.environ["AUTOGLM_WORKER__CONCURRENCY"] = str(concurrency)
         from workers.app import app, settings as worker_settings
 
-        queues = sorted(worker_settings.worker.queues, key=lambda p: worker_settings.queues[p].priority)
-        argv = [
-            "worker",
-            f"--loglevel={loglevel or worker_settings.worker.loglevel}",
-            "--queues=" + ",".join(worker_settings.queue_name(p) for p in queues),
-            f"--concurrency={worker_settings.worker_concurrency}",
-            f"--hostname={hostname or f'autoglm-{os.getpid()}@%h'}",
-            "--without-mingle",
-            "--without-gossip",
-        ]
-        app.worker_main(argv)
+        app.worker_main(celery_argv(worker_settings, loglevel, hostname or f"autoglm-{os.getpid()}@%h"))
+
+
+def celery_argv(settings: Settings, loglevel: str | None, hostname: str) -> list[str]:
+    """`celery worker` arguments of a consumer (the extra consumers reuse them, workers/consumers.py)."""
+    queues = sorted(settings.worker.queues, key=lambda p: settings.queues[p].priority)
+    return [
+        "worker",
+        f"--loglevel={loglevel or settings.worker.loglevel}",
+        "--queues=" + ",".join(settings.queue_name(p) for p in queues),
+        f"--concurrency={settings.worker_concurrency}",
+        f"--hostname={hostname}",
+        "--without-mingle",
+        "--without-gossip",
+    ]
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ class Runtime:
 def build_runtime(settings: Settings) -> Runtime:
     names = settings.worker.models or [m.name for m in settings.models]
     preparers = {name: load_preparer(settings, settings.model(name)) for name in names}
-    engine = EngineClient()
+    engine = EngineClient(settings.worker.engine_address)
     for name, info in engine.models.items():
         metrics.MODEL_LOAD.labels(name).set(info["load_seconds"])
     return Runtime(settings, preparers, engine)

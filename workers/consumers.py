@@ -1,0 +1,85 @@
+"""A worker's extra consumer processes: more Celery consumers feeding its one engine core.
+
+Why processes, not threads: one consumer process handles roughly 1,000 tasks/s of messages (Celery,
+validation, tokenization, ledger, result writes) under one GIL, and a GPU batch of 32 runs faster
+than that (bench/RESULTS.md). The first consumer (the one `autoglm worker` starts) owns the engine
+core and starts ``worker.consumers - 1`` more; each is a plain Celery worker of the same app that
+attaches to the core's address. They die with it (PR_SET_PDEATHSIG: SIGTERM, a warm shutdown whose
+waiting tasks are requeued) and it restarts any that die alone. A consumer killed with -9 loses
+nothing: its unacked messages are redelivered like any dead worker's (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+
+def _term_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the thread that started it exits."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ConsumerGroup:
+    def __init__(self, argv: list[str], address: str, count: int, hostname: str) -> None:
+        """``argv``: the owner's own `celery worker` arguments (queues, concurrency, log level), reused
+        by every extra consumer with its own hostname ``name.N@host``."""
+        self.argv = [a for a in argv if not a.startswith("--hostname")]
+        self.address = address
+        name, _, host = hostname.partition("@")
+        self.hostnames = [f"{name}.{i}@{host}" for i in range(1, count)]
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="consumer-group", daemon=True)
+
+    def start(self) -> ConsumerGroup:
+        self._watcher.start()  # spawns from its own long-lived thread (PDEATHSIG follows the thread)
+        return self
+
+    def _spawn(self, hostname: str) -> subprocess.Popen:
+        env = {**os.environ, "AUTOGLM_WORKER__ENGINE_ADDRESS": self.address}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.app", *self.argv, f"--hostname={hostname}"],
+            env=env, preexec_fn=_term_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+        )
+        log.info("consumer %s started (pid %d) on engine core %s", hostname, process.pid, self.address)
+        return process
+
+    def _watch(self) -> None:
+        for hostname in self.hostnames:
+            self.processes[hostname] = self._spawn(hostname)
+        while not self._stopping.wait(0.5):
+            for hostname, process in list(self.processes.items()):
+                if process.poll() is not None and not self._stopping.is_set():
+                    log.error("consumer %s (pid %d) exited with %s; restarting it",
+                              hostname, process.pid, process.returncode)
+                    self.processes[hostname] = self._spawn(hostname)
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes.values()]
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Warm shutdown of every extra consumer (they finish or requeue what they hold)."""
+        self._stopping.set()
+        self._watcher.join(5)
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
