@@ -141,15 +141,17 @@ class MicroBatcher:
         chosen = [head]
         max_size = self._max_size(head.key)
         full = False
+        rows, width = head.shape.rows, head.shape.width
         for item in ordered[1:]:
             if len(chosen) >= max_size:
                 break
             if item.key != head.key:
                 continue
-            if self._padded_tokens([*chosen, item]) > self.max_batch_tokens:
+            if (rows + item.shape.rows) * max(width, item.shape.width) > self.max_batch_tokens:
                 full = True
                 break
             chosen.append(item)
+            rows, width = rows + item.shape.rows, max(width, item.shape.width)
         full = full or len(chosen) >= max_size
         closed = self.max_pending is not None and len(self._waiting) + self._running >= self.max_pending
         return chosen, full, closed
@@ -168,35 +170,65 @@ class MicroBatcher:
                 self._upstream_urgent = False
         return self._upstream_urgent
 
+    def _poll(self) -> tuple[list[_Pending] | None, float | None]:
+        """Under the lock: the next batch if one should go now, else (None, seconds until one may
+        go), or (None, None) when nothing waits."""
+        if not self._waiting:
+            return None, None
+        chosen, full, closed = self._select()
+        # The wait for company starts when the head arrived or when the model became free,
+        # whichever is later: right after a batch, the threads it released are still
+        # fetching their next messages (interactive first), so give them max_wait to land.
+        wait_left = max(chosen[0].enqueued, self._idle_since) + self.max_wait - time.monotonic()
+        ready = closed or (full and not (wait_left > 0 and self._hold_for_upstream(chosen[0])))
+        if ready or wait_left <= 0 or self._stopping:
+            picked = {id(m) for m in chosen}
+            self._waiting = [w for w in self._waiting if id(w) not in picked]
+            self._running = len(chosen)
+            return chosen, 0.0
+        return None, wait_left
+
     def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
             while True:
-                if not self._waiting:
+                batch, wait = self._poll()
+                if batch is not None:
+                    return batch
+                if wait is None:
                     if self._stopping:
                         return None
                     self._cond.wait()
                     continue
-                chosen, full, closed = self._select()
-                # The wait for company starts when the head arrived or when the model became free,
-                # whichever is later: right after a batch, the threads it released are still
-                # fetching their next messages (interactive first), so give them max_wait to land.
-                wait_left = max(chosen[0].enqueued, self._idle_since) + self.max_wait - time.monotonic()
-                ready = closed or (full and not (wait_left > 0 and self._hold_for_upstream(chosen[0])))
-                if ready or wait_left <= 0 or self._stopping:
-                    picked = {id(m) for m in chosen}
-                    self._waiting = [w for w in self._waiting if id(w) not in picked]
-                    self._running = len(chosen)
-                    return chosen
-                self._cond.wait(wait_left)
+                self._cond.wait(wait)
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            try:
-                self._execute(batch)
-            finally:
-                with self._cond:
-                    self._running = 0
-                    self._idle_since = time.monotonic()
+            self.execute(batch)
+
+    # -- driven from the caller's own loop (no batcher thread) ---------------------------------
+    def take(self) -> tuple[list[_Pending] | None, float | None]:
+        """For a caller that runs batches in its own loop instead of ``start()``: the next batch
+        if one should go now, else (None, seconds until one may go | None when nothing waits)."""
+        with self._cond:
+            if self._stopping and not self._waiting:
+                return None, None
+            return self._poll()
+
+    def close(self) -> None:
+        """Without a batcher thread: stop taking requests and run what was submitted."""
+        with self._cond:
+            self._stopping = True
+        while (batch := self.take()[0]) is not None:
+            self.execute(batch)
+
+    def execute(self, batch: list[_Pending]) -> None:
+        """Run one batch taken with ``take()`` (or by the batcher thread); resolves its futures."""
+        try:
+            self._execute(batch)
+        finally:
+            with self._cond:
+                self._running = 0
+                self._idle_since = time.monotonic()
 
     # -- execution -----------------------------------------------------------------------------
     def _execute(self, batch: list[_Pending], history: list[dict[str, Any]] | None = None) -> None:
