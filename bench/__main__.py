@@ -47,13 +47,13 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
     from shared.config import load_settings
     from workers.quantize import prepare
 
-    settings = load_settings()
+    settings = load_settings().on_device()
     env: dict[str, str] = {}
     if shape:
         from bench import shapes
 
         shaped = shapes.model_config(settings, shape, Path(tokenizer) if tokenizer else None)
-        settings = load_settings(models=[shaped])
+        settings = load_settings(models=[shaped]).on_device()
         env["AUTOGLM_MODELS"] = json.dumps([shaped])
     if consumers:
         env["AUTOGLM_WORKER__CONSUMERS"] = str(consumers)
@@ -84,7 +84,7 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
                     if label != "shipped":
                         b = int(label)
                         batching = settings.batching.model_copy(
-                            update={"max_batch_size": b, "max_batch_size_by_task": {TaskType.CLASSIFICATION: b}})
+                            update={"max_batch_size": b, "max_batch_size_by_task": {TaskType.CLASSIFICATION: b}, "by_device": {}})
                         h = Harness(settings.model_copy(update={"batching": batching}), url,
                                     {**env, "AUTOGLM_BATCHING": batching.model_dump_json()})
                         scale = max(1, b // 8)

@@ -98,6 +98,15 @@ class QueueConfig(_Section):
     priority: Annotated[int, Field(ge=0, le=9)] = Field(description="Lower is served first.")
 
 
+class BatchingOverride(_Section):
+    """The batching fields a device may set differently (unset: the general value)."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] | None = None
+    max_batch_size_by_task: dict[TaskType, Annotated[int, Field(ge=1, le=1024)]] | None = None
+    max_batch_tokens: Annotated[int, Field(ge=16)] | None = None
+    max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] | None = None
+
+
 class BatchingConfig(_Section):
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
     max_batch_size_by_task: dict[TaskType, Annotated[int, Field(ge=1, le=1024)]] = Field(
@@ -108,6 +117,11 @@ class BatchingConfig(_Section):
     )
     max_batch_tokens: Annotated[int, Field(ge=16)] = 8192
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] = 20.0
+    by_device: dict[Literal["cpu", "cuda"], BatchingOverride] = Field(
+        default={},
+        description="Per-device overrides, applied when the worker's device resolves to that kind: a "
+        "GPU's forward pass costs about the same for 1 or 32 rows, a CPU's grows with every row.",
+    )
 
 
 class WorkerConfig(_Section):
@@ -120,8 +134,8 @@ class WorkerConfig(_Section):
     consumers: Annotated[int, Field(ge=1, le=64)] | None = Field(
         default=None,
         description="Celery consumer processes feeding this worker's one engine core "
-        "(workers/engine_core.py); None = per device: 1 on a CPU (the model needs the cores), 4 on "
-        "a GPU (one consumer process handles ~1,000 tasks/s; a GPU batch of 32 runs at ~1,400).",
+        "(workers/engine_core.py); None = per device: 2 on a CPU, 4 on a GPU. One process's GIL "
+        "caps its message handling and its threads cap what is in flight (bench/RESULTS.md).",
     )
     engine_address: str | None = Field(
         default=None,
@@ -287,7 +301,7 @@ class Settings(BaseSettings):
             return 1  # an extra consumer starts no others
         if self.worker.consumers:
             return self.worker.consumers
-        return 4 if self.resolved_device == "cuda" else 1
+        return 4 if self.resolved_device == "cuda" else 2
 
     @property
     def resolved_device(self) -> str:
@@ -296,6 +310,15 @@ class Settings(BaseSettings):
         import torch  # only where a device is chosen: producers never ask
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def on_device(self, device: str | None = None) -> Settings:
+        """These settings with the batching overrides of the worker's device applied (the worker and
+        its engine core call this once at start; producers never need it)."""
+        override = self.batching.by_device.get(device or self.resolved_device)  # type: ignore[call-overload]
+        if override is None:
+            return self
+        batching = self.batching.model_copy(update=override.model_dump(exclude_none=True))
+        return self.model_copy(update={"batching": batching})
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:

@@ -20,6 +20,7 @@ from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
+from shared.schemas import Priority
 from shared.telemetry import setup_logging, setup_tracing
 from workers import metrics, runtime
 from workers.consumers import ConsumerGroup
@@ -35,7 +36,8 @@ def create_app(settings: Settings) -> Celery:
         )
     app = make_celery(settings, settings.redis_url, name="autoglm-worker")
     app.conf.broker_transport_options.update(
-        visibility_heartbeat_s=settings.broker.heartbeat_s, task_names=(GENERATE_TASK, CLASSIFY_TASK)
+        visibility_heartbeat_s=settings.broker.heartbeat_s, task_names=(GENERATE_TASK, CLASSIFY_TASK),
+        urgent_queue=settings.queue_name(Priority.INTERACTIVE) if Priority.INTERACTIVE in settings.worker.queues else "",
     )
     app.conf.update(
         # Reliable fetch, malformed messages to the DLQ, visibility heartbeat (workers/transport.py).
@@ -58,7 +60,7 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-settings = load_settings()
+settings = load_settings().on_device()
 app = create_app(settings)
 
 

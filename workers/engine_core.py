@@ -32,6 +32,7 @@ from opentelemetry.propagate import extract
 
 from shared.broker import redis_client
 from shared.config import ModelConfig, Settings, load_settings
+from shared.queues import in_transit_key
 from shared.schemas import Priority
 from shared.telemetry import setup_logging, setup_tracing, tracer
 from workers import protocol
@@ -94,9 +95,13 @@ class EngineCore:
         return {"pid": os.getpid(), "models": models}
 
     def _interactive_queued(self) -> bool:
-        """Whether interactive messages wait in the broker (one LLEN; the batcher asks only when
-        a full bulk batch is ready the moment the model is free)."""
-        return bool(self._peek.llen(self.settings.queue_name(Priority.INTERACTIVE)))
+        """Whether interactive requests wait in the broker or were just taken from it and are on
+        their way here (one round trip; the batcher asks only when a full bulk batch is ready the
+        moment the model is free)."""
+        queue = self.settings.queue_name(Priority.INTERACTIVE)
+        pipe = self._peek.pipeline(transaction=False)
+        waiting, in_transit = pipe.llen(queue).exists(in_transit_key(queue)).execute()
+        return bool(waiting or in_transit)
 
     def _run_batch(self, key: Hashable, payloads: Sequence[Prepared]) -> list[Answer]:
         model_name, kind = key  # type: ignore[misc]
@@ -181,7 +186,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     address, parent_pid = (argv or sys.argv[1:])[:2]
     _die_with_parent(int(parent_pid))
-    settings = load_settings()
+    settings = load_settings().on_device()
     setup_logging(settings.worker.loglevel, settings.worker.log_format)
     setup_tracing("autoglm-engine-core")
     EngineCore(settings).serve(address)

@@ -266,10 +266,14 @@ def _engine_core_pid(worker: WorkerProcess) -> int:
     return cores[0]
 
 
-def test_killing_the_engine_core_mid_batch_loses_nothing_and_runs_nothing_twice(prepared_models: None, redis_url: str) -> None:
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_killing_the_engine_core_mid_batch_loses_nothing_and_runs_nothing_twice(
+        prepared_models: None, redis_url: str, consumers: int) -> None:
     """The model process dies under a batch: its requests are requeued (never acked as done), the
-    consumer restarts the core, and every task is answered once."""
-    with fleet_on(redis_url, faults={"slow_ms": 300}) as fleet:
+    consumer that owns it restarts the core, every consumer feeding it reconnects, and every task
+    is answered once."""
+    env = {"AUTOGLM_WORKER__CONSUMERS": str(consumers)}
+    with fleet_on(redis_url, env=env, faults={"slow_ms": 300}) as fleet:
         core = _engine_core_pid(fleet.worker)
         handles = fleet.client.submit_many(classify(f"{REVIEWS[i % 6]} (core {i})") for i in range(60))
         deadline = time.monotonic() + 120
@@ -281,6 +285,7 @@ def test_killing_the_engine_core_mid_batch_loses_nothing_and_runs_nothing_twice(
         assert fleet.worker.process.poll() is None, "the consumer must outlive its engine core"
         assert _engine_core_pid(fleet.worker) != core, "the engine core was not restarted"
     assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]
+    assert len({r.worker for r in results}) == consumers, "every consumer process should have served"
     ledger = Ledger(redis_url, 60)
     counts = [ledger.counts(h.id) for h in handles]
     assert [c.get("executions") for c in counts] == [1] * 60, counts

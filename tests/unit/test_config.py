@@ -61,3 +61,19 @@ def test_bad_config_names_the_field(tmp_path: Path, yaml_text: str, complaint: s
     path.write_text(yaml_text)
     with pytest.raises(ValidationError, match=complaint):
         load_settings(path)
+
+
+def test_batch_sizes_and_consumers_follow_the_worker_device() -> None:
+    """A GPU batches 32 rows for the price of one and needs more consumer processes to feed it;
+    a CPU keeps the measured 5/8 (config/default.yaml)."""
+    settings = load_settings()
+    cpu, cuda = settings.on_device("cpu"), settings.on_device("cuda")
+    assert cpu.max_batch_size(TaskType.CLASSIFICATION) == 5 and cpu.batching.max_batch_tokens == 8192
+    assert cuda.max_batch_size(TaskType.CLASSIFICATION) == 32 == cuda.max_batch_size(TaskType.TEXT_GENERATION)
+    assert cuda.batching.max_batch_tokens == 16384 and cuda.worker_concurrency == 32
+    assert cuda.batching.max_wait_ms == settings.batching.max_wait_ms  # unset fields keep the general value
+    assert load_settings(worker={"device": "cpu"}).worker_consumers == 2
+    assert load_settings(worker={"device": "cuda"}).worker_consumers == 4
+    assert load_settings(worker={"device": "cuda", "consumers": 1}).worker_consumers == 1
+    # an extra consumer (attached to a running core) never starts consumers of its own
+    assert load_settings(worker={"consumers": 3, "engine_address": "ipc:///tmp/x"}).worker_consumers == 1
