@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import zmq
 from opentelemetry import trace
-from opentelemetry.propagate import extract
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared.broker import redis_client
 from shared.config import ModelConfig, Settings, load_settings
@@ -43,6 +43,8 @@ from workers.policies import BatchPolicies
 
 log = logging.getLogger(__name__)
 HELLO = b"hello"
+# Frames carry only the W3C traceparent: parse it directly, not through the global composite propagator.
+W3C = TraceContextTextMapPropagator()
 
 
 def shape_of(prepared: Prepared) -> Shape:
@@ -118,7 +120,7 @@ class EngineCore:
     def submit(self, model: str, priority: int, traceparent: str, prepared: Prepared) -> Future:
         if model not in self.engines:
             raise KeyError(f"model {model!r} is not loaded in this engine core (loaded: {sorted(self.engines)})")
-        context = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context() if traceparent \
+        context = trace.get_current_span(W3C.extract({"traceparent": traceparent})).get_span_context() if traceparent \
             else trace.INVALID_SPAN_CONTEXT
         return self.batcher.submit((model, prepared.request.task_type), prepared, shape_of(prepared), priority,
                                    span_context=context)

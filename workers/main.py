@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 from shared.broker import broker_url
 from shared.config import Settings, load_settings
@@ -16,6 +19,11 @@ log = logging.getLogger(__name__)
 def run_worker(concurrency: int | None = None, loglevel: str | None = None, hostname: str | None = None) -> None:
     settings = load_settings()
     setup_logging(loglevel or settings.worker.loglevel, settings.worker.log_format)
+    if settings.worker.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before prometheus_client is imported: every consumer process (and the ones it starts)
+        # counts into files here, and the first one serves their sum (workers/metrics.py).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="autoglm-metrics-")
+        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     with broker_url(settings.redis_url) as url:
         if not settings.redis_url:
             print(f"embedded broker running; point producers at it with REDIS_URL={url}", file=sys.stderr, flush=True)

@@ -1,16 +1,20 @@
-"""Prometheus metrics of one worker process, served on ``worker.metrics_port`` (/metrics).
+"""Prometheus metrics of one worker, served on ``worker.metrics_port`` (/metrics) by its first consumer.
 
-Queue depth is read from Redis at scrape time (LLEN of each queue), so it reflects what is
-waiting right now, across all workers; the rest is this process's own counts.
+A worker is several consumer processes (workers/consumers.py): with metrics on, each counts into
+prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by workers/main.py before
+anything imports prometheus_client) and the first serves their sum, as gunicorn apps do. Queue
+depth is read from Redis at scrape time (LLEN of each queue), so it reflects what is waiting right
+now, across all workers.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -24,7 +28,8 @@ BATCH_SIZE = Histogram("autoglm_batch_size", "Requests per model batch", ["task_
 BATCH_SECONDS = Histogram("autoglm_batch_seconds", "Model time per batch", ["task_type"],
                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 TOKENS = Counter("autoglm_tokens", "Tokens processed (rate() of it is tokens/s)", ["kind"])
-MODEL_LOAD = Gauge("autoglm_model_load_seconds", "Time to load each model at worker start", ["model"])
+MODEL_LOAD = Gauge("autoglm_model_load_seconds", "Time to load each model at worker start", ["model"],
+                   multiprocess_mode="max")
 
 
 class QueueDepth(Collector):
@@ -45,8 +50,12 @@ class QueueDepth(Collector):
 
 
 def serve(port: int, redis_url: str, queues: Sequence[str]) -> None:
-    REGISTRY.register(QueueDepth(redis_url, queues))
-    start_http_server(port, addr="0.0.0.0")
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every consumer's counts, summed at scrape time
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    registry.register(QueueDepth(redis_url, queues))
+    start_http_server(port, addr="0.0.0.0", registry=registry)
     log.info("metrics on http://0.0.0.0:%d/metrics", port)
 
 
