@@ -1,3 +1,3 @@
-from workers.main import run_worker
+from workers.main import main
 
-run_worker()
+main()

@@ -1,10 +1,14 @@
-"""The worker's Celery app: shared queue wiring plus the settings that make batching and priority work.
+"""A consumer process: its Celery app and its worker context, both built from settings.
 
 Why these settings (measured, see ../shared/FACTS.md and docs/architecture.md):
-- threads pool: one process owns the model; many task threads park on the batcher at once.
+- threads pool: one process feeds the engine core; many task threads park on it at once.
 - prefetch 1 + acks_late: a worker never holds more messages than it has threads, so interactive
   messages are not stuck behind a reserved bulk backlog; a crash redelivers unacked work.
 - queues listed interactive first with ``queue_order_strategy=priority``: Redis is polled in order.
+
+No module-level app or settings: ``ConsumerProcess(settings)`` builds the app, registers the tasks
+against its own context (arq's ``ctx``: what tasks need, built once at ``worker_init``) and runs
+it; `python -m workers` is the way in (workers/main.py).
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ from typing import Any
 from celery import Celery, signals
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
-from shared.config import Settings, load_settings
+from shared.config import Settings
 from shared.errors import ErrorCode, FleetError
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
 from shared.schemas import Priority
 from shared.telemetry import setup_logging, setup_tracing
-from workers import metrics, runtime
+from workers import metrics, tasks
 from workers.consumers import ConsumerGroup
-from workers.main import celery_argv
+from workers.runtime import Runtime, build_runtime
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,6 @@ def create_app(settings: Settings) -> Celery:
     app.conf.update(
         # Reliable fetch, malformed messages to the DLQ, visibility heartbeat (workers/transport.py).
         broker_transport="workers.transport:Transport",
-        include=["workers.tasks"],
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
         worker_prefetch_multiplier=1,
@@ -60,39 +63,48 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-settings = load_settings().on_device()
-app = create_app(settings)
+class ConsumerProcess:
+    """One Celery consumer process of a worker. Its context (``ctx``) exists from ``worker_init`` to
+    ``worker_shutdown``; tasks get it passed in, never from a global."""
 
+    def __init__(self, settings: Settings, argv: list[str]) -> None:
+        self.settings = settings
+        self.argv = argv  # `celery worker` arguments (workers/main.py celery_argv)
+        self.app = create_app(settings)
+        self.ctx: Runtime | None = None
+        self.group: ConsumerGroup | None = None
+        tasks.register(self.app, self.context)
+        # Celery signals are process-wide; this process runs one app.
+        signals.worker_init.connect(self._start, weak=False)
+        signals.setup_logging.connect(self._logging, weak=False)
+        signals.worker_shutdown.connect(self._stop, weak=False)
 
-_group: ConsumerGroup | None = None
+    def context(self) -> Runtime:
+        if self.ctx is None:
+            raise FleetError(ErrorCode.MODEL_UNAVAILABLE, "worker context is not built yet (models not loaded)")
+        return self.ctx
 
+    def run(self) -> None:
+        self.app.worker_main(self.argv)
 
-@signals.worker_init.connect
-def _load_models(sender: Any = None, **_: object) -> None:
-    global _group
-    setup_tracing("autoglm-worker")
-    CeleryInstrumentor().instrument()  # continues the producer's trace from the message headers
-    ctx = runtime.build_runtime(settings)
-    runtime.install(ctx)
-    if ctx.engine.owner and settings.worker_consumers > 1:
-        hostname = getattr(sender, "hostname", None) or f"autoglm-{os.getpid()}@{socket.gethostname()}"
-        argv = celery_argv(settings, None, hostname)
-        _group = ConsumerGroup(argv, ctx.engine.address, settings.worker_consumers, hostname).start()
-    if settings.worker.metrics_port and ctx.engine.owner:  # one /metrics per worker: the owner's
-        metrics.serve(settings.worker.metrics_port, settings.redis_url or "", [q.name for q in settings.queues.values()])
+    def _start(self, sender: Any = None, **_: object) -> None:
+        settings = self.settings
+        setup_tracing("autoglm-worker")
+        CeleryInstrumentor().instrument()  # continues the producer's trace from the message headers
+        self.ctx = build_runtime(settings)
+        if self.ctx.engine.owner and settings.worker_consumers > 1:
+            hostname = getattr(sender, "hostname", None) or f"autoglm-{os.getpid()}@{socket.gethostname()}"
+            self.group = ConsumerGroup(self.ctx.engine.address, settings.worker_consumers, hostname,
+                                       self.ctx.engine.child_env).start()
+        if settings.worker.metrics_port and self.ctx.engine.owner:  # one /metrics per worker: the first consumer's
+            metrics.serve(settings.worker.metrics_port, settings.redis_url or "", [q.name for q in settings.queues.values()])
 
+    def _logging(self, **_: object) -> None:
+        # Connecting here stops Celery from installing its own handlers: every line is ours (JSON).
+        setup_logging(self.settings.worker.loglevel, self.settings.worker.log_format)
 
-@signals.setup_logging.connect
-def _logging(**_: object) -> None:
-    # Connecting here stops Celery from installing its own handlers: every line is ours (JSON).
-    setup_logging(settings.worker.loglevel, settings.worker.log_format)
-
-
-@signals.worker_shutdown.connect
-def _stop_batcher(**_: object) -> None:
-    if _group is not None:
-        _group.stop()
-    try:
-        runtime.current().close()
-    except FleetError:
-        pass
+    def _stop(self, **_: object) -> None:
+        if self.group is not None:
+            self.group.stop()
+        if self.ctx is not None:
+            self.ctx.close()

@@ -3,8 +3,8 @@
 Why processes, not threads: one consumer process handles roughly 1,000 tasks/s of messages (Celery,
 validation, tokenization, ledger, result writes) under one GIL, and a GPU batch of 32 runs faster
 than that (bench/RESULTS.md). The first consumer (the one `autoglm worker` starts) owns the engine
-core and starts ``worker.consumers - 1`` more; each is a plain Celery worker of the same app that
-attaches to the core's address. They die with it (PR_SET_PDEATHSIG: SIGTERM, a warm shutdown whose
+core and starts ``worker.consumers - 1`` more; each is a `python -m workers` process that
+attaches to the core's address (``worker.engine_address``). They die with it (PR_SET_PDEATHSIG: SIGTERM, a warm shutdown whose
 waiting tasks are requeued) and it restarts any that die alone. A consumer killed with -9 loses
 nothing: its unacked messages are redelivered like any dead worker's (docs/reliability.md).
 """
@@ -32,11 +32,11 @@ def _term_with_parent() -> None:
 
 
 class ConsumerGroup:
-    def __init__(self, argv: list[str], address: str, count: int, hostname: str) -> None:
-        """``argv``: the owner's own `celery worker` arguments (queues, concurrency, log level), reused
-        by every extra consumer with its own hostname ``name.N@host``."""
-        self.argv = [a for a in argv if not a.startswith("--hostname")]
+    def __init__(self, address: str, count: int, hostname: str, env: dict[str, str]) -> None:
+        """``count - 1`` more `python -m workers` processes attached to the core at ``address``,
+        named ``name.N@host`` after the first consumer's ``hostname``, with ``env`` (its settings)."""
         self.address = address
+        self.env = {**env, "AUTOGLM_WORKER__ENGINE_ADDRESS": address}
         name, _, host = hostname.partition("@")
         self.hostnames = [f"{name}.{i}@{host}" for i in range(1, count)]
         self.processes: dict[str, subprocess.Popen] = {}
@@ -48,10 +48,9 @@ class ConsumerGroup:
         return self
 
     def _spawn(self, hostname: str) -> subprocess.Popen:
-        env = {**os.environ, "AUTOGLM_WORKER__ENGINE_ADDRESS": self.address}
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", *self.argv, f"--hostname={hostname}"],
-            env=env, preexec_fn=_term_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+            [sys.executable, "-m", "workers", "--hostname", hostname],
+            env=self.env, preexec_fn=_term_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
         )
         log.info("consumer %s started (pid %d) on engine core %s", hostname, process.pid, self.address)
         return process

@@ -49,7 +49,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 class EngineClient:
-    def __init__(self, address: str | None = None, ready_timeout_s: float = 900.0, poll_ms: int = 200) -> None:
+    def __init__(self, address: str | None = None, ready_timeout_s: float = 900.0, poll_ms: int = 200,
+                 child_env: dict[str, str] | None = None) -> None:
+        """``address``: attach to the core listening there; None: start (and own) one, with
+        ``child_env`` as its environment (it loads the same settings)."""
+        self.child_env = child_env
         self._ctx = zmq.Context()
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -72,7 +76,8 @@ class EngineClient:
         """(Owner: start a core, then) wait for the core's hello (models loaded), then let requests through."""
         process = None
         if self.owner:
-            process = subprocess.Popen([sys.executable, "-m", "workers.engine_core", self.address, str(os.getpid())])
+            process = subprocess.Popen([sys.executable, "-m", "workers.engine_core", self.address, str(os.getpid())],
+                                       env=self.child_env)
         hello = self._ctx.socket(zmq.DEALER)
         hello.connect(self.address)
         try:

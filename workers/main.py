@@ -1,7 +1,13 @@
-"""Start one worker process: broker (configured or embedded), models, Celery threads pool."""
+"""`python -m workers`: one worker (engine core + consumer processes), or one extra consumer.
+
+Settings come from config + environment once, here; what the command line or an embedded broker
+adds is applied to that settings object, not written back into ``os.environ`` (the processes this
+one starts get it in their own environment: workers/runtime.py ``child_env``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import logging
 import os
@@ -17,30 +23,32 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(concurrency: int | None = None, loglevel: str | None = None, hostname: str | None = None) -> None:
-    settings = load_settings()
-    setup_logging(loglevel or settings.worker.loglevel, settings.worker.log_format)
+    settings = load_settings().on_device()
+    given = {k: v for k, v in {"concurrency": concurrency, "loglevel": loglevel}.items() if v}
+    if given:
+        settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=given)})
+    setup_logging(settings.worker.loglevel, settings.worker.log_format)
     if settings.worker.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Before prometheus_client is imported: every consumer process (and the ones it starts)
-        # counts into files here, and the first one serves their sum (workers/metrics.py).
+        # prometheus_client reads this once, at import: every consumer process (this one and those
+        # it starts, which inherit it) counts into files here; the first serves their sum.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="autoglm-metrics-")
         atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     with broker_url(settings.redis_url) as url:
         if not settings.redis_url:
             print(f"embedded broker running; point producers at it with REDIS_URL={url}", file=sys.stderr, flush=True)
-        os.environ["REDIS_URL"] = url  # the worker app reads its settings from the environment
-        if concurrency:
-            os.environ["AUTOGLM_WORKER__CONCURRENCY"] = str(concurrency)
-        from workers.app import app, settings as worker_settings
+        settings = settings.model_copy(update={"redis_url": url})
+        from workers.app import ConsumerProcess
 
-        app.worker_main(celery_argv(worker_settings, loglevel, hostname or f"autoglm-{os.getpid()}@%h"))
+        argv = celery_argv(settings, hostname or f"autoglm-{os.getpid()}@%h")
+        ConsumerProcess(settings, argv).run()
 
 
-def celery_argv(settings: Settings, loglevel: str | None, hostname: str) -> list[str]:
-    """`celery worker` arguments of a consumer (the extra consumers reuse them, workers/consumers.py)."""
+def celery_argv(settings: Settings, hostname: str) -> list[str]:
+    """`celery worker` arguments of a consumer."""
     queues = sorted(settings.worker.queues, key=lambda p: settings.queues[p].priority)
     return [
         "worker",
-        f"--loglevel={loglevel or settings.worker.loglevel}",
+        f"--loglevel={settings.worker.loglevel}",
         "--queues=" + ",".join(settings.queue_name(p) for p in queues),
         f"--concurrency={settings.worker_concurrency}",
         f"--hostname={hostname}",
@@ -49,5 +57,14 @@ def celery_argv(settings: Settings, loglevel: str | None, hostname: str) -> list
     ]
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=None, help="Celery threads (default: the largest batch)")
+    parser.add_argument("--loglevel", default=None)
+    parser.add_argument("--hostname", default=None, help="Celery node name (default autoglm-PID@host)")
+    args = parser.parse_args(argv)
+    run_worker(args.concurrency, args.loglevel, args.hostname)
+
+
 if __name__ == "__main__":
-    run_worker()
+    main()

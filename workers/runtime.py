@@ -8,6 +8,7 @@ models loaded before the first message), and the Redis-backed ledger, dead-lette
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from shared.config import ModelConfig, Settings
@@ -99,24 +100,20 @@ class Runtime:
         self.engine.close()
 
 
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of the processes a consumer starts (engine core, extra consumers): they load
+    the same config, so only what this process was given beyond it travels (the broker URL, which
+    may be an embedded server's, the log level and the thread count)."""
+    env = {**os.environ, "REDIS_URL": settings.redis_url or "", "AUTOGLM_WORKER__LOGLEVEL": settings.worker.loglevel}
+    if settings.worker.concurrency:
+        env["AUTOGLM_WORKER__CONCURRENCY"] = str(settings.worker.concurrency)
+    return env
+
+
 def build_runtime(settings: Settings) -> Runtime:
     names = settings.worker.models or [m.name for m in settings.models]
     preparers = {name: load_preparer(settings, settings.model(name)) for name in names}
-    engine = EngineClient(settings.worker.engine_address)
+    engine = EngineClient(settings.worker.engine_address, child_env=child_env(settings))
     for name, info in engine.models.items():
         metrics.MODEL_LOAD.labels(name).set(info["load_seconds"])
     return Runtime(settings, preparers, engine)
-
-
-_runtime: Runtime | None = None
-
-
-def install(runtime: Runtime) -> None:
-    global _runtime
-    _runtime = runtime
-
-
-def current() -> Runtime:
-    if _runtime is None:
-        raise FleetError(ErrorCode.MODEL_UNAVAILABLE, "worker runtime is not initialised (models not loaded)")
-    return _runtime

@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+from celery import Celery
 from celery.exceptions import Ignore, Reject
 
 from shared.errors import as_fleet_error
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK
 from shared.schemas import TaskResult, TaskType, Timings
-from workers import runtime
-from workers.app import app
 from workers.engine_client import EngineLost
 from workers.middleware import Job
 from workers.parsing import parse_request
+from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-def answer(ctx: runtime.Runtime, job: Job) -> dict[str, Any]:
+def answer(ctx: Runtime, job: Job) -> dict[str, Any]:
     """The task's own work, once the middleware let it run."""
     prepared = job.engine.prepare(job.request)
     output, info = ctx.infer(job.engine, prepared)
@@ -51,8 +52,7 @@ def answer(ctx: runtime.Runtime, job: Job) -> dict[str, Any]:
     return result.model_dump(mode="json")
 
 
-def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    ctx = runtime.current()
+def handle(ctx: Runtime, task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     job = Job(task, task_type, args[0] if args else None)
     try:
         result = None
@@ -82,13 +82,15 @@ def handle(task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[s
     return result
 
 
-# ignore_result: the ledger stores SUCCESS itself, in the step that records the answer (one round
-# trip instead of three); failures are still stored by Celery (task_store_errors_even_if_ignored).
-@app.task(name=GENERATE_TASK, bind=True, ignore_result=True)
-def generate(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return handle(self, TaskType.TEXT_GENERATION, args, kwargs)
+def register(app: Celery, context: Callable[[], Runtime]) -> None:
+    """The fleet's two tasks on ``app``; each call gets the consumer's context from ``context``."""
 
+    # ignore_result: the ledger stores SUCCESS itself, in the step that records the answer (one round
+    # trip instead of three); failures are still stored by Celery (task_store_errors_even_if_ignored).
+    @app.task(name=GENERATE_TASK, bind=True, ignore_result=True)
+    def generate(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return handle(context(), self, TaskType.TEXT_GENERATION, args, kwargs)
 
-@app.task(name=CLASSIFY_TASK, bind=True, ignore_result=True)
-def classify(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return handle(self, TaskType.CLASSIFICATION, args, kwargs)
+    @app.task(name=CLASSIFY_TASK, bind=True, ignore_result=True)
+    def classify(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return handle(context(), self, TaskType.CLASSIFICATION, args, kwargs)
