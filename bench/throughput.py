@@ -68,6 +68,7 @@ def run(h: Harness, engine: Engine, n_classify: int, n_generate: int, new_tokens
             secs, gen_fleet = timed(lambda: wait_all(client.submit_many(generate_payload(p, new_tokens) for p in gen_prompts)))
             tok_rates["fleet"].append(sum(r.usage.completion_tokens for r in gen_fleet) / secs)
             fleet_batch_sizes = [r.batch_size for r in results]
+            fleet_model_ms = [r.timings.inference_ms for r in results]
     best = {k: max(v) for k, v in rates.items()}
     best_tok = {k: max(v) for k, v in tok_rates.items()}
 
@@ -84,6 +85,12 @@ def run(h: Harness, engine: Engine, n_classify: int, n_generate: int, new_tokens
         "fleet_vs_limit": round(best["fleet"] / best["limit"], 3),
         "fleet_vs_naive": round(best["fleet"] / best["naive"], 3),
         "fleet_mean_batch_size": round(sum(fleet_batch_sizes) / len(fleet_batch_sizes), 2),
+        # Where a gap to the limit sits: the engine core's time per batch (model call, as the fleet's
+        # results report it) against the in-process engine's (batch / its rate, tokenization included).
+        # Close together: the core runs the model at full speed and the gap is in feeding it or in
+        # collecting results; far apart: the model runs slower inside the core.
+        "fleet_model_ms_per_batch": round(sum(fleet_model_ms) / len(fleet_model_ms), 2),
+        "limit_ms_per_batch": round(1000.0 * batch / best["limit"], 2),
         "labels_agree_fleet_limit": agree(answers["fleet"], answers["limit"]),
         "labels_agree_naive_limit": agree(answers["naive"], answers["limit"]),
         "generate_n": len(gen_prompts),
