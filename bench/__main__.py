@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model",
              "engine-sweep")
 SIZES = {
@@ -36,6 +35,15 @@ def device_name() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     return f"cpu: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def in_process_engine(settings: Any) -> Any:
+    """The first configured model's engine in this process: the limit the fleet is compared with."""
+    from workers.engine import Engine
+    from workers.models import prepared_path
+
+    model = settings.models[0]
+    return Engine(model, prepared_path(settings, model), device=settings.worker.device)
 
 
 def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | None = None,
@@ -73,11 +81,8 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
             if name == "throughput":
                 from bench import throughput
                 from shared.schemas import TaskType
-                from workers.engine import Engine
-                from workers.models import prepared_path
 
-                model = settings.models[0]
-                engine = Engine(model, prepared_path(settings, model), device=settings.worker.device)
+                engine = in_process_engine(settings)
                 by_batch: dict[str, Any] = {}
                 for label in batches or ["shipped"]:
                     h, scale = harness, 1
@@ -98,11 +103,8 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
                 del engine
             elif name == "engine-sweep":
                 from bench import sweep
-                from workers.engine import Engine
-                from workers.models import prepared_path
 
-                model = settings.models[0]
-                engine = Engine(model, prepared_path(settings, model), device=settings.worker.device)
+                engine = in_process_engine(settings)
                 summary.update(sweep.run(engine, [1, 8, 32] if mode == "quick" else [1, 8, 16, 32, 64, 128], size["new_tokens"]))
                 del engine
             elif name == "isolation":

@@ -15,7 +15,6 @@ it dies with its parent (PR_SET_PDEATHSIG), and the parent restarts it if it die
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -39,6 +38,7 @@ from workers import protocol
 from workers.batcher import BatchInfo, MicroBatcher, Shape
 from workers.engine import Answer, Prepared, PreparedGenerate
 from workers.faults import Faults
+from workers.lifecycle import set_parent_death_signal
 from workers.policies import BatchPolicies
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,10 @@ class EngineCore:
     def serve(self, address: str) -> None:
         """One loop until SIGTERM: take in every request that arrived, run the next batch, send
         its replies. Sockets and model share this one thread on purpose: on a GPU the forward pass
-        is launch-bound Python, and a second thread moving frames meanwhile took turns with it on
-        the GIL (an H100 batch of 32 took 44 ms in the core vs 25 ms alone, bench/RESULTS.md).
-        Requests that arrive during a batch wait in ZMQ's own I/O thread, which needs no GIL."""
+        is launch-bound Python, and a second thread moving frames would take turns with it on the
+        GIL. Requests that arrive during a batch wait in ZMQ's own I/O thread, which needs no GIL.
+        (On an H100 this moved fleet/limit at batch 32 only from 0.58 to 0.64: the rest of the gap
+        is not explained yet, bench/RESULTS.md.)"""
         ctx = zmq.Context()
         router = ctx.socket(zmq.ROUTER)
         router.bind(address)
@@ -177,9 +178,7 @@ class EngineCore:
 
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this process when the consumer that started it dies, however it dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
+    if not set_parent_death_signal(signal.SIGKILL):
         log.warning("cannot set PR_SET_PDEATHSIG; the engine core may outlive a killed consumer")
     if os.getppid() != parent_pid:
         sys.exit(0)
