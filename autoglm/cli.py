@@ -48,8 +48,10 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         state = "prepared" if manifest else "NOT PREPARED (autoglm models prepare)"
         print(f"{model.name:<20} {model.model_name:<40} {'/'.join(model.task_type)}  {state}\n  {path}")
         if manifest:
-            print(f"  accuracy float {manifest['accuracy_float']:.0%} served {manifest['accuracy_served']:.0%}, "
-                  f"{manifest['bytes_served'] / 1e6:.0f} MB")
+            print(f"  quantized with {manifest.get('chosen')}: accuracy float {manifest['accuracy_float']:.1%} "
+                  f"served {manifest['accuracy_served']:.1%} (loss {manifest.get('loss_vs_float', 0) * 100:+.1f} pts, "
+                  f"selection split), {manifest['bytes_served'] / 1e6:.0f} MB, prepared on "
+                  f"{manifest.get('machine', {}).get('cpu', 'unknown machine')}")
     return 0
 
 

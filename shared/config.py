@@ -27,6 +27,10 @@ from shared.schemas import Priority, TaskType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "default.yaml"
+# The chat method's default user turn (chosen on the selection split of workers/data/eval; see
+# docs/quantization.md "Classification method").
+DEFAULT_INSTRUCTION = "Classify the text into one of these categories: {labels}.\n\nText: {text}"
+DEFAULT_CHANNEL = "The following text is about {label}.\n"
 _yaml_path: ContextVar[Path | None] = ContextVar("autoglm_yaml_path", default=None)
 
 
@@ -34,13 +38,42 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class QuantizeSettings(_Section):
+    """The GPTQ settings one attempt uses; an entry of ``alternatives`` overrides some of them."""
+
+    bits: Literal[2, 3, 4, 8] | None = None
+    group_size: int | None = Field(default=None, description="Must divide every quantized layer's in-features.")
+    desc_act: bool | None = None
+    damp_percent: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        default=None, description="Hessian dampening (GPTQModel default when unset)."
+    )
+    dynamic: dict[str, dict[str, int]] | None = Field(
+        default=None,
+        description="GPTQModel per-module overrides, e.g. {'+:.*down_proj.*': {'bits': 8}} (mixed precision).",
+    )
+    calibration: str | None = Field(
+        default=None,
+        description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",
+    )
+    calibration_samples: Annotated[int, Field(ge=8, le=4096)] | None = None
+
+
 class QuantizeConfig(_Section):
-    """How `autoglm models prepare` turns a float model into the artifact workers load."""
+    """How `autoglm models prepare` turns a float model into the artifact workers load.
+
+    Preparation is gated relative to the float model on the *selection* split of the built-in
+    evaluation sets (workers/evaluation.py): an attempt that loses more than ``max_loss_vs_float``
+    of classification accuracy (or ``max_qa_loss_vs_float`` of factual QA) is not shipped; the
+    ``alternatives`` are tried in order, within ``time_budget_s``, and the best attempt is kept.
+    """
 
     method: Literal["gptq", "none"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(default=64, description="Must divide every quantized layer's in-features.")
     desc_act: bool = False
+    damp_percent: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        default=None, description="Hessian dampening (GPTQModel default when unset)."
+    )
     dynamic: dict[str, dict[str, int]] | None = Field(
         default=None,
         description="GPTQModel per-module overrides, e.g. {'+:.*down_proj.*': {'bits': 8}} (mixed precision).",
@@ -50,10 +83,28 @@ class QuantizeConfig(_Section):
         description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",
     )
     calibration_samples: Annotated[int, Field(ge=8, le=4096)] = 128
-    min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        default=0.0,
-        description="Refuse to ship a quantized artifact scoring below this on the built-in eval set.",
+    seed: int = Field(default=0, description="Seeds torch/numpy/random before quantizing (reproducible artifacts).")
+    max_loss_vs_float: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.02, description="Most classification accuracy (families' mean, selection split) an artifact may lose."
     )
+    max_qa_loss_vs_float: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.1, description="Most factual-QA accuracy an artifact may lose (1 in 10 by default)."
+    )
+    alternatives: list[QuantizeSettings] = Field(
+        default=[], description="Tried in order when an attempt misses the gates; the best attempt is kept."
+    )
+    time_budget_s: Annotated[float, Field(ge=0.0)] = Field(
+        default=600.0, description="No further alternative is started after this long (a fresh setup stays bounded)."
+    )
+
+    def attempts(self) -> list[QuantizeConfig]:
+        """The settings to try, in order: these, then each alternative applied over them."""
+        base = self.model_copy(update={"alternatives": []})
+        return [base] + [base.model_copy(update=alt.model_dump(exclude_none=True)) for alt in self.alternatives]
+
+    def settings(self) -> dict[str, Any]:
+        """What one attempt quantizes with (the fields QuantizeSettings names)."""
+        return self.model_dump(include=set(QuantizeSettings.model_fields), exclude_none=True)
 
 
 class ModelConfig(_Section):
@@ -72,25 +123,47 @@ class ModelConfig(_Section):
         default="auto", description="Activation dtype; auto = float16 on CUDA, float32 on CPU."
     )
     max_context_tokens: Annotated[int, Field(ge=16)] = 2048
-    classification_template: str = 'Text: "{text}"\nCategory ({labels}):'
+    classification_template: str | None = Field(
+        default=None,
+        description="Plain-text prompt for classification ({text}, {labels}); null: the chat method "
+        "below (the model's own chat template), which needs no per-task wording.",
+    )
+    classification_instruction: str = Field(
+        default=DEFAULT_INSTRUCTION,
+        description="The chat method's user turn ({text}, {labels}); the labels are then scored as "
+        "the assistant's answer.",
+    )
+    classification_channel: str | None = Field(
+        default=DEFAULT_CHANNEL,
+        description="The chat method's second expert: each label's prefix ({label}) before the text, "
+        "scored as log P(text | prefix). null: the chat method alone.",
+    )
     classification_calibration: Literal["content_free", "none"] = Field(
         default="content_free",
         description="content_free: divide out the label prior measured on content-free texts "
         "(contextual calibration); none: raw label log-probabilities.",
     )
 
+    @field_validator("classification_channel")
+    @classmethod
+    def _one_label(cls, prefix: str | None) -> str | None:
+        if prefix is not None and (prefix.count("{label}") != 1 or "{" in prefix.replace("{label}", "")
+                                   or "}" in prefix.replace("{label}", "")):
+            raise ValueError("classification_channel must contain {label} once and no other braces")
+        return prefix
+
     @field_validator("task_type", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("classification_template")
+    @field_validator("classification_template", "classification_instruction")
     @classmethod
-    def _has_text(cls, template: str) -> str:
+    def _has_text(cls, template: str | None) -> str | None:
         try:
-            return templates.check(template)
+            return None if template is None else templates.check(template)
         except templates.TemplateError as exc:
-            raise ValueError(f"classification_template {exc}") from None
+            raise ValueError(f"template {exc}") from None
 
 
 class QueueConfig(_Section):

@@ -37,7 +37,7 @@ class EchoEngine:
                 raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"prompt is {len(ids)} tokens; context {self.context}")
             return PreparedGenerate(request, ids)
         template = request.prompt_template or self.config.classification_template
-        prompt = render_prompt(template, request, self.context)
+        prompt = render_prompt(template or self.config.classification_instruction, request.text, request.labels, self.context)
         return PreparedClassify(request, template, [0] * max(1, len(prompt) // CHARS_PER_TOKEN),
                                 [[1] for _ in request.labels])
 

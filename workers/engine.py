@@ -39,11 +39,20 @@ class PreparedGenerate:
 
 
 @dataclass(frozen=True)
+class Channel:
+    """The channel half of the default method: score log P(text | "about <label>") per label."""
+
+    text_ids: list[int]
+    prefix_ids: list[list[int]]  # one per label, in label order
+
+
+@dataclass(frozen=True)
 class PreparedClassify:
     request: ClassifyRequest
-    template: str
+    template: str | None  # None: the chat method (Preparer.classify_ids)
     prompt_ids: list[int]
     label_ids: list[list[int]]
+    channel: Channel | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -52,11 +61,15 @@ class PreparedClassify:
     @property
     def rows(self) -> int:
         """Sequences this request adds to a batch (see Engine._label_logprobs)."""
-        return max(1, sum(len(ids) > 1 for ids in self.label_ids))
+        direct = max(1, sum(len(ids) > 1 for ids in self.label_ids))
+        return direct + (len(self.channel.prefix_ids) if self.channel else 0)
 
     @property
     def width(self) -> int:
-        return len(self.prompt_ids) + max(len(ids) for ids in self.label_ids) - 1
+        direct = len(self.prompt_ids) + max(len(ids) for ids in self.label_ids) - 1
+        if self.channel is None:
+            return direct
+        return max(direct, len(self.channel.text_ids) + max(len(ids) for ids in self.channel.prefix_ids))
 
     @property
     def cost_tokens(self) -> int:
@@ -64,6 +77,11 @@ class PreparedClassify:
 
 
 Prepared = PreparedGenerate | PreparedClassify
+Row = tuple[list[int], list[tuple[int, int, int]]]  # token ids, [(position, target token, slot)]
+# Scored positions per LM-head call: bounds memory to SCORE_CHUNK x vocab floats.
+SCORE_CHUNK = 1024
+# A model without a chat template classifies with this plain prompt when no template is given.
+PLAIN_TEMPLATE = 'Text: "{text}"\nCategory ({labels}):'
 # Texts that say nothing: the model's label preference after them is its bias, not evidence.
 CONTENT_FREE_TEXTS = ("N/A", " ", "[MASK]")
 # A rendered prompt longer than context x this many characters cannot fit the context window
@@ -96,12 +114,12 @@ def join_labels(labels: list[str]) -> str:
     return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
 
 
-def render_prompt(template: str, request: ClassifyRequest, context: int) -> str:
+def render_prompt(template: str, text: str, labels: list[str], context: int) -> str:
     """The classification prompt, never via str.format (a caller's format spec could ask for
     gigabytes; shared/templates.py): INVALID_INPUT for a bad template, PROMPT_TOO_LONG when it
     could not fit a ``context``-token window."""
     try:
-        return templates.render(template, request.text, join_labels(request.labels), max_chars=context * MAX_CHARS_PER_TOKEN)
+        return templates.render(template, text, join_labels(labels), max_chars=context * MAX_CHARS_PER_TOKEN)
     except templates.TemplateError as exc:
         code = ErrorCode.PROMPT_TOO_LONG if isinstance(exc, templates.RenderedTooLong) else ErrorCode.INVALID_INPUT
         raise FleetError(code, f"prompt_template {exc}") from None
@@ -149,18 +167,52 @@ class Preparer:
             )
         return PreparedGenerate(request, ids)
 
+    def classify_ids(self, text: str, labels: list[str], template: str | None) -> list[int]:
+        """The prompt's token ids. With a template: the rendered text, labels to follow after a
+        space. Without (the default): the chat method - the instruction, text and label list as the
+        user's turn of the model's own chat template, the label to follow as the assistant's answer.
+        An instruct model answers its chat format for any label set; a plain template must be
+        worded per task (docs/quantization.md, "Classification method")."""
+        if template is not None:
+            return self.tokenizer(render_prompt(template, text, labels, self.context))["input_ids"]
+        user = render_prompt(self.config.classification_instruction, text, labels, self.context)
+        chat = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(chat, add_special_tokens=False)["input_ids"]
+
+    def channel(self, text: str, labels: list[str]) -> Channel | None:
+        """The text's tokens and each label's channel prefix (``classification_channel``), or None
+        when the model's config turns the channel off."""
+        prefix = self.config.classification_channel
+        if prefix is None:
+            return None
+        before, after = prefix.split("{label}")
+        ids = [self.tokenizer(before + label + after, add_special_tokens=False)["input_ids"] for label in labels]
+        return Channel(self.tokenizer(text, add_special_tokens=False)["input_ids"], ids)
+
+    def label_ids(self, labels: list[str], template: str | None) -> list[list[int]]:
+        """Each label's tokens as they would follow the prompt: after a space in running text, at
+        the start of the assistant's turn in the chat method."""
+        prefix = "" if template is None else " "
+        return [self.tokenizer(prefix + label, add_special_tokens=False)["input_ids"] for label in labels]
+
     def _prepare_classify(self, request: ClassifyRequest) -> PreparedClassify:
         template = request.prompt_template or self.config.classification_template
-        prompt = render_prompt(template, request, self.context)
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
-        label_ids = [self.tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in request.labels]
+        if template is None and not self.tokenizer.chat_template:
+            template = PLAIN_TEMPLATE
+        prompt_ids = self.classify_ids(request.text, request.labels, template)
+        label_ids = self.label_ids(request.labels, template)
+        channel = self.channel(request.text, request.labels) if template is None else None
         longest = len(prompt_ids) + max(len(ids) for ids in label_ids)
         if longest > self.context:
             raise FleetError(
                 ErrorCode.PROMPT_TOO_LONG,
                 f"text is {len(prompt_ids)} tokens with the template; model {self.name} takes {self.context}",
             )
-        return PreparedClassify(request, template, prompt_ids, label_ids)
+        if channel is not None and len(channel.text_ids) + max(map(len, channel.prefix_ids)) > self.context:
+            raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"text is {len(channel.text_ids)} tokens; model {self.name} takes {self.context}")
+        return PreparedClassify(request, template, prompt_ids, label_ids, channel)
 
 
 class Engine:
@@ -242,53 +294,71 @@ class Engine:
         usage = Usage(prompt_tokens=item.prompt_tokens, completion_tokens=len(new_ids))
         return Answer(GenerateOutput(text=text.strip(), finish_reason=finish), usage)
 
-    def _label_logprobs(self, queries: list[tuple[list[int], list[list[int]]]]) -> list[torch.Tensor]:
-        """log P(label | prompt) for every label of every (prompt_ids, label_ids) query, in one forward.
+    @staticmethod
+    def _direct_rows(prompt: list[int], labels: list[list[int]], first_slot: int) -> list[Row]:
+        """Rows scoring log P(label | prompt) for each label into slots ``first_slot + i``.
 
         A label's first token is read off the prompt's last position, so a query whose labels are
         all single tokens (the usual case: " positive", " negative") costs one row, not one per
-        label; a multi-token label adds a row (prompt + label) for its later tokens. Rows are
-        right-padded and only the hidden states at scored positions go through the LM head, so
-        memory is O(scored tokens x vocab), not O(all tokens x vocab).
+        label; a multi-token label adds a row (prompt + label) for its later tokens.
         """
-        sequences: list[list[int]] = []
-        seq_index, positions, targets, slots = [], [], [], []
-        slot = 0
-        for prompt, labels in queries:
-            first_row = len(sequences)
-            long_labels = [label for label in labels if len(label) > 1]
-            if long_labels:
-                sequences.extend(prompt + label for label in long_labels)
-            else:
-                sequences.append(prompt)
-            row = first_row
-            for label in labels:
-                seq_index.append(first_row)
-                positions.append(len(prompt) - 1)  # logits at t predict token t+1
-                targets.append(label[0])
-                slots.append(slot)
-                if len(label) > 1:
-                    for k in range(1, len(label)):
-                        seq_index.append(row)
-                        positions.append(len(prompt) + k - 1)
-                        targets.append(label[k])
-                        slots.append(slot)
-                    row += 1
-                slot += 1
-        width = max(len(seq) for seq in sequences)
-        input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(sequences), width), dtype=torch.long)
-        for r, seq in enumerate(sequences):
-            input_ids[r, : len(seq)] = torch.tensor(seq)
-            attention[r, : len(seq)] = 1
+        long_labels = [label for label in labels if len(label) > 1]
+        rows: list[Row] = [(prompt + label, []) for label in long_labels] or [(prompt, [])]
+        row = 0
+        for index, label in enumerate(labels):
+            slot = first_slot + index
+            rows[0][1].append((len(prompt) - 1, label[0], slot))  # logits at t predict token t+1
+            if len(label) > 1:
+                rows[row][1].extend((len(prompt) + k - 1, label[k], slot) for k in range(1, len(label)))
+                row += 1
+        return rows
+
+    @staticmethod
+    def _channel_rows(channel: Channel, first_slot: int) -> list[Row]:
+        """Rows scoring log P(text | prefix of label i) into slots ``first_slot + i``."""
+        text = channel.text_ids
+        return [
+            (prefix + text, [(len(prefix) + k - 1, token, first_slot + index) for k, token in enumerate(text)])
+            for index, prefix in enumerate(channel.prefix_ids)
+        ]
+
+    def _score(self, rows: list[Row], slots: int) -> torch.Tensor:
+        """Sum the log-probabilities of every row's (position, target) pairs into their slots, in
+        one forward pass. Rows are right-padded; only the hidden states at scored positions go
+        through the LM head, in chunks, so memory stays O(chunk x vocab)."""
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        seq_index, positions, targets, slot_of = [], [], [], []
+        for r, (ids, scored) in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            attention[r, : len(ids)] = 1
+            for position, target, slot in scored:
+                seq_index.append(r)
+                positions.append(position)
+                targets.append(target)
+                slot_of.append(slot)
         hidden = self.model.get_decoder()(
             input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
         ).last_hidden_state
         picked = hidden[torch.tensor(seq_index), torch.tensor(positions)]
-        logprobs = self.model.get_output_embeddings()(picked).float().log_softmax(dim=-1)
-        token_lp = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=logprobs.device)].cpu()
-        per_slot = torch.zeros(slot).index_add_(0, torch.tensor(slots), token_lp)
-        return list(per_slot.split([len(labels) for _, labels in queries]))
+        wanted = torch.tensor(targets, device=picked.device)
+        head = self.model.get_output_embeddings()
+        pieces = []
+        for start in range(0, len(targets), SCORE_CHUNK):
+            logits = head(picked[start : start + SCORE_CHUNK]).float()
+            chosen = logits.gather(1, wanted[start : start + SCORE_CHUNK, None]).squeeze(1)
+            pieces.append((chosen - logits.logsumexp(dim=-1)).cpu())
+        return torch.zeros(slots).index_add_(0, torch.tensor(slot_of), torch.cat(pieces))
+
+    def _label_logprobs(self, queries: list[tuple[list[int], list[list[int]]]]) -> list[torch.Tensor]:
+        """log P(label | prompt) for every label of every (prompt_ids, label_ids) query, in one forward."""
+        rows: list[Row] = []
+        slot = 0
+        for prompt, labels in queries:
+            rows += self._direct_rows(prompt, labels, slot)
+            slot += len(labels)
+        return list(self._score(rows, slot).split([len(labels) for _, labels in queries]))
 
     def _label_prior(self, item: PreparedClassify) -> torch.Tensor:
         """Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): the model's label
@@ -301,11 +371,8 @@ class Engine:
         key = (item.template, tuple(item.request.labels))
         prior = self._priors.get(key)
         if prior is None:
-            labels = join_labels(item.request.labels)
-            queries = [
-                (self.tokenizer(templates.render(item.template, text, labels))["input_ids"], item.label_ids)
-                for text in CONTENT_FREE_TEXTS
-            ]
+            labels = item.request.labels
+            queries = [(self.preparer.classify_ids(text, labels, item.template), item.label_ids) for text in CONTENT_FREE_TEXTS]
             prior = torch.stack(self._label_logprobs(queries)).mean(dim=0)
             if len(self._priors) >= 1024:
                 self._priors.pop(next(iter(self._priors)))
@@ -314,17 +381,37 @@ class Engine:
 
     @torch.inference_mode()
     def classify(self, items: list[PreparedClassify]) -> list[Answer]:
-        """Score every (request, label) pair in one forward pass; probabilities per label."""
-        per_item = self._label_logprobs([(item.prompt_ids, item.label_ids) for item in items])
+        """Score every (request, label) pair in one forward pass; probabilities per label.
+
+        Direct scores (calibrated unless the model says not) are the label's log-probability as
+        the answer; with a channel (the default method) the log-probability of the text after
+        "about <label>" is added, both normalised over the labels: a product of the two experts.
+        """
+        rows: list[Row] = []
+        spans: list[tuple[slice, slice | None]] = []
+        slot = 0
+        for item in items:
+            n = len(item.label_ids)
+            rows += self._direct_rows(item.prompt_ids, item.label_ids, slot)
+            direct, slot = slice(slot, slot + n), slot + n
+            channel = None
+            if item.channel is not None:
+                rows += self._channel_rows(item.channel, slot)
+                channel, slot = slice(slot, slot + n), slot + n
+            spans.append((direct, channel))
+        per_slot = self._score(rows, slot)
         calibrate = self.config.classification_calibration == "content_free"
         answers = []
-        for item, scores in zip(items, per_item, strict=True):
-            n = len(item.label_ids)
+        for item, (direct, channel) in zip(items, spans, strict=True):
+            scores = per_slot[direct]
             if calibrate:
                 scores = scores - self._label_prior(item)
-            probs = scores.softmax(dim=0).tolist()
+            combined = scores.log_softmax(dim=0)
+            if channel is not None:
+                combined = combined + per_slot[channel].log_softmax(dim=0)
+            probs = combined.softmax(dim=0).tolist()
             labels = item.request.labels
-            best = max(range(n), key=probs.__getitem__)
+            best = max(range(len(labels)), key=probs.__getitem__)
             answers.append(
                 Answer(
                     ClassifyOutput(label=labels[best], scores=dict(zip(labels, probs, strict=True))),

@@ -1,37 +1,134 @@
-"""The built-in labelled sentiment set and an accuracy check through the real Engine path.
+"""Labelled evaluation sets and accuracy checks through the real Engine path.
 
-``prepare`` scores every artifact it builds against its float source with this, because at small
-model sizes 4-bit quantisation can erase the classification signal while generation still looks
-fine (see docs/quantization.md).
+Four classification families with different label sets (``workers/data/eval/<family>.jsonl``), each
+row tagged ``selection`` or ``report``:
+
+- *selection* rows are the only ones used to choose anything: the default classification method,
+  its wording, calibration, and which quantization settings ``autoglm models prepare`` keeps;
+- *report* rows are only ever reported. Splits are fixed in the files (stratified by label, in
+  order of each text's SHA-1), so no later choice can move a row from one side to the other. The
+  sentiment rows written before the split existed (the old 60 + 64 reviews, which earlier prompts
+  were tuned on) are all on the selection side.
+
+A small factual QA set (``qa.jsonl``) checks that quantization keeps generation's knowledge.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from dataclasses import dataclass
+from functools import cache
 from importlib import resources
+from typing import Literal
 
-from shared.schemas import ClassifyRequest
+from shared.schemas import ClassifyRequest, GenerateRequest
 from workers.engine import Engine
+
+Split = Literal["selection", "report", "all"]
 
 SENTIMENT_TEMPLATE = 'Review: "{text}"\nSentiment ({labels}):'
 SENTIMENT_LABELS = ["positive", "negative"]
+# The plain template that was the default before the chat method (kept to report against).
+OLD_DEFAULT_TEMPLATE = 'Text: "{text}"\nCategory ({labels}):'
+# Task-worded templates, one per family (what a user who writes prompts would send): the
+# comparison the default method must stand up to.
+TASK_TEMPLATES = {
+    "sentiment": 'Review: "{text}"\nSentiment ({labels}):',
+    "topic": 'News: "{text}"\nTopic ({labels}):',
+    "intent": 'Bank customer message: "{text}"\nIntent ({labels}):',
+    "spam": 'Message: "{text}"\nThis message is ({labels}):',
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    labels: list[str]
+    rows: list[tuple[str, str, str]]  # (text, label, split)
+
+    def examples(self, split: Split = "all") -> list[tuple[str, str]]:
+        return [(text, label) for text, label, part in self.rows if split in ("all", part)]
+
+
+# Label sets as a user would send them: 2 to 6 labels, multi-token, two sharing their first word.
+FAMILY_LABELS: dict[str, list[str]] = {
+    "sentiment": SENTIMENT_LABELS,
+    "topic": ["sports", "politics", "technology", "business", "health"],
+    "intent": ["card lost or stolen", "card payment declined", "transfer money", "check balance",
+               "change address", "close account"],
+    "spam": ["spam", "not spam"],
+}
+
+
+def _read(name: str) -> list[dict]:
+    text = resources.files("workers.data").joinpath("eval", name).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def data_fingerprint() -> str:
+    """Identity of the evaluation data: cached scores are reused only for the same rows."""
+    folder = resources.files("workers.data").joinpath("eval")
+    names = sorted(f"{name}.jsonl" for name in FAMILY_LABELS) + ["qa.jsonl"]
+    return hashlib.sha256(b"".join(folder.joinpath(n).read_bytes() for n in names)).hexdigest()[:16]
+
+
+@cache
+def families() -> tuple[Family, ...]:
+    found = []
+    for name, labels in FAMILY_LABELS.items():
+        rows = [(r["text"], r["label"], r["split"]) for r in _read(f"{name}.jsonl")]
+        found.append(Family(name, labels, rows))
+    return tuple(found)
 
 
 def sentiment_examples() -> list[tuple[str, str]]:
-    lines = resources.files("workers.data").joinpath("sentiment_eval.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
-    return [(row["text"], row["label"]) for row in rows]
+    """Every labelled review (both splits): workloads for demos and throughput benches."""
+    return families()[0].examples()
 
 
-def sentiment_accuracy(engine: Engine, batch_size: int = 16) -> float:
-    examples = sentiment_examples()
+def accuracy(engine: Engine, family: Family, split: Split, template: str | None = None, batch_size: int = 16) -> float:
+    """Share of ``family``'s ``split`` rows labelled right. ``template`` None: the model's default
+    method (what a request without ``prompt_template`` gets)."""
+    examples = family.examples(split)
     correct = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prepared = [
-            engine.prepare(ClassifyRequest(text=text, labels=SENTIMENT_LABELS, prompt_template=SENTIMENT_TEMPLATE))
-            for text, _ in chunk
-        ]
+        prepared = [engine.prepare(ClassifyRequest(text=text, labels=family.labels, prompt_template=template))
+                    for text, _ in chunk]
         answers = engine.classify(prepared)  # type: ignore[arg-type]
         correct += sum(a.output.label == gold for a, (_, gold) in zip(answers, chunk, strict=True))  # type: ignore[union-attr]
     return correct / len(examples)
+
+
+def classification_report(engine: Engine, split: Split, template: str | None = None) -> dict[str, float]:
+    """Accuracy per family and ``overall`` (the families' mean: each task counts the same)."""
+    scores = {family.name: round(accuracy(engine, family, split, template), 4) for family in families()}
+    scores["overall"] = round(sum(scores.values()) / len(scores), 4)
+    return scores
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answers: list[str]
+
+    def accepts(self, text: str) -> bool:
+        return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", text, re.IGNORECASE) for a in self.answers)
+
+
+def qa_questions() -> list[Question]:
+    return [Question(r["question"], r["answers"]) for r in _read("qa.jsonl")]
+
+
+def qa_accuracy(engine: Engine, max_new_tokens: int = 24, batch_size: int = 8) -> float:
+    """Share of short factual questions whose greedy chat answer contains an accepted answer."""
+    questions = qa_questions()
+    correct = 0
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        prepared = [engine.prepare(GenerateRequest(prompt=q.question, max_new_tokens=max_new_tokens)) for q in chunk]
+        answers = engine.generate(prepared)  # type: ignore[arg-type]
+        correct += sum(q.accepts(a.output.text) for q, a in zip(chunk, answers, strict=True))  # type: ignore[union-attr]
+    return correct / len(questions)

@@ -1,6 +1,7 @@
 """The frames consumers and the engine core exchange (msgpack over ZMQ).
 
-request:  [id, model, priority, traceparent, kind, request, ids, template, label_ids]
+request:  [id, model, priority, traceparent, kind, request, ids, template, label_ids, channel]
+          channel = [text_ids, prefix_ids] | None
 reply:    [id, ok, body, batch]   body = {output, usage} | {code, message, history};
           batch = [size, batch_wait_ms, inference_ms, leader]  (leader: the first member of its
           batch, so batch-level metrics are counted once per batch by whichever consumer gets it)
@@ -17,7 +18,7 @@ import msgpack
 from shared.errors import FleetError, as_fleet_error
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
 from workers.batcher import BatchInfo
-from workers.engine import Answer, Prepared, PreparedClassify, PreparedGenerate
+from workers.engine import Answer, Channel, Prepared, PreparedClassify, PreparedGenerate
 
 GENERATE, CLASSIFY = 0, 1
 
@@ -25,19 +26,21 @@ GENERATE, CLASSIFY = 0, 1
 def pack_request(request_id: bytes, model: str, priority: int, traceparent: str, prepared: Prepared) -> bytes:
     body = prepared.request.model_dump(mode="json")
     if isinstance(prepared, PreparedGenerate):
-        frame = [request_id, model, priority, traceparent, GENERATE, body, prepared.input_ids, None, None]
+        frame = [request_id, model, priority, traceparent, GENERATE, body, prepared.input_ids, None, None, None]
     else:
+        channel = [prepared.channel.text_ids, prepared.channel.prefix_ids] if prepared.channel else None
         frame = [request_id, model, priority, traceparent, CLASSIFY, body, prepared.prompt_ids, prepared.template,
-                 prepared.label_ids]
+                 prepared.label_ids, channel]
     return msgpack.packb(frame)
 
 
 def unpack_request(data: bytes) -> tuple[bytes, str, int, str, Prepared]:
-    request_id, model, priority, traceparent, kind, body, ids, template, label_ids = msgpack.unpackb(data)
+    request_id, model, priority, traceparent, kind, body, ids, template, label_ids, channel = msgpack.unpackb(data)
     if kind == GENERATE:
         prepared: Prepared = PreparedGenerate(GenerateRequest.model_construct(**body), ids)
     else:
-        prepared = PreparedClassify(ClassifyRequest.model_construct(**body), template, ids, label_ids)
+        prepared = PreparedClassify(ClassifyRequest.model_construct(**body), template, ids, label_ids,
+                                    Channel(*channel) if channel else None)
     return request_id, model, priority, traceparent, prepared
 
 

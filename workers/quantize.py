@@ -7,13 +7,17 @@ picks up where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import platform
+import random
 import shutil
 import time
 from collections.abc import Callable
 from importlib import resources
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,29 @@ from workers.models import MANIFEST, Source, float_dir, read_manifest, resolve_s
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
+
+
+def machine() -> dict[str, Any]:
+    """Where an artifact was prepared: GPTQ's greedy rounding follows the float arithmetic of the
+    CPU/GPU and the library versions, so the same settings give different models elsewhere."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    found: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                             "platform": platform.platform(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name(0)
+    for package in ("torch", "transformers", "gptqmodel"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def calibration_texts(quantize: QuantizeConfig) -> list[str]:
@@ -78,7 +105,19 @@ def ensure_float(settings: Settings, model: ModelConfig, source: Source, report:
     return target
 
 
+def _seed(seed: int) -> None:
+    """Same machine, same inputs, same artifact: GPTQModel sorts the calibration set itself
+    (longest first); what is left to chance is seeded here."""
+    import numpy
+    import torch
+
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, report: Report) -> None:
+    """Quantize into ``target`` (replaced whole)."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     import torch
     from gptqmodel import GPTQModel
@@ -86,28 +125,62 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
 
     texts = calibration_texts(quantize)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    report(
-        f"quantizing with GPTQModel: {quantize.bits}-bit, group {quantize.group_size}, "
-        f"{len(texts)} calibration samples ({quantize.calibration}) on {device} ..."
-    )
+    settings = quantize.settings()
+    report(f"quantizing with GPTQModel {settings} on {device} ({len(texts)} calibration samples) ...")
     started = time.perf_counter()
-    config = GPTQConfig(
-        bits=quantize.bits, group_size=quantize.group_size, desc_act=quantize.desc_act, dynamic=quantize.dynamic
-    )
-    model = GPTQModel.load(str(float_path), config, device=device)
+    options = {k: v for k, v in settings.items() if k not in ("calibration", "calibration_samples")}
+    _seed(quantize.seed)
+    model = GPTQModel.load(str(float_path), GPTQConfig(**options), device=device)
     model.quantize(texts)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(str(tmp))
+    del model
     _publish(tmp, target)
     report(f"quantized in {time.perf_counter() - started:.0f}s -> {target}")
 
 
-def prepare(settings: Settings, model: ModelConfig, report: Report = print, force: bool = False) -> dict[str, Any]:
-    """Idempotent: returns the manifest of the artifact workers will load, building it if needed."""
+def measure(settings: Settings, model: ModelConfig, path: Path) -> dict[str, Any]:
+    """Selection-split classification (default method, per family) and factual QA of one folder."""
     from workers.engine import Engine
-    from workers.evaluation import sentiment_accuracy
+    from workers.evaluation import classification_report, qa_accuracy
 
+    engine = Engine(model, path, device=settings.worker.device)
+    return {"classification": classification_report(engine, "selection"), "qa": round(qa_accuracy(engine), 4)}
+
+
+def float_baseline(settings: Settings, model: ModelConfig, float_path: Path, report: Report) -> dict[str, Any]:
+    """The float model's scores, cached beside its weights per (eval data, classification config):
+    a re-prepare (or another quantize config) does not measure the same float model again."""
+    from workers.evaluation import data_fingerprint
+
+    fields = model.model_dump(include={"classification_template", "classification_instruction",
+                                       "classification_channel", "classification_calibration"})
+    key = hashlib.sha256(json.dumps([data_fingerprint(), fields], sort_keys=True).encode()).hexdigest()[:16]
+    cache = float_path / f"autoglm-eval-{key}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    report("measuring the float model on the selection split (classification families + QA) ...")
+    scores = measure(settings, model, float_path)
+    report(f"float: {scores}")
+    cache.write_text(json.dumps(scores))
+    return scores
+
+
+def _losses(float_scores: dict[str, Any], scores: dict[str, Any]) -> tuple[float, float]:
+    loss = float_scores["classification"]["overall"] - scores["classification"]["overall"]
+    return round(loss, 4), round(float_scores["qa"] - scores["qa"], 4)
+
+
+def prepare(settings: Settings, model: ModelConfig, report: Report = print, force: bool = False) -> dict[str, Any]:
+    """Idempotent: returns the manifest of the artifact workers will load, building it if needed.
+
+    GPTQ attempts run in order (the configured settings, then ``quantize.alternatives``) until one
+    loses at most ``max_loss_vs_float`` classification accuracy and ``max_qa_loss_vs_float`` QA
+    accuracy against the float model on the selection split; no attempt starts after
+    ``time_budget_s``. The best attempt is kept; if even that misses the gates, nothing is shipped
+    and MODEL_UNAVAILABLE says what was measured.
+    """
     source = resolve_source(model.source)
     target = served_dir(settings, model, source)
     manifest = read_manifest(target)
@@ -115,37 +188,77 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         report(f"{model.name}: prepared artifact cached at {target}")
         return manifest
     float_path = ensure_float(settings, model, source, report)
-    if model.quantize.method == "gptq":
-        quantize_gptq(float_path, target, model.quantize, report)
-    else:
+    quantize = model.quantize
+    float_scores = float_baseline(settings, model, float_path, report)
+    attempts: list[dict[str, Any]] = []
+    if quantize.method == "none":
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(float_path, tmp)
         _publish(tmp, target)
-
-    report("measuring classification accuracy on the built-in sentiment set (float vs served) ...")
-    float_acc = sentiment_accuracy(Engine(model, float_path, device=settings.worker.device))
-    served_acc = sentiment_accuracy(Engine(model, target, device=settings.worker.device))
+        chosen: dict[str, Any] = {"settings": None, "scores": float_scores, "loss_vs_float": 0.0, "qa_loss_vs_float": 0.0}
+    else:
+        started = time.perf_counter()
+        best: tuple[float, Path] | None = None
+        chosen = {}
+        for index, attempt in enumerate(quantize.attempts()):
+            if index and time.perf_counter() - started > quantize.time_budget_s:
+                report(f"time budget {quantize.time_budget_s:.0f}s spent; {len(quantize.alternatives) - index + 1} alternatives not tried")
+                break
+            folder = target.with_name(f"{target.name}.attempt{index}")
+            quantize_gptq(float_path, folder, attempt, report)
+            scores = measure(settings, model, folder)
+            loss, qa_loss = _losses(float_scores, scores)
+            passed = loss <= quantize.max_loss_vs_float + 1e-9 and qa_loss <= quantize.max_qa_loss_vs_float + 1e-9
+            record = {"settings": attempt.settings(), "scores": scores, "loss_vs_float": loss,
+                      "qa_loss_vs_float": qa_loss, "passed": passed}
+            attempts.append(record)
+            report(f"attempt {index} {attempt.settings()}: classification loss {loss * 100:+.1f} pts, "
+                   f"QA loss {qa_loss * 100:+.1f} pts -> {'keep' if passed else 'miss'}")
+            badness = max(loss - quantize.max_loss_vs_float, 0) + max(qa_loss - quantize.max_qa_loss_vs_float, 0) + loss / 100
+            if best is None or badness < best[0]:
+                if best is not None:
+                    shutil.rmtree(best[1], ignore_errors=True)
+                best, chosen = (badness, folder), record
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+            if passed:
+                break
+        assert best is not None
+        if not chosen["passed"]:
+            shutil.rmtree(best[1], ignore_errors=True)
+            raise FleetError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"{model.name}: no quantization attempt kept the float model's quality (best lost "
+                f"{chosen['loss_vs_float'] * 100:.1f} pts of classification accuracy, limit "
+                f"{quantize.max_loss_vs_float * 100:.1f}; {chosen['qa_loss_vs_float'] * 100:.1f} pts of QA, limit "
+                f"{quantize.max_qa_loss_vs_float * 100:.1f}); add quantize.alternatives (more bits, other "
+                "calibration) or raise the limits, then prepare again",
+            )
+        _publish(best[1], target)
     manifest = {
         "name": model.name,
         "model_name": model.model_name,
         "source": model.source,
-        "quantize": model.quantize.model_dump(),
-        "accuracy_float": float_acc,
-        "accuracy_served": served_acc,
+        "quantize": quantize.model_dump(),
+        "chosen": chosen["settings"],
+        "loss_vs_float": chosen["loss_vs_float"],
+        "qa_loss_vs_float": chosen["qa_loss_vs_float"],
+        "float": float_scores,
+        "served": chosen["scores"],
+        "attempts": attempts,
+        "accuracy_float": float_scores["classification"]["overall"],
+        "accuracy_served": chosen["scores"]["classification"]["overall"],
         "bytes_float": _dir_bytes(float_path),
         "bytes_served": _dir_bytes(target),
+        "machine": machine(),
         "prepared_at": time.time(),
     }
     report(
-        f"{model.name}: sentiment accuracy float {float_acc:.0%} vs served {served_acc:.0%}; "
-        f"size {manifest['bytes_float'] / 1e6:.0f} MB -> {manifest['bytes_served'] / 1e6:.0f} MB"
+        f"{model.name}: kept {chosen['settings']}; selection-split accuracy float "
+        f"{manifest['accuracy_float']:.1%} vs served {manifest['accuracy_served']:.1%} "
+        f"(loss {chosen['loss_vs_float'] * 100:+.1f} pts), QA float {float_scores['qa']:.0%} vs served "
+        f"{chosen['scores']['qa']:.0%}; size {manifest['bytes_float'] / 1e6:.0f} MB -> {manifest['bytes_served'] / 1e6:.0f} MB"
     )
-    if served_acc < model.quantize.min_accuracy:
-        raise FleetError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"{model.name}: quantized accuracy {served_acc:.0%} is below quantize.min_accuracy "
-            f"{model.quantize.min_accuracy:.0%}; change the calibration set or bits and prepare again",
-        )
     (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -118,12 +118,13 @@ def test_contextual_calibration_divides_out_the_content_free_prior(engine: Engin
 
     def scores(text: str, calibration: str) -> dict[str, float]:
         saved = engine.config
-        engine.config = saved.model_copy(update={"classification_calibration": calibration})
+        engine.config = saved.model_copy(update={"classification_calibration": calibration, "classification_channel": None})
+        engine.preparer.config = engine.config
         try:
             item = engine.prepare(ClassifyRequest(text=text, labels=labels))
             return engine.classify([item])[0].output.scores  # type: ignore[list-item,union-attr]
         finally:
-            engine.config = saved
+            engine.config = engine.preparer.config = saved
 
     raw = scores("What a lovely day", "none")
     priors = [scores(text, "none") for text in CONTENT_FREE_TEXTS]
@@ -139,12 +140,13 @@ def test_contextual_calibration_divides_out_the_content_free_prior(engine: Engin
 def test_label_scores_equal_a_full_forward_pass_per_label(engine: Engine, labels: list[str]) -> None:
     """The one-row-per-request shortcut gives the same numbers as scoring each label separately."""
     saved = engine.config
-    engine.config = saved.model_copy(update={"classification_calibration": "none"})
+    engine.config = saved.model_copy(update={"classification_calibration": "none", "classification_channel": None})
+    engine.preparer.config = engine.config
     try:
         item = engine.prepare(ClassifyRequest(text="The soup was cold", labels=labels))
         scores = engine.classify([item])[0].output.scores  # type: ignore[list-item,union-attr]
     finally:
-        engine.config = saved
+        engine.config = engine.preparer.config = saved
     assert any(len(ids) > 1 for ids in item.label_ids) == (labels[0] == "very positive")
     reference = []
     with torch.no_grad():
@@ -155,3 +157,48 @@ def test_label_scores_equal_a_full_forward_pass_per_label(engine: Engine, labels
             reference.append(sum(logprobs[start + k - 1, t].item() for k, t in enumerate(ids)))
     expected = torch.tensor(reference).softmax(0).tolist()
     assert [scores[label] for label in labels] == pytest.approx(expected, abs=1e-4)
+
+
+def _logprob_of(engine: Engine, prefix: list[int], continuation: list[int]) -> float:
+    with torch.no_grad():
+        logprobs = engine.model(torch.tensor([prefix + continuation])).logits[0].log_softmax(-1)
+    return sum(logprobs[len(prefix) + k - 1, t].item() for k, t in enumerate(continuation))
+
+
+def test_default_method_is_chat_answer_times_channel(engine: Engine) -> None:
+    """Without a template, a label's score is P(label as the chat answer) x P(text | "about
+    <label>"), each normalised over the labels - checked against one full forward pass per term."""
+    labels = ["card lost or stolen", "card payment declined", "check balance"]  # two share "card"
+    saved = engine.config
+    engine.config = engine.preparer.config = saved.model_copy(update={"classification_calibration": "none"})
+    try:
+        item = engine.prepare(ClassifyRequest(text="My card was refused at the shop", labels=labels))
+        scores = engine.classify([item])[0].output.scores  # type: ignore[list-item,union-attr]
+    finally:
+        engine.config = engine.preparer.config = saved
+    assert item.template is None and item.channel is not None  # type: ignore[union-attr]
+    assert item.label_ids[0][0] == item.label_ids[1][0]  # type: ignore[union-attr]
+    chat = engine.tokenizer.decode(item.prompt_ids)  # type: ignore[union-attr]
+    assert "card lost or stolen, card payment declined or check balance" in chat and chat.rstrip().endswith("assistant")
+    direct = torch.tensor([_logprob_of(engine, item.prompt_ids, ids) for ids in item.label_ids])  # type: ignore[union-attr]
+    channel = torch.tensor([_logprob_of(engine, prefix, item.channel.text_ids)  # type: ignore[union-attr]
+                            for prefix in item.channel.prefix_ids])  # type: ignore[union-attr]
+    expected = (direct.log_softmax(0) + channel.log_softmax(0)).softmax(0).tolist()
+    assert [scores[label] for label in labels] == pytest.approx(expected, abs=1e-4)
+
+
+def test_many_labels_batch_like_one_at_a_time(engine: Engine) -> None:
+    """2 to 20 labels, multi-token and sharing first tokens, mixed with a templated request in one
+    batch: every answer equals the answer it gets alone."""
+    many = [f"topic number {i}" for i in range(18)] + ["sports", "sport news"]
+    requests = [
+        ClassifyRequest(text="The striker scored twice", labels=many),
+        ClassifyRequest(text="I lost my card", labels=["yes", "no"]),
+        ClassifyRequest(text="Great soup", labels=["positive", "negative"], prompt_template='Review: "{text}"\nSentiment:'),
+    ]
+    items = [engine.prepare(r) for r in requests]
+    alone = [engine.classify([item])[0].output.scores for item in items]  # type: ignore[list-item,union-attr]
+    together = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
+    for one, batched in zip(alone, together, strict=True):
+        assert batched == pytest.approx(one, abs=1e-4)
+    assert items[2].channel is None and items[0].rows == 20 + 20  # type: ignore[union-attr]
