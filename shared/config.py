@@ -56,6 +56,7 @@ class QuantizeSettings(_Section):
         description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",
     )
     calibration_samples: Annotated[int, Field(ge=8, le=4096)] | None = None
+    calibration_format: Literal["plain", "chat"] | None = None
 
 
 class QuantizeConfig(_Section):
@@ -83,6 +84,11 @@ class QuantizeConfig(_Section):
         description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",
     )
     calibration_samples: Annotated[int, Field(ge=8, le=4096)] = 128
+    calibration_format: Literal["plain", "chat"] = Field(
+        default="plain",
+        description="chat: each sample as an assistant answer inside the model's chat template, so "
+        "calibration sees the activations served (chat-formatted) prompts produce.",
+    )
     seed: int = Field(default=0, description="Seeds torch/numpy/random before quantizing (reproducible artifacts).")
     max_loss_vs_float: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         default=0.02, description="Most classification accuracy (families' mean, selection split) an artifact may lose."

@@ -124,11 +124,18 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
     from gptqmodel import QuantizeConfig as GPTQConfig
 
     texts = calibration_texts(quantize)
+    if quantize.calibration_format == "chat":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(float_path)
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": "Explain this, please."},
+                                                {"role": "assistant", "content": text}], tokenize=False)
+                 for text in texts]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = quantize.settings()
     report(f"quantizing with GPTQModel {settings} on {device} ({len(texts)} calibration samples) ...")
     started = time.perf_counter()
-    options = {k: v for k, v in settings.items() if k not in ("calibration", "calibration_samples")}
+    options = {k: v for k, v in settings.items() if k not in ("calibration", "calibration_samples", "calibration_format")}
     _seed(quantize.seed)
     model = GPTQModel.load(str(float_path), GPTQConfig(**options), device=device)
     model.quantize(texts)

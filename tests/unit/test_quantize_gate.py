@@ -1,0 +1,86 @@
+"""How `autoglm models prepare` chooses what to ship: relative to the float model, on the selection
+split, trying the configured alternatives in order and keeping the best attempt.
+
+Quantizing and measuring are replaced by scripted stand-ins here (the real ones take minutes and
+run in `make test`'s preparation, whose manifest tests/integration/test_quality.py reads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.config import ModelConfig, QuantizeConfig, Settings
+from shared.errors import ErrorCode, FleetError
+from workers import quantize
+from workers.models import MANIFEST, served_dir
+
+FLOAT = {"classification": {"overall": 0.80}, "qa": 0.70}
+
+
+def scores(overall: float, qa: float = 0.70) -> dict[str, Any]:
+    return {"classification": {"overall": overall}, "qa": qa}
+
+
+@pytest.fixture()
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, ModelConfig, list[dict[str, Any]]]:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    settings = Settings(cache_dir=tmp_path / "cache")
+    model = ModelConfig(name="m", model_name="m", source=str(source), task_type=["classification"],
+                        quantize={"alternatives": [{"calibration_samples": 256}, {"bits": 8}]})
+    tried: list[dict[str, Any]] = []
+    monkeypatch.setattr(quantize, "ensure_float", lambda *a: source)
+    monkeypatch.setattr(quantize, "float_baseline", lambda *a: FLOAT)
+
+    def fake_quantize(float_path: Path, target: Path, q: QuantizeConfig, report: Any) -> None:
+        target.mkdir(parents=True)
+        (target / "weights").write_text(json.dumps(q.settings()))
+        tried.append(q.settings())
+
+    monkeypatch.setattr(quantize, "quantize_gptq", fake_quantize)
+    return settings, model, tried
+
+
+def script(monkeypatch: pytest.MonkeyPatch, results: list[dict[str, Any]]) -> None:
+    monkeypatch.setattr(quantize, "measure", lambda settings, model, path: results.pop(0))
+
+
+def test_first_attempt_within_the_gates_is_shipped(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    settings, model, tried = setup
+    script(monkeypatch, [scores(0.79)])  # -1 point
+    manifest = quantize.prepare(settings, model, report=lambda m: None)
+    assert len(tried) == 1 and manifest["chosen"]["bits"] == 4
+    assert manifest["loss_vs_float"] == pytest.approx(0.01) and manifest["machine"]["cores"] >= 1
+    assert json.loads((served_dir(settings, model) / MANIFEST).read_text())["chosen"] == manifest["chosen"]
+
+
+def test_a_miss_tries_the_alternatives_in_order_and_keeps_the_first_that_passes(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    settings, model, tried = setup
+    script(monkeypatch, [scores(0.74), scores(0.80, qa=0.55), scores(0.79)])  # -6 pts; QA -15 pts; ok
+    manifest = quantize.prepare(settings, model, report=lambda m: None)
+    assert [t.get("calibration_samples") for t in tried] == [128, 256, 128] and tried[2]["bits"] == 8
+    assert manifest["chosen"]["bits"] == 8 and [a["passed"] for a in manifest["attempts"]] == [False, False, True]
+    assert json.loads((served_dir(settings, model) / "weights").read_text())["bits"] == 8
+
+
+def test_nothing_ships_when_every_attempt_misses(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    settings, model, tried = setup
+    script(monkeypatch, [scores(0.70), scores(0.75), scores(0.72)])
+    with pytest.raises(FleetError) as caught:
+        quantize.prepare(settings, model, report=lambda m: None)
+    assert caught.value.code == ErrorCode.MODEL_UNAVAILABLE and "best lost 5.0 pts" in caught.value.message
+    assert not served_dir(settings, model).exists() and len(tried) == 3
+
+
+def test_no_alternative_starts_after_the_time_budget(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    settings, model, tried = setup
+    model = model.model_copy(update={"quantize": model.quantize.model_copy(update={"time_budget_s": 0.0})})
+    script(monkeypatch, [scores(0.70)])
+    with pytest.raises(FleetError):
+        quantize.prepare(settings, model, report=lambda m: None)
+    assert len(tried) == 1
