@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from shared.errors import FleetError
 
@@ -52,6 +53,30 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
                   f"served {manifest['accuracy_served']:.1%} (loss {manifest.get('loss_vs_float', 0) * 100:+.1f} pts, "
                   f"selection split), {manifest['bytes_served'] / 1e6:.0f} MB, prepared on "
                   f"{manifest.get('machine', {}).get('cpu', 'unknown machine')}")
+    return 0
+
+
+def _cmd_models_eval(args: argparse.Namespace) -> int:
+    """Accuracy of the prepared artifact (and, with --float, its float source) on the caller's own
+    labelled JSONL: the check to run before trusting zero-shot labels on a new label set."""
+    from shared.config import load_settings
+    from workers.engine import Engine
+    from workers.evaluation import Family, accuracy
+    from workers.models import float_dir, prepared_path, resolve_source
+
+    settings = load_settings()
+    model = settings.model(args.name) if args.name else settings.models[0]
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
+    labels = args.labels.split(",") if args.labels else sorted({row["label"] for row in rows})
+    family = Family(Path(args.data).stem, labels, [(row["text"], row["label"], "report") for row in rows])
+    paths = {"served": prepared_path(settings, model)}
+    if args.float:
+        paths["float"] = float_dir(settings, model, resolve_source(model.source))
+    for kind, path in paths.items():
+        engine = Engine(model, path, device=settings.worker.device)
+        score = accuracy(engine, family, "all", args.template)
+        print(json.dumps({"model": model.name, "weights": kind, "examples": len(rows), "labels": labels,
+                          "template": args.template, "accuracy": round(score, 4)}))
     return 0
 
 
@@ -183,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="rebuild even if cached")
     prep.set_defaults(func=_cmd_models_prepare)
     models.add_parser("list", help="configured models and their prepared state").set_defaults(func=_cmd_models_list)
+    ev = models.add_parser("eval", help="accuracy on your own labelled JSONL ({\"text\": ..., \"label\": ...} lines)")
+    ev.add_argument("data", help="JSONL file, one {text, label} object per line")
+    ev.add_argument("--name", help="model alias (default: the first configured)")
+    ev.add_argument("--labels", help="comma-separated label set (default: the labels found in the file)")
+    ev.add_argument("--template", help="a prompt_template to compare with the default method")
+    ev.add_argument("--float", action="store_true", help="also score the float source model")
+    ev.set_defaults(func=_cmd_models_eval)
 
     sub.add_parser("broker", help="run an embedded Redis-compatible broker in the foreground").set_defaults(func=_cmd_broker)
 

@@ -147,13 +147,20 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
     report(f"quantized in {time.perf_counter() - started:.0f}s -> {target}")
 
 
-def measure(settings: Settings, model: ModelConfig, path: Path) -> dict[str, Any]:
-    """Selection-split classification (default method, per family) and factual QA of one folder."""
+def measure(settings: Settings, model: ModelConfig, path: Path, qa_floor: float | None = None) -> dict[str, Any]:
+    """Selection-split classification (default method, per family) and factual QA of one folder.
+
+    QA goes first (seconds); below ``qa_floor`` the attempt has already missed its gate, and the
+    classification pass (minutes on a 2-core CPU) is skipped: ``classification`` is then None.
+    """
     from workers.engine import Engine
     from workers.evaluation import classification_report, qa_accuracy
 
     engine = Engine(model, path, device=settings.worker.device)
-    return {"classification": classification_report(engine, "selection"), "qa": round(qa_accuracy(engine), 4)}
+    qa = round(qa_accuracy(engine), 4)
+    if qa_floor is not None and qa < qa_floor - 1e-9:
+        return {"classification": None, "qa": qa}
+    return {"classification": classification_report(engine, "selection"), "qa": qa}
 
 
 def float_baseline(settings: Settings, model: ModelConfig, float_path: Path, report: Report) -> dict[str, Any]:
@@ -174,9 +181,11 @@ def float_baseline(settings: Settings, model: ModelConfig, float_path: Path, rep
     return scores
 
 
-def _losses(float_scores: dict[str, Any], scores: dict[str, Any]) -> tuple[float, float]:
-    loss = float_scores["classification"]["overall"] - scores["classification"]["overall"]
-    return round(loss, 4), round(float_scores["qa"] - scores["qa"], 4)
+def _losses(float_scores: dict[str, Any], scores: dict[str, Any]) -> tuple[float | None, float]:
+    qa_loss = round(float_scores["qa"] - scores["qa"], 4)
+    if scores["classification"] is None:
+        return None, qa_loss
+    return round(float_scores["classification"]["overall"] - scores["classification"]["overall"], 4), qa_loss
 
 
 def prepare(settings: Settings, model: ModelConfig, report: Report = print, force: bool = False) -> dict[str, Any]:
@@ -214,15 +223,18 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
                 break
             folder = target.with_name(f"{target.name}.attempt{index}")
             quantize_gptq(float_path, folder, attempt, report)
-            scores = measure(settings, model, folder)
+            scores = measure(settings, model, folder, qa_floor=float_scores["qa"] - quantize.max_qa_loss_vs_float)
             loss, qa_loss = _losses(float_scores, scores)
-            passed = loss <= quantize.max_loss_vs_float + 1e-9 and qa_loss <= quantize.max_qa_loss_vs_float + 1e-9
+            passed = loss is not None and loss <= quantize.max_loss_vs_float + 1e-9 \
+                and qa_loss <= quantize.max_qa_loss_vs_float + 1e-9
             record = {"settings": attempt.settings(), "scores": scores, "loss_vs_float": loss,
                       "qa_loss_vs_float": qa_loss, "passed": passed}
             attempts.append(record)
-            report(f"attempt {index} {attempt.settings()}: classification loss {loss * 100:+.1f} pts, "
+            shown = "not measured (QA already missed)" if loss is None else f"{loss * 100:+.1f} pts"
+            report(f"attempt {index} {attempt.settings()}: classification loss {shown}, "
                    f"QA loss {qa_loss * 100:+.1f} pts -> {'keep' if passed else 'miss'}")
-            badness = max(loss - quantize.max_loss_vs_float, 0) + max(qa_loss - quantize.max_qa_loss_vs_float, 0) + loss / 100
+            known = 1.0 if loss is None else loss  # an unmeasured attempt ranks below any measured one
+            badness = max(known - quantize.max_loss_vs_float, 0) + max(qa_loss - quantize.max_qa_loss_vs_float, 0) + known / 100
             if best is None or badness < best[0]:
                 if best is not None:
                     shutil.rmtree(best[1], ignore_errors=True)
@@ -237,7 +249,7 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
             raise FleetError(
                 ErrorCode.MODEL_UNAVAILABLE,
                 f"{model.name}: no quantization attempt kept the float model's quality (best lost "
-                f"{chosen['loss_vs_float'] * 100:.1f} pts of classification accuracy, limit "
+                f"{'unmeasured' if chosen['loss_vs_float'] is None else format(chosen['loss_vs_float'] * 100, '.1f')} pts of classification accuracy, limit "
                 f"{quantize.max_loss_vs_float * 100:.1f}; {chosen['qa_loss_vs_float'] * 100:.1f} pts of QA, limit "
                 f"{quantize.max_qa_loss_vs_float * 100:.1f}); add quantize.alternatives (more bits, other "
                 "calibration) or raise the limits, then prepare again",

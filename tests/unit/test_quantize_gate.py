@@ -47,7 +47,11 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, Mo
 
 
 def script(monkeypatch: pytest.MonkeyPatch, results: list[dict[str, Any]]) -> None:
-    monkeypatch.setattr(quantize, "measure", lambda settings, model, path: results.pop(0))
+    def fake_measure(settings: Settings, model: ModelConfig, path: Path, qa_floor: float | None = None) -> dict[str, Any]:
+        result = results.pop(0)
+        return {**result, "classification": None} if qa_floor is not None and result["qa"] < qa_floor else result
+
+    monkeypatch.setattr(quantize, "measure", fake_measure)
 
 
 def test_first_attempt_within_the_gates_is_shipped(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -65,6 +69,8 @@ def test_a_miss_tries_the_alternatives_in_order_and_keeps_the_first_that_passes(
     manifest = quantize.prepare(settings, model, report=lambda m: None)
     assert [t.get("calibration_samples") for t in tried] == [128, 256, 128] and tried[2]["bits"] == 8
     assert manifest["chosen"]["bits"] == 8 and [a["passed"] for a in manifest["attempts"]] == [False, False, True]
+    # The QA miss was enough: its classification pass (minutes) was skipped, and it says so.
+    assert [a["loss_vs_float"] for a in manifest["attempts"]] == [pytest.approx(0.06), None, pytest.approx(0.01)]
     assert json.loads((served_dir(settings, model) / "weights").read_text())["bits"] == 8
 
 
