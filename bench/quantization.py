@@ -20,7 +20,7 @@ from bench.workloads import prompts
 from shared.config import ModelConfig, Settings
 from shared.schemas import GenerateRequest, TaskType
 from workers.engine import Engine
-from workers.evaluation import OLD_DEFAULT_TEMPLATE, TASK_TEMPLATES, accuracy, families, qa_accuracy
+from workers.evaluation import OLD_DEFAULT_TEMPLATE, TASK_TEMPLATES, classification_report, qa_accuracy
 from workers.models import float_dir, resolve_source, served_dir
 
 BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -40,16 +40,11 @@ def tensor_sizes(folder: Path) -> dict[str, tuple[int, int]]:
 def quality(engine: Engine, quick: bool) -> dict[str, Any]:
     """Report-split accuracy per family (default method; full mode adds the old default template
     and each family's task-worded template) and QA accuracy."""
-    chosen = [f for f in families() if f.name == "sentiment"] if quick else list(families())
-    methods: dict[str, dict[str, str | None]] = {"default": {f.name: None for f in chosen}}
+    only = {"sentiment"} if quick else None
+    out: dict[str, Any] = {"default": classification_report(engine, "report", None, only)}
     if not quick:
-        methods["old_template"] = {f.name: OLD_DEFAULT_TEMPLATE for f in chosen}
-        methods["task_template"] = {f.name: TASK_TEMPLATES[f.name] for f in chosen}
-    out: dict[str, Any] = {}
-    for method, by_family in methods.items():
-        scores = {f.name: round(accuracy(engine, f, "report", by_family[f.name]), 4) for f in chosen}
-        scores["overall"] = round(sum(scores.values()) / len(scores), 4)
-        out[method] = scores
+        out["old_template"] = classification_report(engine, "report", OLD_DEFAULT_TEMPLATE)
+        out["task_template"] = classification_report(engine, "report", TASK_TEMPLATES)  # type: ignore[arg-type]
     out["qa"] = round(qa_accuracy(engine), 4)
     return out
 

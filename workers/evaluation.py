@@ -102,9 +102,14 @@ def accuracy(engine: Engine, family: Family, split: Split, template: str | None 
     return correct / len(examples)
 
 
-def classification_report(engine: Engine, split: Split, template: str | None = None) -> dict[str, float]:
-    """Accuracy per family and ``overall`` (the families' mean: each task counts the same)."""
-    scores = {family.name: round(accuracy(engine, family, split, template), 4) for family in families()}
+def classification_report(
+    engine: Engine, split: Split, template: str | None | dict[str, str | None] = None, only: set[str] | None = None
+) -> dict[str, float]:
+    """Accuracy per family and ``overall`` (the families' mean: each task counts the same).
+    ``template``: one for every family, or one per family name; ``only``: a subset of families."""
+    chosen = [family for family in families() if only is None or family.name in only]
+    per_family = template if isinstance(template, dict) else {family.name: template for family in chosen}
+    scores = {family.name: round(accuracy(engine, family, split, per_family[family.name]), 4) for family in chosen}
     scores["overall"] = round(sum(scores.values()) / len(scores), 4)
     return scores
 
