@@ -8,8 +8,11 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from shared.errors import FleetError
+from pydantic import ValidationError
+
+from shared.errors import FleetError, invalid_input
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -22,32 +25,61 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from workers.main import run_worker
 
-    run_worker(concurrency=args.concurrency, loglevel=args.loglevel)
+    run_worker(concurrency=args.concurrency, loglevel=args.loglevel,
+               models=args.models.split(",") if args.models else None)
     return 0
 
 
 def _cmd_models_prepare(args: argparse.Namespace) -> int:
     from shared.config import load_settings
-    from workers.quantize import prepare
+    from workers.backends import backend_for
 
     settings = load_settings()
     names = args.names or [m.name for m in settings.models]
     for name in names:
-        manifest = prepare(settings, settings.model(name), force=args.force)
+        model = settings.model(name)
+        manifest = backend_for(model).prepare(settings, model, force=args.force)
         print(json.dumps(manifest, indent=2))
     return 0
 
 
+def _serving_workers(settings: Any) -> dict[str, list[str]]:
+    """Live workers per model, from the broker's registry (empty when no broker is configured or reachable)."""
+    from redis.exceptions import RedisError
+
+    from shared.broker import redis_client
+    from shared.registry import Registry
+
+    if not settings.redis_url:
+        return {}
+    try:
+        registry = Registry(redis_client(settings.redis_url, outage_s=0, timeout_s=1.0), settings)
+        return {m.name: registry.workers(m.name) for m in settings.models}
+    except RedisError:
+        return {}
+
+
 def _cmd_models_list(args: argparse.Namespace) -> int:
     from shared.config import load_settings
-    from workers.models import read_manifest, served_dir
+    from workers.backends import backend_for
+    from workers.models import read_manifest, served_dir, shared_artifact
 
     settings = load_settings()
+    workers = _serving_workers(settings)
     for model in settings.models:
-        path = served_dir(settings, model)
-        manifest = read_manifest(path)
-        state = "prepared" if manifest else "NOT PREPARED (autoglm models prepare)"
-        print(f"{model.name:<20} {model.model_name:<40} {'/'.join(model.task_type)}  {state}\n  {path}")
+        manifest, where = None, ""
+        if backend_for(model).prepares_artifact:
+            path = served_dir(settings, model)
+            if read_manifest(path) is None:
+                path = shared_artifact(settings, model) or path
+            manifest = read_manifest(path)
+            state, where = ("prepared" if manifest else "NOT PREPARED (autoglm models prepare)"), f"\n  {path}"
+        else:
+            state = f"nothing to prepare{' (' + str(model.options.get('base_url')) + ')' if model.options.get('base_url') else ''}"
+        serving = workers.get(model.name)
+        print(f"{model.name:<20} backend {model.backend:<12} {model.model_name:<40} {'/'.join(model.task_type)}  {state}"
+              f"{where}\n  served by: "
+              + (", ".join(serving) if serving else "no live worker" if serving is not None else "(no broker configured or reachable)"))
         if manifest:
             print(f"  quantized with {manifest.get('chosen')}: accuracy float {manifest['accuracy_float']:.1%} "
                   f"served {manifest['accuracy_served']:.1%} (loss {manifest.get('loss_vs_float', 0) * 100:+.1f} pts, "
@@ -200,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a worker (embedded broker if REDIS_URL is unset)")
     worker.add_argument("--concurrency", type=int, default=None)
     worker.add_argument("--loglevel", default=None)
+    worker.add_argument("--models", default=None, help="comma-separated aliases to load and serve (default: all)")
     worker.set_defaults(func=_cmd_worker)
 
     models = sub.add_parser("models", help="prepare and list models").add_subparsers(dest="models_command", required=True)
@@ -279,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except ValidationError as exc:  # the config (YAML + environment) is invalid: say where
+        error = invalid_input(exc)
+        print(f"error {error.code}: config: {error.message}", file=sys.stderr)
+        return 2
     except FleetError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
     ``consumers``: the fleet's consumer processes (default: the device's, config worker.consumers)."""
     from shared.broker import broker_url
     from shared.config import load_settings
-    from workers.quantize import prepare
+    from workers.backends import backend_for
 
     settings = load_settings().on_device()
     env: dict[str, str] = {}
@@ -67,7 +67,7 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
         env["AUTOGLM_WORKER__CONSUMERS"] = str(consumers)
     size = SIZES[mode]
     for model in settings.models:
-        prepare(settings, model, report=lambda msg: print(f"[bench] {msg}", flush=True))
+        backend_for(model).prepare(settings, model, report=lambda msg: print(f"[bench] {msg}", flush=True))
     summary: dict[str, Any] = {"mode": mode, "device": device_name(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                                "shape": shape, "consumers": consumers or settings.worker_consumers}
     with broker_url(settings.redis_url) as url:

@@ -14,7 +14,7 @@ from typing import Any
 from bench.harness import Harness, cpu_seconds, timed, wait_all
 from bench.workloads import classify_payload, review_texts
 
-ECHO_MODEL = {"name": "echo", "model_name": "echo", "source": "echo:", "task_type": ["text_generation", "classification"],
+ECHO_MODEL = {"name": "echo", "model_name": "echo", "backend": "echo", "task_type": ["text_generation", "classification"],
               "quantize": {"method": "none"}}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from safetensors import safe_open
 
 from bench.workloads import prompts
-from shared.config import ModelConfig, Settings
+from shared.config import Settings
 from shared.schemas import GenerateRequest, TaskType
 from workers.engine import Engine
 from workers.evaluation import OLD_DEFAULT_TEMPLATE, TASK_TEMPLATES, classification_report, qa_accuracy

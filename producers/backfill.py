@@ -133,7 +133,7 @@ def run_backfill(
     counts: Counter[str] = Counter()
     progress = Progress(total=len(lines))
     progress.tick(len(lines) - len(todo), force=True)
-    bulk_queue = client.settings.queue_name(Priority.BULK)
+    bulk_queues = [name for name, priority, _ in client.settings.all_queues() if priority == Priority.BULK]
     in_flight: dict[str, TaskHandle] = {}  # custom_id -> handle
     with output.open("a") as out, errors.open("a") as err, journal.path.open("a") as jout:
 
@@ -172,7 +172,7 @@ def run_backfill(
         fresh = [(cid, req) for cid, req in todo if cid not in journal.submitted]
         # 2. New lines, a chunk at a time, never more than `window` in flight, never flooding Redis.
         for start in range(0, len(fresh), chunk):
-            while len(in_flight) + chunk > window or client.queue_depth(bulk_queue) > max_queue_depth:
+            while len(in_flight) + chunk > window or client.queue_depth(*bulk_queues) > max_queue_depth:
                 settle(block=not any(h.ready() for h in in_flight.values()))
             part = []
             for cid, req in fresh[start : start + chunk]:

@@ -10,35 +10,39 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from celery import chain
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import BatchPublishError, OperationalError
 from kombu.utils.uuid import uuid
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
-from shared.config import Settings, load_settings
 from producers.outcome import decode_outcome
+from shared import task_types
+from shared.broker import redis_client
+from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError, invalid_input
-from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
-from shared.schemas import ClassifyRequest, GenerateRequest, Priority, TaskRequest, TaskResult, TaskType
+from shared.pipelines import PIPELINE, STEP_TASK, PipelineRequest, check_input, step_request
+from shared.queues import make_celery
+from shared.registry import Registry
+from shared.schemas import Priority, TaskRequestBase, TaskResult, TaskType
 from shared.telemetry import setup_tracing, trace_headers, tracer
 
-_request_adapter: TypeAdapter = TypeAdapter(TaskRequest)
 BROKER_ERRORS = (OperationalError, RedisError, ConnectionError)
 # Raised while publishing when Redis is gone: kombu's batch publisher wraps the failure, and
 # Celery's result consumer raises RuntimeError when it cannot resubscribe for the new task id.
 PUBLISH_ERRORS = (*BROKER_ERRORS, BatchPublishError, RuntimeError)
-TASK_NAMES = {TaskType.TEXT_GENERATION: GENERATE_TASK, TaskType.CLASSIFICATION: CLASSIFY_TASK}
-Request = GenerateRequest | ClassifyRequest
+Request = TaskRequestBase  # GenerateRequest, ClassifyRequest, or a plugin task type's request
 
 
 def _summary(request: Request) -> str:
-    head = request.text if isinstance(request, ClassifyRequest) else request.prompt
-    return f"[{request.task_type} {request.priority}: {(head or f'{len(request.messages or [])} messages')[:60]!r}]"
+    head = getattr(request, "text", None) or getattr(request, "prompt", None)
+    head = head or (f"{len(request.messages)} messages" if getattr(request, "messages", None) else "")
+    return f"[{request.task_type} {request.priority}: {head[:60]!r}]"
 
 
 class TaskHandle:
@@ -100,6 +104,7 @@ class FleetClient:
         self.app.conf.result_backend_max_retries = 1
         setup_tracing("autoglm-producer")
         self._models = {m.name: m for m in self.settings.models}
+        self.registry = Registry(redis_client(url, outage_s=0, timeout_s=0.5), self.settings)
 
     # -- building requests ---------------------------------------------------------------------
     def _check(self, request: Request) -> Request:
@@ -109,15 +114,21 @@ class FleetClient:
             raise FleetError(
                 ErrorCode.INVALID_INPUT, f"model: unknown model {request.model!r}; configured: {sorted(self._models)}"
             )
+        serving = [name for name, m in self._models.items() if request.task_type in m.task_type]
+        if request.model is None and not serving:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"task_type: no configured model serves {request.task_type}")
+        if request.model is not None and request.model not in serving:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"model: {request.model!r} does not serve {request.task_type}; "
+                             f"models that do: {serving}")
         return request
 
     def build(self, data: Request | dict[str, Any]) -> Request:
-        if isinstance(data, GenerateRequest | ClassifyRequest):
+        """A validated request of any installed task type (shared/task_types.py)."""
+        if isinstance(data, TaskRequestBase):
             return self._check(data)
-        try:
-            return self._check(_request_adapter.validate_python(data))
-        except ValidationError as exc:
-            raise invalid_input(exc) from None
+        if not isinstance(data, dict):
+            raise FleetError(ErrorCode.INVALID_INPUT, f"a request is an object, not {type(data).__name__}")
+        return self._check(task_types.parse(data))
 
     # -- publishing ----------------------------------------------------------------------------
     def _retrying(self) -> Retrying:
@@ -130,12 +141,28 @@ class FleetClient:
             reraise=True,
         )
 
+    def route(self, request: Request) -> str:
+        """The queue for ``request``: its model's (or the task's default model's) at its priority;
+        when no worker serves that model but one serves a model in its fallback chain, that model's
+        queue (shared/registry.py)."""
+        return self._queue(request.task_type, request.model, request.priority)
+
+    def _queue(self, task_type: str, model: str | None, priority: Priority) -> str:
+        model = self.settings.model_for(task_type, model)
+        fallbacks = self._models[model].fallbacks
+        if fallbacks:
+            try:
+                model = self.registry.route(model, fallbacks)
+            except RedisError:
+                pass  # the publish that follows retries and reports the outage
+        return self.settings.queue_name(priority, model)
+
     def _send(self, request: Request, task_id: str, producer: Any = None, declared: bool = False,
               headers: dict[str, str] | None = None) -> TaskHandle:
-        queue = self.settings.queue_name(request.priority)
+        queue = self.route(request)
         extra: dict[str, Any] = {"declare": []} if declared else {}
         result = self.app.send_task(
-            TASK_NAMES[request.task_type],
+            task_types.get(request.task_type).celery_name,
             args=[request.model_dump(mode="json", exclude={"task_type"})],
             task_id=task_id,
             queue=queue,
@@ -157,11 +184,14 @@ class FleetClient:
             f"{type(exc).__name__}: {exc}",
         )
 
-    def submit(self, request: Request | dict[str, Any]) -> TaskHandle:
-        """Validate and enqueue one request; returns once Redis has it (or raises BROKER_UNAVAILABLE)."""
+    def submit(self, request: Request | PipelineRequest | dict[str, Any]) -> TaskHandle:
+        """Validate and enqueue one request; returns once Redis has it (or raises BROKER_UNAVAILABLE).
+        A pipeline (``task_type: pipeline``) is enqueued as a Celery chain of its steps."""
+        if isinstance(request, PipelineRequest) or (isinstance(request, dict) and request.get("task_type") == PIPELINE):
+            return self.submit_pipeline(request)
         built, task_id = self.build(request), uuid()  # one id across attempts
         attributes = {"messaging.message.id": task_id, "autoglm.task_type": str(built.task_type),
-                      "autoglm.priority": str(built.priority), "messaging.destination.name": self.settings.queue_name(built.priority)}
+                      "autoglm.priority": str(built.priority), "messaging.destination.name": self.route(built)}
         with tracer().start_as_current_span("autoglm.submit", kind=SpanKind.PRODUCER, attributes=attributes) as span:
             try:
                 return self._retrying()(self._send, built, task_id)
@@ -169,6 +199,37 @@ class FleetClient:
                 error = self._unavailable(exc)
                 span.set_attribute("autoglm.error_code", str(error.code))
                 raise error from exc
+
+    def submit_pipeline(self, request: PipelineRequest | dict[str, Any]) -> TaskHandle:
+        """Run a pipeline from the config (shared/pipelines.py): one Celery chain, a step per task on
+        its model's queue; the handle's result is the last step's, holding every step's output."""
+        try:
+            built = request if isinstance(request, PipelineRequest) else PipelineRequest.model_validate(request)
+        except ValidationError as exc:
+            raise invalid_input(exc) from None
+        pipeline = self.settings.pipelines.get(built.pipeline)
+        if pipeline is None:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"pipeline: unknown pipeline {built.pipeline!r}; configured: "
+                             f"{sorted(self.settings.pipelines)}")
+        check_input(pipeline, built)
+        self.build(step_request(pipeline.steps[0], built, {}))  # the first step's request is valid now, or never
+        queues = [self._queue(step.task_type, step.model or built.model, built.priority) for step in pipeline.steps]
+        state = {"task_type": PIPELINE, "model": "", "usage": {}, "timings": {}, "batch_size": 0,
+                 "output": {"pipeline": built.pipeline, "request": built.model_dump(mode="json"), "steps": {}}}
+        attributes = {"autoglm.task_type": PIPELINE, "autoglm.pipeline": built.pipeline, "autoglm.priority": str(built.priority)}
+        with tracer().start_as_current_span("autoglm.submit", kind=SpanKind.PRODUCER, attributes=attributes) as span:
+            steps = chain(*(self.app.signature(STEP_TASK, args=(state,) if i == 0 else (), queue=q, routing_key=q)
+                            for i, q in enumerate(queues)))
+
+            def publish() -> TaskHandle:
+                return TaskHandle(steps.apply_async(headers=trace_headers()))
+
+            try:
+                handle = self._retrying()(publish)
+            except PUBLISH_ERRORS as exc:
+                raise self._unavailable(exc) from exc
+            span.set_attribute("messaging.message.id", handle.id)
+            return handle
 
     def submit_generate(self, prompt: str | None = None, **params: Any) -> TaskHandle:
         """Enqueue a generation. ``params``: messages, max_new_tokens, temperature, top_p, stop,
@@ -212,10 +273,13 @@ class FleetClient:
         except PUBLISH_ERRORS as exc:
             raise self._unavailable(exc) from exc
 
-    def queue_depth(self, queue: str) -> int:
-        """Messages waiting in a queue (producers throttle on it)."""
+    def queue_depth(self, *queues: str) -> int:
+        """Messages waiting in these queues, together (producers throttle on it)."""
         with self.app.connection_for_read() as conn:
-            return int(conn.default_channel.client.llen(queue))
+            pipe = conn.default_channel.client.pipeline(transaction=False)
+            for queue in queues:
+                pipe.llen(queue)
+            return sum(int(n) for n in pipe.execute())
 
     def handle(self, task_id: str) -> TaskHandle:
         return TaskHandle(self.app.AsyncResult(task_id))
@@ -230,6 +294,7 @@ class FleetClient:
 
     def close(self) -> None:
         self.app.close()
+        self.registry.client.close()
 
     def __enter__(self) -> FleetClient:
         return self

@@ -21,8 +21,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from shared import templates
+from shared import plugins, templates
 from shared.errors import ErrorCode
+from shared.pipelines import PipelineConfig
 from shared.schemas import Priority, TaskType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -113,14 +114,44 @@ class QuantizeConfig(_Section):
         return self.model_dump(include=set(QuantizeSettings.model_fields), exclude_none=True)
 
 
+class ProcessorConfig(_Section):
+    """One processor (an installed ``autoglm.processors`` plugin) and its options."""
+
+    name: str
+    options: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _installed(cls, name: str) -> str:
+        return plugins.check(plugins.PROCESSORS, name)
+
+
 class ModelConfig(_Section):
     name: str = Field(description="Alias that clients ask for.")
     model_name: str = Field(description="Upstream identity of the weights, e.g. an HF repo id.")
-    source: str = Field(
-        description="Where the float weights come from: 'package:<module>/<file.gguf>', a local HF "
-        "folder, or a local .gguf file."
+    backend: str = Field(
+        default="transformers",
+        description="What answers for this model: an installed `autoglm.backends` plugin (built-in: "
+        "transformers, openai, echo).",
     )
-    task_type: list[TaskType] = Field(description="Tasks this model serves.")
+    options: dict[str, Any] = Field(
+        default={}, description="The backend's own settings (e.g. openai: base_url, api_key_env), validated by it."
+    )
+    source: str | None = Field(
+        default=None,
+        description="transformers backend: where the float weights come from: "
+        "'package:<module>/<file.gguf>', a local HF folder, or a local .gguf file.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Let from_pretrained run the model folder's own code (e.g. ChatGLM)."
+    )
+    task_type: list[str] = Field(
+        description="Task types this model serves: installed `autoglm.task_types` plugins (built-in: "
+        "text_generation, classification)."
+    )
+    processors: list[ProcessorConfig] = Field(
+        default=[], description="Run around this model's requests, in order (built-in: instruction, redact)."
+    )
     fallbacks: list[str] = Field(
         default=[], description="Models that answer instead when this one is not loaded (MODEL_UNAVAILABLE)."
     )
@@ -163,6 +194,22 @@ class ModelConfig(_Section):
     def _listify(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("task_type")
+    @classmethod
+    def _installed_task_types(cls, names: list[str]) -> list[str]:
+        return [plugins.check(plugins.TASK_TYPES, str(name)) for name in names]
+
+    @field_validator("backend")
+    @classmethod
+    def _installed_backend(cls, name: str) -> str:
+        return plugins.check(plugins.BACKENDS, name)
+
+    @model_validator(mode="after")
+    def _local_needs_source(self) -> ModelConfig:
+        if self.backend == "transformers" and not self.source:
+            raise ValueError(f"model {self.name}: the transformers backend needs a source (folder, .gguf or package:)")
+        return self
+
     @field_validator("classification_template", "classification_instruction")
     @classmethod
     def _has_text(cls, template: str | None) -> str | None:
@@ -181,14 +228,14 @@ class BatchingOverride(_Section):
     """The batching fields a device may set differently (unset: the general value)."""
 
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] | None = None
-    max_batch_size_by_task: dict[TaskType, Annotated[int, Field(ge=1, le=1024)]] | None = None
+    max_batch_size_by_task: dict[str, Annotated[int, Field(ge=1, le=1024)]] | None = None
     max_batch_tokens: Annotated[int, Field(ge=16)] | None = None
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] | None = None
 
 
 class BatchingConfig(_Section):
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
-    max_batch_size_by_task: dict[TaskType, Annotated[int, Field(ge=1, le=1024)]] = Field(
+    max_batch_size_by_task: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(
         default={TaskType.CLASSIFICATION: 5},
         description="Per-task overrides of max_batch_size. A classification batch is one compute-bound "
         "forward pass: past ~5 rows on a CPU it gains little throughput but lengthens how long an "
@@ -288,6 +335,7 @@ class Policy(_Section):
 
 DEFAULT_POLICIES = {
     ErrorCode.ENGINE_TRANSIENT: Policy(action="retry", attempts=3),
+    ErrorCode.RATE_LIMITED: Policy(action="retry", attempts=3, backoff_initial_s=0.5, backoff_max_s=5.0),
     ErrorCode.RESOURCE_EXHAUSTED: Policy(action="split"),
     ErrorCode.MODEL_UNAVAILABLE: Policy(action="fallback"),
 }
@@ -335,6 +383,12 @@ class Settings(BaseSettings):
         default=DEFAULT_POLICIES, description="Per error code; codes not listed fail at once."
     )
     gateway: GatewayConfig = GatewayConfig()
+    task_processors: dict[str, list[ProcessorConfig]] = Field(
+        default={}, description="Processors for every model's requests of a task type, after the model's own."
+    )
+    pipelines: dict[str, PipelineConfig] = Field(
+        default={}, description="Named chains of task types (shared/pipelines.py), submitted as task_type 'pipeline'."
+    )
     faults: dict[str, Any] = Field(
         default={}, description="TEST ONLY fault injection (workers/faults.py); empty in production."
     )
@@ -348,6 +402,11 @@ class Settings(BaseSettings):
         unknown = set(self.worker.models or []) - set(names)
         if unknown:
             raise ValueError(f"worker.models names unknown models: {sorted(unknown)}")
+        for name, pipeline in self.pipelines.items():
+            for step in pipeline.steps:
+                plugins.check(plugins.TASK_TYPES, step.task_type)
+                if step.model is not None and step.model not in names:
+                    raise ValueError(f"pipeline {name} step {step.name}: unknown model {step.model!r}; configured: {names}")
         for model in self.models:
             if set(model.fallbacks) - set(names):
                 raise ValueError(f"model {model.name}: fallbacks name unknown models {sorted(set(model.fallbacks) - set(names))}")
@@ -399,13 +458,17 @@ class Settings(BaseSettings):
         batching = self.batching.model_copy(update=override.model_dump(exclude_none=True))
         return self.model_copy(update={"batching": batching})
 
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
     def model(self, name: str) -> ModelConfig:
         for model in self.models:
             if model.name == name:
                 return model
         raise KeyError(name)
 
-    def default_model(self, task_type: TaskType) -> ModelConfig:
+    def default_model(self, task_type: str) -> ModelConfig:
         for model in self.models:
             if task_type in model.task_type:
                 return model
@@ -414,11 +477,36 @@ class Settings(BaseSettings):
     def policy(self, code: ErrorCode) -> Policy:
         return self.policies.get(code, Policy(action="fail"))
 
-    def max_batch_size(self, task_type: TaskType) -> int:
+    def max_batch_size(self, task_type: str) -> int:
         return self.batching.max_batch_size_by_task.get(task_type, self.batching.max_batch_size)
 
-    def queue_name(self, priority: Priority) -> str:
-        return self.queues[priority].name
+    def queue_name(self, priority: Priority, model: str | None = None) -> str:
+        """The queue carrying ``model``'s requests at ``priority`` (None: the first configured model).
+
+        One queue per (model, priority): a worker consumes only the models it loaded, so a request
+        never lands on a worker that lacks its model."""
+        return f"{self.queues[priority].name}.{model or self.models[0].name}"
+
+    def model_for(self, task_type: str, model: str | None) -> str:
+        """The model a request goes to: the one it names, else the first configured for its task."""
+        return model or self.default_model(task_type).name
+
+    def served_models(self) -> list[str]:
+        """The models a worker loads: ``worker.models``, else every configured one."""
+        return list(self.worker.models or [m.name for m in self.models])
+
+    def worker_queues(self, models: list[str] | None = None) -> list[str]:
+        """The queues a worker serving ``models`` (default: ``served_models()``) consumes, in the
+        order it serves them: by priority first, then by model, so an interactive request of any
+        loaded model is taken before bulk work of every model."""
+        names = models or self.served_models()
+        priorities = sorted(self.worker.queues, key=lambda p: self.queues[p].priority)
+        return [self.queue_name(p, name) for p in priorities for name in names]
+
+    def all_queues(self) -> list[tuple[str, Priority, str]]:
+        """Every (queue, priority, model) the config declares."""
+        ordered = sorted(self.queues, key=lambda p: self.queues[p].priority)
+        return [(self.queue_name(p, m.name), p, m.name) for p in ordered for m in self.models]
 
 
 def config_path() -> Path:

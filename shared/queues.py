@@ -2,6 +2,10 @@
 
 Producers publish by task *name* through an app built here, so they never import worker code
 (torch, transformers). Workers build their app from the same function and add worker settings.
+
+Queues are per (model, priority), named ``<priority queue>.<model>`` (``interactive.smollm2-135m``):
+a worker consumes the queues of the models it loaded, so requests only reach workers that can
+answer them, and the producer routes by the request's model (docs/architecture.md "Several models").
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ def in_transit_key(queue: str) -> str:
 def declared_queues(settings: Settings) -> list[Queue]:
     """One direct exchange + routing key per queue, declared explicitly (see FACTS.md: an undeclared
     exchange silently bound both queues to the app's default key)."""
-    ordered = sorted(settings.queues.values(), key=lambda q: q.priority)
-    return [Queue(q.name, Exchange(q.name, type="direct"), routing_key=q.name) for q in ordered]
+    return [Queue(name, Exchange(name, type="direct"), routing_key=name) for name, _, _ in settings.all_queues()]
 
 
 def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Celery:

@@ -41,7 +41,10 @@ class ChatMessage(_Strict):
     content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
-class _RequestBase(_Strict):
+class TaskRequestBase(_Strict):
+    """What every request carries, whatever its task type (a task-type plugin's request subclasses
+    this and adds a ``task_type: Literal["<name>"]`` field and its own inputs)."""
+
     model: str | None = Field(
         default=None, description="Model alias from the config; None picks the default for the task."
     )
@@ -65,7 +68,7 @@ class _RequestBase(_Strict):
         return f"autoglm:cache:{digest}"
 
 
-class GenerateRequest(_RequestBase):
+class GenerateRequest(TaskRequestBase):
     """Chat-style text generation. Give ``prompt`` (one user turn) or ``messages``."""
 
     task_type: Literal[TaskType.TEXT_GENERATION] = TaskType.TEXT_GENERATION
@@ -91,7 +94,7 @@ class GenerateRequest(_RequestBase):
         return [{"role": "user", "content": self.prompt or ""}]
 
 
-class ClassifyRequest(_RequestBase):
+class ClassifyRequest(TaskRequestBase):
     """Zero-shot classification: pick the most likely of ``labels`` for ``text``.
 
     ``prompt_template`` must contain ``{text}``; it may contain ``{labels}`` (comma-joined); no
@@ -153,11 +156,12 @@ class ClassifyOutput(BaseModel):
 
 
 class TaskResult(BaseModel):
-    """What a worker stores for a successful request."""
+    """What a worker stores for a successful request (a plugin task type's output is its own
+    model's JSON: validate it with ``shared.task_types.get(task_type).output``)."""
 
-    task_type: TaskType
+    task_type: str
     model: str
-    output: GenerateOutput | ClassifyOutput
+    output: GenerateOutput | ClassifyOutput | dict[str, Any]
     usage: Usage
     timings: Timings
     batch_size: int

@@ -23,14 +23,24 @@ from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError
-from shared.queues import CLASSIFY_TASK, GENERATE_TASK, make_celery
+from shared import task_types
+from shared.pipelines import STEP_TASK
+from shared.queues import make_celery
 from shared.schemas import Priority
 from shared.telemetry import setup_logging, setup_tracing
 from workers import metrics, tasks
 from workers.consumers import ConsumerGroup
+from workers.presence import Presence
 from workers.runtime import Runtime, build_runtime
 
 log = logging.getLogger(__name__)
+
+
+def urgent_queues(settings: Settings) -> list[str]:
+    """The most urgent queues this worker consumes: the interactive queue of each model it serves."""
+    if Priority.INTERACTIVE not in settings.worker.queues:
+        return []
+    return [settings.queue_name(Priority.INTERACTIVE, name) for name in settings.served_models()]
 
 
 def create_app(settings: Settings) -> Celery:
@@ -40,8 +50,9 @@ def create_app(settings: Settings) -> Celery:
         )
     app = make_celery(settings, settings.redis_url, name="autoglm-worker")
     app.conf.broker_transport_options.update(
-        visibility_heartbeat_s=settings.broker.heartbeat_s, task_names=(GENERATE_TASK, CLASSIFY_TASK),
-        urgent_queue=settings.queue_name(Priority.INTERACTIVE) if Priority.INTERACTIVE in settings.worker.queues else "",
+        visibility_heartbeat_s=settings.broker.heartbeat_s,
+        task_names=(*(spec.celery_name for spec in task_types.installed()), STEP_TASK),
+        urgent_queues=tuple(urgent_queues(settings)),
     )
     app.conf.update(
         # Reliable fetch, malformed messages to the DLQ, visibility heartbeat (workers/transport.py).
@@ -73,6 +84,7 @@ class ConsumerProcess:
         self.app = create_app(settings)
         self.ctx: Runtime | None = None
         self.group: ConsumerGroup | None = None
+        self.presence: Presence | None = None
         tasks.register(self.app, self.context)
         # Celery signals are process-wide; this process runs one app.
         signals.worker_init.connect(self._start, weak=False)
@@ -92,18 +104,22 @@ class ConsumerProcess:
         setup_tracing("autoglm-worker")
         CeleryInstrumentor().instrument()  # continues the producer's trace from the message headers
         self.ctx = build_runtime(settings)
+        hostname = getattr(sender, "hostname", None) or f"autoglm-{os.getpid()}@{socket.gethostname()}"
+        if self.ctx.engine.owner:  # one entry per worker: the first consumer's
+            self.presence = Presence(settings, hostname, list(self.ctx.engine.models)).start()
         if self.ctx.engine.owner and settings.worker_consumers > 1:
-            hostname = getattr(sender, "hostname", None) or f"autoglm-{os.getpid()}@{socket.gethostname()}"
             self.group = ConsumerGroup(self.ctx.engine.address, settings.worker_consumers, hostname,
                                        self.ctx.engine.child_env).start()
         if settings.worker.metrics_port and self.ctx.engine.owner:  # one /metrics per worker: the first consumer's
-            metrics.serve(settings.worker.metrics_port, settings.redis_url or "", [q.name for q in settings.queues.values()])
+            metrics.serve(settings.worker.metrics_port, settings.redis_url or "", settings.all_queues())
 
     def _logging(self, **_: object) -> None:
         # Connecting here stops Celery from installing its own handlers: every line is ours (JSON).
         setup_logging(self.settings.worker.loglevel, self.settings.worker.log_format)
 
     def _stop(self, **_: object) -> None:
+        if self.presence is not None:
+            self.presence.stop()
         if self.group is not None:
             self.group.stop()
         if self.ctx is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from shared.errors import as_fleet_error
 from shared.telemetry import tracer
 
 log = logging.getLogger(__name__)
@@ -272,17 +273,30 @@ class MicroBatcher:
             span.add_event("attempt failed", {k: str(v) for k, v in attempt.items()})
         finished = time.monotonic()
         self.recent_batch_sizes.append(len(batch))
-        for index, (member, result) in enumerate(zip(batch, results, strict=True)):
+        failed = [(m, r) for m, r in zip(batch, results, strict=True) if isinstance(r, BaseException)]
+        leader = True
+        for member, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                continue
             info = BatchInfo(
                 size=len(batch),
                 batch_wait_ms=(started - member.enqueued) * 1000.0,
                 inference_ms=(finished - started) * 1000.0,
-                leader=index == 0,
+                leader=leader,
             )
+            leader = False
             member.future.set_result((result, info))
+        if failed:  # members that failed on their own (a remote backend's calls): they alone go round again
+            error = as_fleet_error(failed[0][1])
+            span.add_event("members failed", {"count": len(failed), "code": str(error.code)})
+            self._execute([m for m, _ in failed], [*history, {"code": str(error.code), "message": error.message, "at": time.time()}])
 
     def _checked_run(self, batch: list[_Pending]) -> Sequence[Any]:
+        """The batch's results. A backend may return an exception in a member's place (it failed
+        alone); when every member failed, the batch failed: raised, so the call policy applies."""
         results = self._run(batch[0].key, [m.payload for m in batch])
         if len(results) != len(batch):
             raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+        if all(isinstance(r, BaseException) for r in results):
+            raise results[0]
         return results

@@ -1,6 +1,6 @@
 """A zero-cost engine for benchmarks and plumbing: the fleet's own per-task cost is then the whole figure.
 
-Selected by a model whose ``source`` is ``echo:``. It validates and renders exactly as the real
+Selected by a model whose ``backend`` is ``echo`` (workers/backends/echo.py). It validates and renders exactly as the real
 engine does (same templates, same limits) but "tokenizes" by length and answers without a model:
 classification picks the first label, generation echoes the prompt. Never a stand-in for a model
 in demos or quality checks: its answers carry no information.
@@ -13,13 +13,13 @@ from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
 from workers.engine import Answer, Prepared, PreparedClassify, PreparedGenerate, render_prompt
 
-SOURCE = "echo:"
 CHARS_PER_TOKEN = 4
 
 
-class EchoEngine:
-    device = "cpu"
-    load_seconds = 0.0
+class LengthPreparer:
+    """The request side of a model without a local tokenizer (echo, a remote server): validates and
+    renders as the real engine does, and counts tokens by length (~4 characters each) for the
+    batcher's token budget and the context check."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -40,6 +40,11 @@ class EchoEngine:
         prompt = render_prompt(template or self.config.classification_instruction, request.text, request.labels, self.context)
         return PreparedClassify(request, template, [0] * max(1, len(prompt) // CHARS_PER_TOKEN),
                                 [[1] for _ in request.labels])
+
+
+class EchoEngine(LengthPreparer):
+    device = "cpu"
+    load_seconds = 0.0
 
     def run(self, items: list[Prepared]) -> list[Answer]:
         answers = []

@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -76,7 +77,23 @@ class PreparedClassify:
         return self.rows * self.width
 
 
-Prepared = PreparedGenerate | PreparedClassify
+@dataclass(frozen=True)
+class PreparedTask:
+    """A plugin task type's prepared request (workers/task_types.py): its own payload (anything
+    msgpack can carry: token ids, ...) and what it costs a batch, in rows x width tokens."""
+
+    request: Any
+    payload: Any
+    rows: int = 1
+    width: int = 1
+    prompt_tokens: int = 0
+
+    @property
+    def cost_tokens(self) -> int:
+        return self.rows * self.width
+
+
+Prepared = PreparedGenerate | PreparedClassify | PreparedTask
 Row = tuple[list[int], list[tuple[int, int, int]]]  # token ids, [(position, target token, slot)]
 # Scored positions per LM-head call: bounds memory to SCORE_CHUNK x vocab floats.
 SCORE_CHUNK = 1024
@@ -132,10 +149,11 @@ class Preparer:
 
     def __init__(self, config: ModelConfig, path: Path) -> None:
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        remote = config.trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 1 << 30
+        positions = getattr(AutoConfig.from_pretrained(path, trust_remote_code=remote), "max_position_embeddings", None) or 1 << 30
         self.context = min(config.max_context_tokens, positions)
 
     @property
@@ -226,7 +244,8 @@ class Engine:
         started = time.perf_counter()
         self.preparer = Preparer(config, path)
         self.tokenizer = self.preparer.tokenizer
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device))
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device),
+                                                          trust_remote_code=config.trust_remote_code)
         self.model.eval()
         self.load_seconds = time.perf_counter() - started
         self.context = self.preparer.context

@@ -30,16 +30,17 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared.broker import redis_client
-from shared.config import ModelConfig, Settings, load_settings
+from shared.config import Settings, load_settings
 from shared.queues import in_transit_key
 from shared.schemas import Priority
 from shared.telemetry import setup_logging, setup_tracing, tracer
-from workers import protocol
-from workers.batcher import BatchInfo, MicroBatcher, Shape
+from workers import backends, protocol
+from workers.batcher import MicroBatcher, Shape
 from workers.engine import Answer, Prepared, PreparedGenerate
 from workers.faults import Faults
 from workers.lifecycle import set_parent_death_signal
 from workers.policies import BatchPolicies
+from workers.task_types import handler as task_handler
 
 log = logging.getLogger(__name__)
 HELLO = b"hello"
@@ -50,19 +51,7 @@ W3C = TraceContextTextMapPropagator()
 def shape_of(prepared: Prepared) -> Shape:
     if isinstance(prepared, PreparedGenerate):
         return Shape(rows=1, width=prepared.cost_tokens)
-    return Shape(rows=prepared.rows, width=prepared.width)
-
-
-def load_engine(settings: Settings, config: ModelConfig) -> Any:
-    """The model behind an alias: the zero-cost echo engine for ``source: echo:``, else the real one."""
-    from workers.echo import SOURCE, EchoEngine
-
-    if config.source == SOURCE:
-        return EchoEngine(config)
-    from workers.engine import Engine
-    from workers.models import prepared_path
-
-    return Engine(config, prepared_path(settings, config), device=settings.worker.device)
+    return Shape(rows=prepared.rows, width=prepared.width)  # classification and plugin task types
 
 
 class EngineCore:
@@ -72,14 +61,15 @@ class EngineCore:
         if settings.worker.torch_threads:
             torch.set_num_threads(settings.worker.torch_threads)
         self.settings = settings
-        names = settings.worker.models or [m.name for m in settings.models]
-        self.engines = {name: load_engine(settings, settings.model(name)) for name in names}
+        names = settings.served_models()
+        self.engines = {name: backends.batch_side(settings, settings.model(name)) for name in names}
         self.faults = Faults(settings.faults)
         if self.faults:
             log.warning("FAULT INJECTION IS ON (test only): %s", settings.faults)
         # No retries, short timeout: a peek that fails is answered "no" and never stalls the model.
         self._peek = redis_client(settings.redis_url or "", outage_s=0, timeout_s=0.5)
         consumes_interactive = Priority.INTERACTIVE in settings.worker.queues
+        self._urgent_queues = [settings.queue_name(Priority.INTERACTIVE, name) for name in names]
         self.batcher = MicroBatcher(
             self._run_batch,
             max_batch_size=lambda key: settings.max_batch_size(key[1]),
@@ -97,13 +87,13 @@ class EngineCore:
         return {"pid": os.getpid(), "models": models}
 
     def _interactive_queued(self) -> bool:
-        """Whether interactive requests wait in the broker or were just taken from it and are on
-        their way here (one round trip; the batcher asks only when a full bulk batch is ready the
-        moment the model is free)."""
-        queue = self.settings.queue_name(Priority.INTERACTIVE)
+        """Whether interactive requests of any model served here wait in the broker or were just
+        taken from it and are on their way here (one round trip; the batcher asks only when a full
+        bulk batch is ready the moment the model is free)."""
         pipe = self._peek.pipeline(transaction=False)
-        waiting, in_transit = pipe.llen(queue).exists(in_transit_key(queue)).execute()
-        return bool(waiting or in_transit)
+        for queue in self._urgent_queues:
+            pipe.llen(queue).exists(in_transit_key(queue))
+        return any(pipe.execute())
 
     def _run_batch(self, key: Hashable, payloads: Sequence[Prepared]) -> list[Answer]:
         model_name, kind = key  # type: ignore[misc]
@@ -113,8 +103,8 @@ class EngineCore:
         with tracer().start_as_current_span(f"autoglm.model.{kind}", attributes=attributes) as span:
             if self.faults:
                 self.faults.check(payloads)
-            answers = engine.run(list(payloads))
-            span.set_attribute("autoglm.output_tokens", sum(a.usage.completion_tokens for a in answers))
+            answers = task_handler(kind).run(engine, list(payloads))
+            span.set_attribute("autoglm.output_tokens", sum(a.usage.completion_tokens for a in answers if isinstance(a, Answer)))
         return answers
 
     def submit(self, model: str, priority: int, traceparent: str, prepared: Prepared) -> Future:
@@ -137,10 +127,10 @@ class EngineCore:
         router.bind(address)
         stopping = threading.Event()
 
-        def send_back(identity: bytes, request_id: bytes, future: Future) -> None:
+        def send_back(identity: bytes, request_id: bytes, task_type: str, future: Future) -> None:
             try:
                 answer, info = future.result()
-                frame = protocol.pack_answer(request_id, answer, info)
+                frame = protocol.pack_answer(request_id, task_type, answer, info)
             except Exception as exc:  # noqa: BLE001 - the consumer turns it into the task's error
                 frame = protocol.pack_error(request_id, exc)
             router.send_multipart([identity, frame])
@@ -160,7 +150,8 @@ class EngineCore:
                 except Exception as exc:  # noqa: BLE001
                     router.send_multipart([identity, protocol.pack_error(request_id, exc)])
                     continue
-                future.add_done_callback(lambda f, i=identity, r=request_id: send_back(i, r, f))
+                kind = str(prepared.request.task_type)
+                future.add_done_callback(lambda f, i=identity, r=request_id, k=kind: send_back(i, r, k, f))
 
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
         log.info("engine core ready on %s with %s", address, sorted(self.engines))

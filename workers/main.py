@@ -16,17 +16,27 @@ import sys
 import tempfile
 
 from shared.broker import broker_url
+from pydantic import ValidationError
+
 from shared.config import Settings, load_settings
+from shared.errors import invalid_input
 from shared.telemetry import setup_logging
 
 log = logging.getLogger(__name__)
 
 
-def run_worker(concurrency: int | None = None, loglevel: str | None = None, hostname: str | None = None) -> None:
-    settings = load_settings().on_device()
-    given = {k: v for k, v in {"concurrency": concurrency, "loglevel": loglevel}.items() if v}
+def run_worker(concurrency: int | None = None, loglevel: str | None = None, hostname: str | None = None,
+               models: list[str] | None = None) -> None:
+    try:
+        settings = load_settings().on_device()
+    except ValidationError as exc:  # fail before any process starts, with the field named
+        raise SystemExit(f"error INVALID_INPUT: config: {invalid_input(exc).message}") from None
+    given = {k: v for k, v in {"concurrency": concurrency, "loglevel": loglevel, "models": models}.items() if v}
     if given:
         settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=given)})
+    unknown = sorted(set(models or []) - {m.name for m in settings.models})
+    if unknown:
+        raise SystemExit(f"--models names unknown models {unknown}; configured: {[m.name for m in settings.models]}")
     setup_logging(settings.worker.loglevel, settings.worker.log_format)
     if settings.worker.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # prometheus_client reads this once, at import: every consumer process (this one and those
@@ -45,11 +55,10 @@ def run_worker(concurrency: int | None = None, loglevel: str | None = None, host
 
 def celery_argv(settings: Settings, hostname: str) -> list[str]:
     """`celery worker` arguments of a consumer."""
-    queues = sorted(settings.worker.queues, key=lambda p: settings.queues[p].priority)
     return [
         "worker",
         f"--loglevel={settings.worker.loglevel}",
-        "--queues=" + ",".join(settings.queue_name(p) for p in queues),
+        "--queues=" + ",".join(settings.worker_queues()),
         f"--concurrency={settings.worker_concurrency}",
         f"--hostname={hostname}",
         "--without-mingle",
@@ -62,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="Celery threads (default: the largest batch)")
     parser.add_argument("--loglevel", default=None)
     parser.add_argument("--hostname", default=None, help="Celery node name (default autoglm-PID@host)")
+    parser.add_argument("--models", default=None, help="comma-separated model aliases to load (default: worker.models, else all)")
     args = parser.parse_args(argv)
-    run_worker(args.concurrency, args.loglevel, args.hostname)
+    run_worker(args.concurrency, args.loglevel, args.hostname, args.models.split(",") if args.models else None)
 
 
 if __name__ == "__main__":

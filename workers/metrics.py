@@ -33,23 +33,26 @@ MODEL_LOAD = Gauge("autoglm_model_load_seconds", "Time to load each model at wor
 
 
 class QueueDepth(Collector):
-    def __init__(self, redis_url: str, queues: Sequence[str]) -> None:
+    """Depth of every (model, priority) queue: sum by ``model`` for a model's backlog."""
+
+    def __init__(self, redis_url: str, queues: Sequence[tuple[str, str, str]]) -> None:
         from shared.broker import redis_client
 
         self.client = redis_client(redis_url, outage_s=1.0)
-        self.queues = list(queues)
+        self.queues = list(queues)  # (queue, priority, model)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("autoglm_queue_depth", "Messages waiting in each queue", labels=["queue"])
-        for name in self.queues:
+        family = GaugeMetricFamily("autoglm_queue_depth", "Messages waiting in each queue",
+                                   labels=["queue", "model", "priority"])
+        for name, priority, model in self.queues:
             try:
-                family.add_metric([name], float(self.client.llen(name)))
+                family.add_metric([name, model, str(priority)], float(self.client.llen(name)))
             except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
                 continue
         yield family
 
 
-def serve(port: int, redis_url: str, queues: Sequence[str]) -> None:
+def serve(port: int, redis_url: str, queues: Sequence[tuple[str, str, str]]) -> None:
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every consumer's counts, summed at scrape time
         registry = CollectorRegistry()

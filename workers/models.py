@@ -54,8 +54,10 @@ def _digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def resolve_source(spec: str) -> Source:
+def resolve_source(spec: str | None) -> Source:
     """``package:<module>/<file>`` (a file shipped in an installed wheel), a folder, or a .gguf file."""
+    if not spec:
+        raise FleetError(ErrorCode.MODEL_UNAVAILABLE, "this model has no source (only the transformers backend loads one)")
     if spec.startswith("package:"):
         module, _, filename = spec.removeprefix("package:").partition("/")
         found = importlib.util.find_spec(module)
@@ -99,9 +101,23 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def shared_artifact(settings: Settings, model: ModelConfig, source: Source | None = None) -> Path | None:
+    """A complete artifact another alias prepared from the same source with the same quantize
+    settings (the fingerprint says so): two aliases of one model (say, with other processors or
+    prompts) share one artifact instead of quantizing twice."""
+    source = source or resolve_source(model.source)
+    fingerprint = artifact_fingerprint(model, source)
+    for path in sorted((settings.models_dir / "served").glob(f"*-{fingerprint}")):
+        if read_manifest(path) is not None:
+            return path
+    return None
+
+
 def prepared_path(settings: Settings, model: ModelConfig) -> Path:
     """The artifact a worker loads; MODEL_UNAVAILABLE (with the fix) when it is not prepared."""
     path = served_dir(settings, model)
+    if read_manifest(path) is None:
+        path = shared_artifact(settings, model) or path
     if read_manifest(path) is None:
         raise FleetError(
             ErrorCode.MODEL_UNAVAILABLE,

@@ -33,8 +33,13 @@ class BatchPolicies:
         return exc is None or state.attempt_number >= self.policy_for(exc).attempts
 
     def _wait(self, state: RetryCallState) -> float:
-        policy = self.policy_for(state.outcome.exception())  # type: ignore[union-attr,arg-type]
-        return wait_exponential_jitter(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s, jitter=policy.jitter_s)(state)
+        """Exponential backoff with jitter; at least the Retry-After a remote server asked for (the
+        openai backend keeps it on the error), but never past the policy's backoff_max_s."""
+        exc = state.outcome.exception()  # type: ignore[union-attr]
+        policy = self.policy_for(exc)  # type: ignore[arg-type]
+        backoff = wait_exponential_jitter(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s, jitter=policy.jitter_s)(state)
+        asked = getattr(exc, "retry_after", None) or 0.0
+        return max(backoff, min(asked, policy.backoff_max_s))
 
     def call(self, fn: Callable[[], T], history: list[dict[str, Any]]) -> T:
         """Run ``fn`` under the policy of whatever it raises; every failed attempt lands in ``history``."""

@@ -2,7 +2,9 @@
 
 request:  [id, model, priority, traceparent, kind, request, ids, template, label_ids, channel]
           channel = [text_ids, prefix_ids] | None
-reply:    [id, ok, body, batch]   body = {output, usage} | {code, message, history};
+          a plugin task type (kind TASK): [id, model, priority, traceparent, TASK, request, payload,
+          [rows, width, prompt_tokens], task_type, None]
+reply:    [id, ok, body, batch]   body = {task_type, output, usage} | {code, message, history};
           batch = [size, batch_wait_ms, inference_ms, leader]  (leader: the first member of its
           batch, so batch-level metrics are counted once per batch by whichever consumer gets it)
 
@@ -11,22 +13,25 @@ A request arrives already validated and tokenized; the core rebuilds it without 
 
 from __future__ import annotations
 
-from typing import Any
 
 import msgpack
 
 from shared.errors import FleetError, as_fleet_error
-from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
+from shared import task_types
+from shared.schemas import ClassifyRequest, GenerateRequest, Usage
 from workers.batcher import BatchInfo
-from workers.engine import Answer, Channel, Prepared, PreparedClassify, PreparedGenerate
+from workers.engine import Answer, Channel, Prepared, PreparedClassify, PreparedGenerate, PreparedTask
 
-GENERATE, CLASSIFY = 0, 1
+GENERATE, CLASSIFY, TASK = 0, 1, 2
 
 
 def pack_request(request_id: bytes, model: str, priority: int, traceparent: str, prepared: Prepared) -> bytes:
     body = prepared.request.model_dump(mode="json")
     if isinstance(prepared, PreparedGenerate):
         frame = [request_id, model, priority, traceparent, GENERATE, body, prepared.input_ids, None, None, None]
+    elif isinstance(prepared, PreparedTask):
+        cost = [prepared.rows, prepared.width, prepared.prompt_tokens]
+        frame = [request_id, model, priority, traceparent, TASK, body, prepared.payload, cost, str(prepared.request.task_type), None]
     else:
         channel = [prepared.channel.text_ids, prepared.channel.prefix_ids] if prepared.channel else None
         frame = [request_id, model, priority, traceparent, CLASSIFY, body, prepared.prompt_ids, prepared.template,
@@ -38,14 +43,17 @@ def unpack_request(data: bytes) -> tuple[bytes, str, int, str, Prepared]:
     request_id, model, priority, traceparent, kind, body, ids, template, label_ids, channel = msgpack.unpackb(data)
     if kind == GENERATE:
         prepared: Prepared = PreparedGenerate(GenerateRequest.model_construct(**body), ids)
+    elif kind == TASK:
+        rows, width, prompt_tokens = template
+        prepared = PreparedTask(task_types.get(label_ids).request.model_construct(**body), ids, rows, width, prompt_tokens)
     else:
         prepared = PreparedClassify(ClassifyRequest.model_construct(**body), template, ids, label_ids,
                                     Channel(*channel) if channel else None)
     return request_id, model, priority, traceparent, prepared
 
 
-def pack_answer(request_id: bytes, answer: Answer, info: BatchInfo) -> bytes:
-    body = {"output": answer.output.model_dump(), "usage": answer.usage.model_dump()}
+def pack_answer(request_id: bytes, task_type: str, answer: Answer, info: BatchInfo) -> bytes:
+    body = {"task_type": task_type, "output": answer.output.model_dump(mode="json"), "usage": answer.usage.model_dump()}
     return msgpack.packb([request_id, True, body, [info.size, info.batch_wait_ms, info.inference_ms, info.leader]])
 
 
@@ -61,7 +69,6 @@ def unpack_reply(data: bytes) -> tuple[bytes, Answer | FleetError, BatchInfo | N
         error = FleetError(body["code"], body["message"])
         error.history = body["history"]  # type: ignore[attr-defined]
         return request_id, error, None
-    output_data: dict[str, Any] = body["output"]
-    output = ClassifyOutput(**output_data) if "label" in output_data else GenerateOutput(**output_data)
+    output = task_types.get(body["task_type"]).output.model_validate(body["output"])
     size, wait_ms, inference_ms, leader = batch
     return request_id, Answer(output, Usage(**body["usage"])), BatchInfo(size, wait_ms, inference_ms, leader)

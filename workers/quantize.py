@@ -23,7 +23,7 @@ from typing import Any
 
 from shared.config import ModelConfig, QuantizeConfig, Settings
 from shared.errors import ErrorCode, FleetError
-from workers.models import MANIFEST, Source, float_dir, read_manifest, resolve_source, served_dir
+from workers.models import MANIFEST, Source, float_dir, read_manifest, resolve_source, served_dir, shared_artifact
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
@@ -203,6 +203,10 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
     if manifest is not None and not force:
         report(f"{model.name}: prepared artifact cached at {target}")
         return manifest
+    shared = None if force else shared_artifact(settings, model, source)
+    if shared is not None:
+        report(f"{model.name}: shares the artifact at {shared} (same source and quantize settings)")
+        return read_manifest(shared) or {}
     float_path = ensure_float(settings, model, source, report)
     quantize = model.quantize
     float_scores = float_baseline(settings, model, float_path, report)

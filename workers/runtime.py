@@ -7,16 +7,17 @@ models loaded before the first message), and the Redis-backed ledger, dead-lette
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
-from shared.config import ModelConfig, Settings
+from shared.config import Settings
 from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
 from shared.telemetry import trace_headers
-from workers import metrics
+from workers import backends, metrics, processors
 from workers.batcher import BatchInfo
 from workers.cache import ResultCache
 from workers.engine import Answer, Prepared
@@ -25,18 +26,6 @@ from workers.ledger import Ledger
 from workers.middleware import default_chain
 
 log = logging.getLogger(__name__)
-
-
-def load_preparer(settings: Settings, config: ModelConfig) -> Any:
-    """The request side of a model: the echo engine prepares for itself; a real model's tokenizer."""
-    from workers.echo import SOURCE, EchoEngine
-
-    if config.source == SOURCE:
-        return EchoEngine(config)
-    from workers.engine import Preparer
-    from workers.models import prepared_path
-
-    return Preparer(config, prepared_path(settings, config))
 
 
 class Runtime:
@@ -49,6 +38,7 @@ class Runtime:
         self.dead_letters = DeadLetters(url)
         self.cache = ResultCache(url, ttl_s=settings.broker.cache_ttl_s)
         self.middleware = default_chain()
+        self.processors = {name: processors.Chain(settings, name) for name in preparers}
 
     def engine_for(self, request: GenerateRequest | ClassifyRequest) -> tuple[Any, str | None]:
         """The model that answers, and the requested model's name when a fallback answers instead."""
@@ -66,21 +56,26 @@ class Runtime:
         unavailable = FleetError(
             ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not loaded on this worker (loaded: {sorted(self.preparers)})"
         )
-        if self.settings.policy(ErrorCode.MODEL_UNAVAILABLE).action != "fallback":
+        if self.settings.policy(ErrorCode.MODEL_UNAVAILABLE).action != "fallback" or name not in self.settings.model_names:
             raise unavailable
-        try:
-            chain = self.settings.model(name).fallbacks
-        except KeyError:
-            raise unavailable from None
-        for fallback in chain:
+        preparer = self.fallback_for(name, request)
+        if preparer is None:
+            raise FleetError(
+                ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} and its fallbacks {self.settings.model(name).fallbacks} "
+                f"are not loaded on this worker (loaded: {sorted(self.preparers)})")
+        return preparer, name
+
+    def fallback_for(self, name: str, request: Any) -> Any:
+        """The first model of ``name``'s fallback chain loaded here that serves the request's task
+        (None: none is, or the MODEL_UNAVAILABLE policy is not ``fallback``)."""
+        if self.settings.policy(ErrorCode.MODEL_UNAVAILABLE).action != "fallback":
+            return None
+        for fallback in self.settings.model(name).fallbacks:
             preparer = self.preparers.get(fallback)
             if preparer is not None and request.task_type in preparer.config.task_type:
                 log.info("model %s unavailable; falling back to %s", name, fallback)
-                return preparer, name
-        raise FleetError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"model {name!r} and its fallbacks {chain} are not loaded on this worker (loaded: {sorted(self.preparers)})",
-        )
+                return preparer
+        return None
 
     def infer(self, preparer: Any, prepared: Prepared) -> tuple[Answer, BatchInfo]:
         """Send one request to the engine core and wait for its batch. Priority is the queue's own
@@ -103,16 +98,18 @@ class Runtime:
 def child_env(settings: Settings) -> dict[str, str]:
     """The environment of the processes a consumer starts (engine core, extra consumers): they load
     the same config, so only what this process was given beyond it travels (the broker URL, which
-    may be an embedded server's, the log level and the thread count)."""
+    may be an embedded server's, the log level, the thread count and the models to load)."""
     env = {**os.environ, "REDIS_URL": settings.redis_url or "", "AUTOGLM_WORKER__LOGLEVEL": settings.worker.loglevel}
     if settings.worker.concurrency:
         env["AUTOGLM_WORKER__CONCURRENCY"] = str(settings.worker.concurrency)
+    if settings.worker.models:
+        env["AUTOGLM_WORKER__MODELS"] = json.dumps(settings.worker.models)
     return env
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    names = settings.worker.models or [m.name for m in settings.models]
-    preparers = {name: load_preparer(settings, settings.model(name)) for name in names}
+    names = settings.served_models()
+    preparers = {name: backends.request_side(settings, settings.model(name)) for name in names}
     engine = EngineClient(settings.worker.engine_address, child_env=child_env(settings))
     for name, info in engine.models.items():
         metrics.MODEL_LOAD.labels(name).set(info["load_seconds"])

@@ -17,27 +17,51 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 
-from shared.errors import as_fleet_error
-from shared.queues import CLASSIFY_TASK, GENERATE_TASK
-from shared.schemas import TaskResult, TaskType, Timings
+from shared import task_types
+from shared.errors import ErrorCode, FleetError, as_fleet_error
+from shared.pipelines import STEP_TASK
+from shared.schemas import ClassifyOutput, GenerateOutput, TaskResult, Timings
+from workers import pipeline
+from workers.batcher import BatchInfo
+from workers.engine import Answer
 from workers.engine_client import EngineLost
 from workers.middleware import Job
 from workers.parsing import parse_request
+from workers.task_types import handler as task_handler
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
+def run_model(ctx: Runtime, engine: Any, request: Any) -> tuple[Answer, BatchInfo]:
+    """The model's answer, with the model's processors around it (workers/processors)."""
+    processors = ctx.processors[engine.name]
+    request = processors.before(request)
+    answer, info = ctx.infer(engine, task_handler(request.task_type).prepare(engine, request))
+    return Answer(processors.after(request, answer.output), answer.usage), info
+
+
 def answer(ctx: Runtime, job: Job) -> dict[str, Any]:
-    """The task's own work, once the middleware let it run."""
-    prepared = job.engine.prepare(job.request)
-    output, info = ctx.infer(job.engine, prepared)
+    """The task's own work, once the middleware let it run. A model that turns out unavailable
+    while answering (a remote server's 503) hands the request to a loaded model of its fallback
+    chain, when the MODEL_UNAVAILABLE policy says ``fallback``."""
+    try:
+        output, info = run_model(ctx, job.engine, job.request)
+    except FleetError as exc:
+        fallback = ctx.fallback_for(job.engine.name, job.request) if exc.code == ErrorCode.MODEL_UNAVAILABLE else None
+        if fallback is None:
+            raise
+        log.warning("model %s unavailable for task %s (%s); answering with %s", job.engine.name, job.task_id, exc.message,
+                    fallback.name)
+        job.fallback_from, job.engine = job.fallback_from or job.engine.name, fallback
+        output, info = run_model(ctx, job.engine, job.request)
     job.executed, job.info = True, info
     submitted = job.request.submitted_at
     result = TaskResult(
         task_type=job.task_type,
         model=job.engine.name,
-        output=output.output,
+        output=output.output if isinstance(output.output, GenerateOutput | ClassifyOutput)
+        else output.output.model_dump(mode="json"),
         usage=output.usage,
         timings=Timings(
             queue_wait_ms=max(0.0, job.picked - submitted) * 1000.0,
@@ -52,7 +76,11 @@ def answer(ctx: Runtime, job: Job) -> dict[str, Any]:
     return result.model_dump(mode="json")
 
 
-def handle(ctx: Runtime, task: Any, task_type: TaskType, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def handle(ctx: Runtime, task: Any, task_type: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+           finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One delivery of a task. ``finish`` turns the answer into what is recorded and returned (a
+    pipeline step adds it to the pipeline's result); a delivery answered from the ledger returns
+    what was recorded, already finished."""
     job = Job(task, task_type, args[0] if args else None)
     try:
         result = None
@@ -65,8 +93,10 @@ def handle(ctx: Runtime, task: Any, task_type: TaskType, args: tuple[Any, ...], 
             for middleware in ctx.middleware:
                 if (result := middleware.before_run(ctx, job)) is not None:
                     break
-        if result is None:
-            result = answer(ctx, job)
+            if result is None:
+                result = answer(ctx, job)
+            if finish is not None:
+                result = finish(result)
     except EngineLost as exc:  # the core died holding it: back to the queue, never acked as done
         log.warning("engine core lost with task %s in it; requeueing", job.task_id)
         raise Reject(str(exc), requeue=True) from exc
@@ -82,15 +112,25 @@ def handle(ctx: Runtime, task: Any, task_type: TaskType, args: tuple[Any, ...], 
     return result
 
 
-def register(app: Celery, context: Callable[[], Runtime]) -> None:
-    """The fleet's two tasks on ``app``; each call gets the consumer's context from ``context``."""
+def register(app: Celery, context: Callable[[], Runtime]) -> list[str]:
+    """One Celery task per installed task type on ``app`` (shared/task_types.py); each call gets the
+    consumer's context from ``context``. Returns the task names."""
 
-    # ignore_result: the ledger stores SUCCESS itself, in the step that records the answer (one round
-    # trip instead of three); failures are still stored by Celery (task_store_errors_even_if_ignored).
-    @app.task(name=GENERATE_TASK, bind=True, ignore_result=True)
-    def generate(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return handle(context(), self, TaskType.TEXT_GENERATION, args, kwargs)
+    def task_for(task_type: str) -> Callable[..., dict[str, Any]]:
+        def run(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            return handle(context(), self, task_type, args, kwargs)
 
-    @app.task(name=CLASSIFY_TASK, bind=True, ignore_result=True)
-    def classify(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return handle(context(), self, TaskType.CLASSIFICATION, args, kwargs)
+        return run
+
+    names = []
+    for spec in task_types.installed():
+        # ignore_result: the ledger stores SUCCESS itself, in the step that records the answer (one
+        # round trip instead of three); failures are still stored by Celery (task_store_errors_even_if_ignored).
+        app.task(name=spec.celery_name, bind=True, ignore_result=True)(task_for(spec.name))
+        names.append(spec.celery_name)
+
+    @app.task(name=STEP_TASK, bind=True, ignore_result=True)
+    def pipeline_step(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+        return pipeline.run_step(context(), self, state, handle)
+
+    return [*names, STEP_TASK]

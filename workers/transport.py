@@ -40,13 +40,13 @@ from shared.queues import IN_TRANSIT_MS, in_transit_key
 
 log = logging.getLogger(__name__)
 
-# KEYS: the queue lists in the order to serve them, then unacked hash, unacked index, dead-letter list,
-# the in-transit marker of the most urgent queue. ARGV: now (epoch s), number of queue keys, most
-# messages to take, the most urgent queue's key ('' if not consumed), in-transit marker ttl (ms).
-# Returns {key, message, ...}.
+# KEYS: the n queue lists in the order to serve them, then unacked hash, unacked index, dead-letter
+# list, then n in-transit markers (one per queue key). ARGV: now (epoch s), n, most messages to
+# take, a string of n flags ('1': the queue at that position is a most urgent one, whose pops set
+# its marker), in-transit marker ttl (ms). Returns {key, message, ...}.
 FETCH = """
 local n, want = tonumber(ARGV[2]), tonumber(ARGV[3])
-local unacked, index, dlq, transit = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
+local unacked, index, dlq = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
 local taken = {}
 for i = 1, n do
   for _ = 1, 64 + want do
@@ -80,7 +80,7 @@ for i = 1, n do
       redis.call('HSET', unacked, tag, '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
       taken[#taken + 1] = KEYS[i]
       taken[#taken + 1] = item
-      if KEYS[i] == ARGV[4] then redis.call('SET', transit, '1', 'PX', ARGV[5]) end
+      if string.sub(ARGV[4], i, i) == '1' then redis.call('SET', KEYS[n + 3 + i], '1', 'PX', ARGV[5]) end
     end
   end
 end
@@ -149,10 +149,11 @@ class Channel(kombu_redis.Channel):
     dead_letter_key: str = DLQ_KEY
     #: task names this worker runs; a message naming another is dead-lettered (empty: any)
     task_names: tuple[str, ...] = ()
-    #: the most urgent queue: taking a message from it marks it in transit (shared.queues.in_transit_key)
-    urgent_queue: str = ""
+    #: the most urgent queues (one per model served): taking a message from one marks it in transit
+    #: (shared.queues.in_transit_key)
+    urgent_queues: tuple[str, ...] = ()
     from_transport_options = kombu_redis.Channel.from_transport_options + (
-        "visibility_heartbeat_s", "fetch_idle_timeout", "dead_letter_key", "task_names", "urgent_queue",
+        "visibility_heartbeat_s", "fetch_idle_timeout", "dead_letter_key", "task_names", "urgent_queues",
     )
     _waiting = False
 
@@ -164,9 +165,11 @@ class Channel(kombu_redis.Channel):
         return [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
 
     def _fetch_args(self, keys: list[str], want: int = 1) -> list[Any]:
-        urgent = self.urgent_queue if self.urgent_queue in keys else ""
-        return [FETCH, len(keys) + 4, *keys, self.unacked_key, self.unacked_index_key, self.dead_letter_key,
-                in_transit_key(urgent or "none"), time.time(), len(keys), want, urgent, IN_TRANSIT_MS]
+        urgent = set(self.urgent_queues)
+        flags = "".join("1" if key in urgent else "0" for key in keys)
+        markers = [in_transit_key(key if key in urgent else "none") for key in keys]
+        return [FETCH, 2 * len(keys) + 3, *keys, self.unacked_key, self.unacked_index_key, self.dead_letter_key,
+                *markers, time.time(), len(keys), want, flags, IN_TRANSIT_MS]
 
     def _room(self) -> int:
         """How many messages this channel may take now: prefetch (= the pool's threads, prefetch 1)

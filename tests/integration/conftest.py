@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -36,14 +36,15 @@ class Fleet:
     client: FleetClient
     worker: WorkerProcess
     settings: Settings
+    workers: list[WorkerProcess] = field(default_factory=list)  # all of them, `worker` first
 
 
 @pytest.fixture(scope="session")
 def prepared_models(settings: Settings) -> None:
-    from workers.quantize import prepare
+    from workers.backends import backend_for
 
     for model in settings.models:
-        prepare(settings, model, report=lambda msg: print(f"[prepare] {msg}"))
+        backend_for(model).prepare(settings, model, report=lambda msg: print(f"[prepare] {msg}"))
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +53,16 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
+def _env(overrides: dict[str, Any]) -> dict[str, str]:
+    return {f"AUTOGLM_{key.upper()}": json.dumps(value) for key, value in overrides.items()}
+
+
 @contextlib.contextmanager
-def fleet_on(redis_url: str, env: dict[str, str] | None = None, **overrides: Any) -> Iterator[Fleet]:
-    """A client and one real worker on fresh queues; ``overrides`` are settings fields, given to
-    the client directly and to the worker as ``AUTOGLM_<FIELD>`` JSON environment variables."""
+def fleet_on(redis_url: str, env: dict[str, str] | None = None, workers: list[dict[str, Any]] | None = None,
+             **overrides: Any) -> Iterator[Fleet]:
+    """A client and real workers on fresh queues; ``overrides`` are settings fields, given to the
+    client directly and to each worker as ``AUTOGLM_<FIELD>`` JSON environment variables.
+    ``workers``: one entry per worker process, each with its own extra settings (default: one worker)."""
     suffix = uuid.uuid4().hex[:8]
     queues = {
         "interactive": {"name": f"interactive-test-{suffix}", "priority": 0},
@@ -64,9 +71,10 @@ def fleet_on(redis_url: str, env: dict[str, str] | None = None, **overrides: Any
     overrides = {"queues": queues, **overrides}
     settings = load_settings(redis_url=redis_url, **overrides)
     client = FleetClient(redis_url, settings)
-    child_env = {f"AUTOGLM_{key.upper()}": json.dumps(value) for key, value in overrides.items()}
-    with running_worker(client.app, redis_url, env={**child_env, **(env or {})}) as worker:
-        yield Fleet(client, worker, settings)
+    with contextlib.ExitStack() as stack:
+        started = [stack.enter_context(running_worker(client.app, redis_url, env={**_env({**overrides, **own}), **(env or {})}))
+                   for own in (workers or [{}])]
+        yield Fleet(client, started[0], settings, started)
     client.close()
 
 

@@ -32,6 +32,13 @@ class Gateway:
     process: subprocess.Popen
     log: Path
 
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
 
 @dataclass
 class Gateways:
@@ -82,12 +89,8 @@ def gateways(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     env, config = gateway_env(fleet, tmp)
     first, second = start_gateway(env, tmp), start_gateway(env, tmp)
     yield Gateways(first, second, config)
-    for gw in (first, second):
-        gw.process.terminate()
-        try:
-            gw.process.wait(10)
-        except subprocess.TimeoutExpired:
-            gw.process.kill()
+    first.stop()
+    second.stop()
 
 
 def test_token_submit_long_poll_result(gateways: Gateways) -> None:
@@ -142,6 +145,8 @@ def test_rate_limit_bucket_is_shared_by_gateway_replicas(gateways: Gateways) -> 
 def test_every_authenticated_call_is_audited(gateways: Gateways) -> None:
     r = httpx.get(f"{gateways.first.url}/v1/admin/queues", headers=gateways.token("ops", "admin"), timeout=10)
     assert r.status_code == 200
+    depths = r.json()["models"]["smollm2-135m"]  # per model: its queues' depths and its live workers
+    assert depths["interactive"] >= 0 and depths["bulk"] >= 0 and depths["workers"], depths
     time.sleep(0.3)
     lines = [json.loads(l) for l in gateways.first.log.read_text().splitlines() if l.startswith("{")]
     audits = [json.loads(l["message"]) for l in lines if l.get("logger") == "autoglm.audit"]

@@ -7,7 +7,6 @@ JSON lines to AUTOGLM_TRACE_FILE, the same span data an OTLP exporter would send
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.request
 import uuid
@@ -96,11 +95,7 @@ def test_a_callers_traceparent_runs_through_the_gateway_to_the_model(traced: Tra
         done = httpx.get(f"{gateway.url}{accepted.json()['status_url']}", params={"wait": 120}, headers=auth, timeout=130)
         assert done.json()["status"] == "SUCCESS", done.text
     finally:
-        gateway.process.terminate()
-        try:
-            gateway.process.wait(10)
-        except subprocess.TimeoutExpired:
-            gateway.process.kill()
+        gateway.stop()
     want = {"run/autoglm.generate", "autoglm.batch", "autoglm.model.text_generation"}
     spans = traced.worker_spans(f"0x{caller_trace}", want)
     assert want <= {s["name"] for s in spans}, [s["name"] for s in spans]
@@ -114,8 +109,13 @@ def test_a_shared_batch_links_to_every_member(traced: Traced) -> None:
     results = [h.result(timeout=300) for h in handles]
     assert max(r.batch_size for r in results) >= 2
     trace_id = _producer_trace_id_many(traced)
-    spans = traced.worker_spans(trace_id, {"autoglm.batch"})
-    runs = {s["context"]["span_id"] for s in spans if s["name"] == "run/autoglm.classify"}
+    deadline = time.monotonic() + 15
+    while True:  # a task's run span ends (and is written) after its batch span: wait for all six
+        spans = traced.worker_spans(trace_id, {"autoglm.batch"})
+        runs = {s["context"]["span_id"] for s in spans if s["name"] == "run/autoglm.classify"}
+        if len(runs) >= len(handles) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     batches = [s for s in spans if s["name"] == "autoglm.batch" and s["attributes"]["autoglm.batch.size"] >= 2]
     assert batches, "no shared batch in the trace"
     for batch in batches:
@@ -170,7 +170,9 @@ def test_metrics_reflect_a_burst(traced: Traced) -> None:
         {"task_type": "classification", "text": f"Burst review {i}, awful.", "labels": ["positive", "negative"],
          "prompt_template": TEMPLATE, "priority": "bulk"} for i in range(40)
     )
-    depth_line = next(l for l in traced.metrics().splitlines() if l.startswith(f'autoglm_queue_depth{{queue="{bulk_queue}"}}'))
+    model = traced.fleet.settings.models[0].name
+    prefix = f'autoglm_queue_depth{{model="{model}",priority="bulk",queue="{bulk_queue}"}}'
+    depth_line = next(l for l in traced.metrics().splitlines() if l.startswith(prefix))
     assert float(depth_line.split()[-1]) > 0, depth_line  # the burst is waiting in Redis
     for h in handles:
         h.result(timeout=300)

@@ -208,3 +208,23 @@ def test_stop_finishes_submitted_work_and_refuses_new() -> None:
     assert future.result(0)[0] == "LAST"
     with pytest.raises(RuntimeError):
         batcher.submit("k", "late", ONE)
+
+
+def test_members_that_fail_alone_are_run_again_alone_and_their_batch_mates_keep_their_answers() -> None:
+    calls: list[list[str]] = []
+
+    def remote(key: Hashable, payloads: list[str]) -> list[object]:
+        """A remote backend: each call answers or fails on its own; 'flaky' fails the first time."""
+        calls.append(list(payloads))
+        first = len(calls) == 1
+        return [ValueError(f"{p} failed") if p == "bad" or (p == "flaky" and first) else p.upper() for p in payloads]
+
+    batcher = make(remote, max_wait_ms=200)  # type: ignore[arg-type]
+    futures = {p: batcher.submit("k", p, ONE) for p in ("a", "flaky", "bad", "b")}
+    assert futures["a"].result(5)[0] == "A" and futures["b"].result(5)[0] == "B"
+    assert futures["flaky"].result(5)[0] == "FLAKY"
+    with pytest.raises(ValueError, match="bad failed") as caught:
+        futures["bad"].result(5)
+    batcher.stop()
+    assert calls[0] == ["a", "flaky", "bad", "b"] and calls[1] == ["flaky", "bad"]  # only the failed went again
+    assert "at" in caught.value.history[0]  # type: ignore[attr-defined]

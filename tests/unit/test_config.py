@@ -17,7 +17,7 @@ def test_default_config_declares_the_bundled_model_for_both_tasks() -> None:
     assert model.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert set(model.task_type) == {TaskType.TEXT_GENERATION, TaskType.CLASSIFICATION}
     assert model.quantize.method == "gptq" and model.quantize.bits == 4
-    assert settings.queue_name(Priority.INTERACTIVE) == "interactive"
+    assert settings.queue_name(Priority.INTERACTIVE) == "interactive.smollm2-135m"
     assert settings.max_batch_size(TaskType.TEXT_GENERATION) == settings.batching.max_batch_size == 8
     assert settings.max_batch_size(TaskType.CLASSIFICATION) == 5
     assert settings.worker_concurrency == 8  # no more threads than the largest batch
@@ -77,3 +77,15 @@ def test_batch_sizes_and_consumers_follow_the_worker_device() -> None:
     assert load_settings(worker={"device": "cuda", "consumers": 1}).worker_consumers == 1
     # an extra consumer (attached to a running core) never starts consumers of its own
     assert load_settings(worker={"consumers": 3, "engine_address": "ipc:///tmp/x"}).worker_consumers == 1
+
+
+def test_each_model_has_its_own_queue_per_priority_and_workers_serve_priority_first() -> None:
+    base = load_settings().models[0].model_dump()
+    settings = load_settings(models=[base, {**base, "name": "b"}], worker={"models": ["b", "smollm2-135m"]})
+    assert [q for q, _, _ in settings.all_queues()] == [
+        "interactive.smollm2-135m", "interactive.b", "bulk.smollm2-135m", "bulk.b"]
+    # interactive of every loaded model before bulk of any, then the models in worker.models order
+    assert settings.worker_queues() == ["interactive.b", "interactive.smollm2-135m", "bulk.b", "bulk.smollm2-135m"]
+    assert settings.worker_queues(["b"]) == ["interactive.b", "bulk.b"]
+    assert settings.model_for(TaskType.CLASSIFICATION, None) == "smollm2-135m"
+    assert settings.model_for(TaskType.CLASSIFICATION, "b") == "b"

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import FleetError
-from shared.schemas import TaskType
 
 if TYPE_CHECKING:
     from workers.runtime import Runtime
@@ -18,7 +17,7 @@ class Job:
     """One delivery of one task, as the middleware see it."""
 
     task: Any  # the bound Celery task (request, backend)
-    task_type: TaskType
+    task_type: str
     payload: Any  # the message's request object, as sent
     picked: float = field(default_factory=time.time)
     deliveries: int = 0

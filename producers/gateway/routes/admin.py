@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
 from producers.gateway.deps import Admin, State
 from producers.gateway.routes.tasks import ERRORS
+from shared import registry
 from shared.dlq import DLQ_KEY, decode_entry
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS)
 
 
 @router.get("/queues")
-async def queues(state: State, who: Admin) -> dict[str, int]:
-    return {q.name: int(await state.redis.llen(q.name)) for q in state.settings.queues.values()}
+async def queues(state: State, who: Admin) -> dict[str, Any]:
+    """Depth of every (model, priority) queue, and per model its depths and the live workers serving it."""
+    declared = state.settings.all_queues()
+    pipe = state.redis.pipeline(transaction=False)
+    for name, _, _ in declared:
+        pipe.llen(name)
+    for model in state.settings.models:
+        pipe.zrangebyscore(registry.key(state.settings, model.name), time.time(), "+inf")
+    replies = await pipe.execute()
+    depths, workers = replies[: len(declared)], replies[len(declared):]
+    models: dict[str, dict[str, Any]] = {m.name: {"workers": sorted(x.decode() if isinstance(x, bytes) else x for x in w)} for m, w in zip(state.settings.models, workers, strict=True)}
+    for (_, priority, model), depth in zip(declared, depths, strict=True):
+        models[model][str(priority)] = int(depth)
+    return {"queues": {name: int(depth) for (name, _, _), depth in zip(declared, depths, strict=True)}, "models": models}
 
 
 @router.get("/dlq")
