@@ -74,7 +74,7 @@ class Harness:
         finally:
             for proc in procs:
                 proc.stop()
-            self.purge(client.app, [q["name"] for q in self.queues(tag).values()])
+            self.purge(client.app, [name for name, _, _ in client.settings.all_queues()])
             client.close()
 
     @contextlib.contextmanager
