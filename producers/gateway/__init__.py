@@ -5,6 +5,7 @@ an audit line per call. OpenAPI schema at /openapi.json, docs at /docs.
     GET    /v1/tasks/{id}[?wait=S]   status, result or error (long-poll)     routes/tasks.py
     DELETE /v1/tasks/{id}            cancel                                   routes/tasks.py
     POST   /v1/chat/completions      OpenAI-style synchronous generation      routes/openai.py
+    GET    /v1/models                the configured models (OpenAI list)      routes/openai.py
     GET    /v1/admin/queues          queue depths (admin)                     routes/admin.py
     GET    /v1/admin/dlq             dead-lettered requests (admin)           routes/admin.py
     GET    /healthz                  liveness + broker reachability (no auth) routes/health.py

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from fastapi import Request
@@ -18,6 +19,7 @@ class GatewayState:
     fleet: AsyncFleetClient
     redis: aioredis.Redis  # the fleet's pool: owner keys, rate-limit buckets, DLQ reads
     limiter: RateLimiter
+    started_at: float = field(default_factory=time.time)  # `created` of /v1/models entries
 
 
 def gateway_state(request: Request) -> GatewayState:

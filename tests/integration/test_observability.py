@@ -187,7 +187,8 @@ def test_metrics_reflect_a_burst(traced: Traced) -> None:
 def test_compose_file_names_the_services_and_runs_what_the_tests_run() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"redis", "worker", "worker-gpu", "flower", "jaeger"} <= set(services)
+    assert {"redis", "worker", "worker-gpu", "flower", "jaeger", "gateway"} <= set(services)
+    assert "autoglm gateway" in " ".join(services["gateway"]["command"]) and "/healthz" in str(services["gateway"]["healthcheck"])
     assert "--appendonly" in services["redis"]["command"]
     for name in ("worker", "worker-gpu"):
         assert "python -m workers" in " ".join(services[name]["command"])  # what tests/ start

@@ -54,6 +54,26 @@ class ChatCompletionRequest(_Strict):
         return self
 
 
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@router.get("/models", response_model=ModelList)
+async def models(state: State, who: User) -> ModelList:
+    """The configured models, in OpenAI's list format (many OpenAI clients call this first). Every
+    tenant sees every configured model; ``owned_by`` names the backend that answers for it."""
+    started = int(state.started_at)
+    return ModelList(data=[ModelCard(id=m.name, created=started, owned_by=f"autoglm/{m.backend}") for m in state.settings.models])
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, state: State, who: User) -> dict[str, Any]:
     """Awaited up to gateway.max_wait_s, then DEADLINE_EXCEEDED (504) and the task is cancelled."""
