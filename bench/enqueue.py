@@ -23,7 +23,7 @@ def run(h: Harness, n_bulk: int, n_single: int) -> dict[str, Any]:
             client.submit_generate(f"question {i}", priority="interactive")
             latencies.append((time.perf_counter() - started) * 1000.0)
     finally:
-        h.purge(client.app, [name for name, _, _ in client.settings.all_queues()])
+        h.purge(client.app, client.settings.declared_queue_names())
         client.close()
     return {
         "enqueue_n": n_bulk,

@@ -74,7 +74,7 @@ class Harness:
         finally:
             for proc in procs:
                 proc.stop()
-            self.purge(client.app, [name for name, _, _ in client.settings.all_queues()])
+            self.purge(client.app, client.settings.declared_queue_names())
             client.close()
 
     @contextlib.contextmanager

@@ -62,7 +62,10 @@ class AsyncFleetClient:
 
     # -- submitting ----------------------------------------------------------------------------
     async def submit(self, request: Request | dict[str, Any]) -> AsyncTaskHandle:
-        built = self._sync.build(request)  # validation errors surface here, before any I/O
+        # Validation errors surface here, before any I/O; a callback_url's SSRF check resolves its
+        # host (DNS), so that request is validated off the event loop.
+        callback = request.get("callback_url") if isinstance(request, dict) else getattr(request, "callback_url", None)
+        built = await asyncio.to_thread(self._sync.build, request) if callback else self._sync.build(request)
         handle = await asyncio.to_thread(self._sync.submit, built)
         return AsyncTaskHandle(self, handle.id)
 

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from producers.outcome import decode_outcome
-from shared import task_types
+from shared import task_types, webhooks
 from shared.broker import redis_client
 from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError, invalid_input
@@ -72,6 +72,14 @@ class TaskHandle:
             raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {self.id}'s result: {exc}") from exc
         return decode_outcome(self.id, self._result.state, value)
 
+    def callback(self) -> dict[str, str] | None:
+        """The completion webhook's delivery (status pending/retrying/delivered/failed/refused,
+        attempts, last_status, last_error), or None when the request had no callback_url."""
+        client = self._result.backend.client
+        raw = client.hgetall(webhooks.OUTCOME_KEY.format(task_id=self.id))
+        return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                for k, v in raw.items()} or None
+
     def cancel(self) -> None:
         """Revoke: a worker that has not started the task skips it; its result becomes CANCELLED."""
         self._result.revoke()
@@ -120,6 +128,8 @@ class FleetClient:
         if request.model is not None and request.model not in serving:
             raise FleetError(ErrorCode.INVALID_INPUT, f"model: {request.model!r} does not serve {request.task_type}; "
                              f"models that do: {serving}")
+        if request.callback_url is not None:  # SSRF guard: no loopback / link-local targets unless allowed
+            webhooks.check_url(request.callback_url, self.settings.webhooks.allowed_hosts)
         return request
 
     def build(self, data: Request | dict[str, Any]) -> Request:

@@ -346,6 +346,21 @@ class RateLimit(_Section):
     burst: Annotated[int, Field(ge=1)]
 
 
+class WebhookConfig(_Section):
+    """Completion webhooks (shared/webhooks.py, workers/webhooks.py)."""
+
+    secret: str | None = Field(default=None, description="HMAC-SHA256 key for X-AutoGLM-Signature; None: unsigned.")
+    attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    backoff_initial_s: Annotated[float, Field(ge=0)] = 0.5
+    backoff_max_s: Annotated[float, Field(ge=0)] = Field(
+        default=10.0, description="Retries wait in a consumer thread: keep the total short."
+    )
+    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    allowed_hosts: list[str] = Field(
+        default=[], description="Hosts or IPs that may be called back although loopback/link-local (SSRF guard)."
+    )
+
+
 class GatewayConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
@@ -383,6 +398,7 @@ class Settings(BaseSettings):
         default=DEFAULT_POLICIES, description="Per error code; codes not listed fail at once."
     )
     gateway: GatewayConfig = GatewayConfig()
+    webhooks: WebhookConfig = WebhookConfig()
     task_processors: dict[str, list[ProcessorConfig]] = Field(
         default={}, description="Processors for every model's requests of a task type, after the model's own."
     )
@@ -491,6 +507,11 @@ class Settings(BaseSettings):
         """The model a request goes to: the one it names, else the first configured for its task."""
         return model or self.default_model(task_type).name
 
+    @property
+    def webhook_queue(self) -> str:
+        """Where deliveries wait for a consumer (after every model's queues)."""
+        return f"{self.queues[Priority.BULK].name}.webhooks"
+
     def served_models(self) -> list[str]:
         """The models a worker loads: ``worker.models``, else every configured one."""
         return list(self.worker.models or [m.name for m in self.models])
@@ -501,12 +522,16 @@ class Settings(BaseSettings):
         loaded model is taken before bulk work of every model."""
         names = models or self.served_models()
         priorities = sorted(self.worker.queues, key=lambda p: self.queues[p].priority)
-        return [self.queue_name(p, name) for p in priorities for name in names]
+        return [self.queue_name(p, name) for p in priorities for name in names] + [self.webhook_queue]
 
     def all_queues(self) -> list[tuple[str, Priority, str]]:
         """Every (queue, priority, model) the config declares."""
         ordered = sorted(self.queues, key=lambda p: self.queues[p].priority)
         return [(self.queue_name(p, m.name), p, m.name) for p in ordered for m in self.models]
+
+    def declared_queue_names(self) -> list[str]:
+        """Every queue the fleet uses: the models' and the webhook deliveries'."""
+        return [name for name, _, _ in self.all_queues()] + [self.webhook_queue]
 
 
 def config_path() -> Path:

@@ -18,6 +18,7 @@ from shared.schemas import Priority
 
 GENERATE_TASK = "autoglm.generate"
 CLASSIFY_TASK = "autoglm.classify"
+WEBHOOK_TASK = "autoglm.webhook"
 # A worker that takes a message from the most urgent queue marks it "in transit" for this long (the
 # fetch script sets the marker atomically with the pop). Between the pop and the request reaching
 # the engine core the message is in neither place; without the marker the core could start a full
@@ -32,7 +33,7 @@ def in_transit_key(queue: str) -> str:
 def declared_queues(settings: Settings) -> list[Queue]:
     """One direct exchange + routing key per queue, declared explicitly (see FACTS.md: an undeclared
     exchange silently bound both queues to the app's default key)."""
-    return [Queue(name, Exchange(name, type="direct"), routing_key=name) for name, _, _ in settings.all_queues()]
+    return [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in settings.declared_queue_names()]
 
 
 def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Celery:

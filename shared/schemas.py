@@ -53,6 +53,10 @@ class TaskRequestBase(_Strict):
     deadline: float | None = Field(
         default=None, description="Epoch seconds after which the request must not run."
     )
+    callback_url: Annotated[str, Field(max_length=2048)] | None = Field(
+        default=None,
+        description="POSTed the outcome (signed, retried) once the task is done (shared/webhooks.py).",
+    )
     cache: bool = Field(
         default=False,
         description="Answer from the result cache when an identical deterministic request was answered "
@@ -63,7 +67,7 @@ class TaskRequestBase(_Strict):
         """Identity of a deterministic request on one model; None when it must not be cached."""
         if not self.cache or getattr(self, "temperature", 0.0) > 0:
             return None
-        fields = self.model_dump(mode="json", exclude={"priority", "submitted_at", "deadline", "cache", "model"})
+        fields = self.model_dump(mode="json", exclude={"priority", "submitted_at", "deadline", "cache", "model", "callback_url"})
         digest = hashlib.sha256(json.dumps([model, fields], sort_keys=True).encode()).hexdigest()
         return f"autoglm:cache:{digest}"
 

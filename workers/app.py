@@ -25,7 +25,7 @@ from shared.config import Settings
 from shared.errors import ErrorCode, FleetError
 from shared import task_types
 from shared.pipelines import STEP_TASK
-from shared.queues import make_celery
+from shared.queues import WEBHOOK_TASK, make_celery
 from shared.schemas import Priority
 from shared.telemetry import setup_logging, setup_tracing
 from workers import metrics, tasks
@@ -51,7 +51,7 @@ def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, settings.redis_url, name="autoglm-worker")
     app.conf.broker_transport_options.update(
         visibility_heartbeat_s=settings.broker.heartbeat_s,
-        task_names=(*(spec.celery_name for spec in task_types.installed()), STEP_TASK),
+        task_names=(*(spec.celery_name for spec in task_types.installed()), STEP_TASK, WEBHOOK_TASK),
         urgent_queues=tuple(urgent_queues(settings)),
     )
     app.conf.update(

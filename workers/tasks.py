@@ -20,8 +20,9 @@ from celery.exceptions import Ignore, Reject
 from shared import task_types
 from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.pipelines import STEP_TASK
+from shared.queues import WEBHOOK_TASK
 from shared.schemas import ClassifyOutput, GenerateOutput, TaskResult, Timings
-from workers import pipeline
+from workers import pipeline, webhooks
 from workers.batcher import BatchInfo
 from workers.engine import Answer
 from workers.engine_client import EngineLost
@@ -129,8 +130,12 @@ def register(app: Celery, context: Callable[[], Runtime]) -> list[str]:
         app.task(name=spec.celery_name, bind=True, ignore_result=True)(task_for(spec.name))
         names.append(spec.celery_name)
 
+    @app.task(name=WEBHOOK_TASK, bind=True, ignore_result=True)
+    def webhook(self: Any, task_id: str, url: str, payload: dict[str, Any]) -> None:
+        webhooks.deliver(context(), task_id, url, payload)
+
     @app.task(name=STEP_TASK, bind=True, ignore_result=True)
     def pipeline_step(self: Any, state: dict[str, Any]) -> dict[str, Any]:
         return pipeline.run_step(context(), self, state, handle)
 
-    return [*names, STEP_TASK]
+    return [*names, STEP_TASK, WEBHOOK_TASK]

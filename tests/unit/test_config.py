@@ -85,7 +85,8 @@ def test_each_model_has_its_own_queue_per_priority_and_workers_serve_priority_fi
     assert [q for q, _, _ in settings.all_queues()] == [
         "interactive.smollm2-135m", "interactive.b", "bulk.smollm2-135m", "bulk.b"]
     # interactive of every loaded model before bulk of any, then the models in worker.models order
-    assert settings.worker_queues() == ["interactive.b", "interactive.smollm2-135m", "bulk.b", "bulk.smollm2-135m"]
-    assert settings.worker_queues(["b"]) == ["interactive.b", "bulk.b"]
+    assert settings.worker_queues() == ["interactive.b", "interactive.smollm2-135m", "bulk.b", "bulk.smollm2-135m",
+                                        "bulk.webhooks"]  # completion webhooks are delivered last
+    assert settings.worker_queues(["b"]) == ["interactive.b", "bulk.b", "bulk.webhooks"]
     assert settings.model_for(TaskType.CLASSIFICATION, None) == "smollm2-135m"
     assert settings.model_for(TaskType.CLASSIFICATION, "b") == "b"

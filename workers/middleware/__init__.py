@@ -15,12 +15,14 @@ from workers.middleware.dead_letters import DeadLettering
 from workers.middleware.deadline import Deadlines
 from workers.middleware.redelivery import Redelivery
 from workers.middleware.telemetry import Telemetry
+from workers.middleware.webhooks import Webhooks
 
 
 def default_chain() -> list[Middleware]:
-    """Outermost first: telemetry sees every outcome, the ledger records after the others."""
-    return [Telemetry(), DeadLettering(), Redelivery(), Deadlines(), ResultCaching()]
+    """Outermost first: telemetry sees every outcome, the ledger records after the others, and a
+    webhook goes out once the answer is recorded."""
+    return [Telemetry(), Webhooks(), DeadLettering(), Redelivery(), Deadlines(), ResultCaching()]
 
 
 __all__ = ["Job", "Middleware", "default_chain", "Telemetry", "DeadLettering", "Redelivery", "Deadlines",
-           "ResultCaching"]
+           "ResultCaching", "Webhooks"]

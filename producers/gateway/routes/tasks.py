@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel
 
 from producers.gateway.deps import State, User, owned, remember_owner, within_rate
+from shared import webhooks
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import TaskRequest, TaskResult
 
@@ -28,6 +29,7 @@ class TaskStatus(BaseModel):
     status_url: str
     result: TaskResult | None = None
     error: ErrorBody | None = None
+    callback: dict[str, str] | None = None  # the completion webhook's delivery, when callback_url was given
 
 
 ERRORS = {status: {"model": ErrorEnvelope} for status in (401, 403, 404, 422, 429, 503)}
@@ -47,6 +49,11 @@ async def submit(body: TaskRequest, response: Response, state: State, who: User)
     return TaskStatus(id=handle.id, status="PENDING", status_url=status_url(handle.id))
 
 
+async def _callback(state: State, task_id: str) -> dict[str, str] | None:
+    raw = await state.redis.hgetall(webhooks.OUTCOME_KEY.format(task_id=task_id))
+    return {k.decode(): v.decode() for k, v in raw.items()} or None
+
+
 @router.get("/{task_id}", response_model=TaskStatus)
 async def status(task_id: str, state: State, who: User,
                  wait: Annotated[float, Query(ge=0, le=300, allow_inf_nan=False,
@@ -54,7 +61,8 @@ async def status(task_id: str, state: State, who: User,
     await owned(state, task_id, who)
     try:
         result = await state.fleet.result(task_id, timeout=min(wait, state.settings.gateway.max_wait_s))
-        return TaskStatus(id=task_id, status="SUCCESS", status_url=status_url(task_id), result=result)
+        return TaskStatus(id=task_id, status="SUCCESS", status_url=status_url(task_id), result=result,
+                          callback=await _callback(state, task_id))
     except TimeoutError:
         current = await state.fleet.status(task_id)
         return TaskStatus(id=task_id, status=current if current in ("PENDING", "STARTED") else "PENDING",
@@ -63,7 +71,8 @@ async def status(task_id: str, state: State, who: User,
         if exc.code == ErrorCode.BROKER_UNAVAILABLE:
             raise
         name = "CANCELLED" if exc.code == ErrorCode.CANCELLED else "FAILURE"
-        return TaskStatus(id=task_id, status=name, status_url=status_url(task_id), error=ErrorBody(**exc.to_dict()))
+        return TaskStatus(id=task_id, status=name, status_url=status_url(task_id), error=ErrorBody(**exc.to_dict()),
+                          callback=await _callback(state, task_id))
 
 
 @router.delete("/{task_id}", status_code=202, response_model=TaskStatus)
