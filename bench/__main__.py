@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model",
-             "engine-sweep")
+             "engine-sweep", "continuous")
 SIZES = {
     "quick": {"classify": 48, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 10, "backlog": 400,
-              "enqueue": 2000, "single": 100, "scaling": 48, "machinery": 300, "fast": 200},
+              "enqueue": 2000, "single": 100, "scaling": 48, "machinery": 300, "fast": 200,
+              "continuous": 24},
     "full": {"classify": 512, "generate": 32, "new_tokens": 16, "rounds": 3, "interactive": 40, "backlog": 5000,
-             "enqueue": 10000, "single": 500, "scaling": 256, "machinery": 2000, "fast": 1000},
+             "enqueue": 10000, "single": 500, "scaling": 256, "machinery": 2000, "fast": 1000,
+             "continuous": 64},
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -107,6 +109,13 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
                 engine = in_process_engine(settings)
                 summary.update(sweep.run(engine, [1, 8, 32] if mode == "quick" else [1, 8, 16, 32, 64, 128], size["new_tokens"]))
                 del engine
+            elif name == "continuous":
+                from bench import continuous
+
+                engine = in_process_engine(settings)
+                summary.update(continuous.run(settings, engine, size["continuous"], rate_per_s=float(
+                    os.environ.get("AUTOGLM_BENCH_ARRIVALS_PER_S", "4")), rounds=1 if mode == "quick" else 2))
+                del engine
             elif name == "isolation":
                 from bench import isolation
 
@@ -148,6 +157,8 @@ def table(summary: dict[str, Any]) -> str:
         ("gptq_weight_bytes_ratio", "<= 0.5", lambda v: v <= 0.5),
         ("machinery_vs_celery_floor", ">= 0.8", lambda v: v >= 0.8),
         ("fast_fleet_vs_naive", ">= 1.25", lambda v: v >= 1.25),
+        ("continuous_ttft_p95_gain", ">= 2", lambda v: v >= 2),
+        ("continuous_throughput_ratio", ">= 0.9", lambda v: v >= 0.9),
     ]
     lines = [f"device: {summary['device']}  mode: {summary['mode']}", "", "| metric | value | target | met |", "|---|---|---|---|"]
     for key, target, ok in targets:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff
 
 from producers.client import FleetClient, Request
 from producers.outcome import READY, decode_outcome
+from shared import streams
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority, TaskResult, TaskType
@@ -35,6 +36,13 @@ class AsyncTaskHandle:
 
     async def result(self, timeout: float | None = None) -> TaskResult:
         return await self._client.result(self.id, timeout)
+
+    def stream(self, timeout: float | None = None) -> AsyncIterator[str]:
+        """``async for piece in handle.stream(): ...`` (see TaskHandle.stream)."""
+        return self._client.stream_task(self.id, timeout)
+
+    async def cancel(self) -> None:
+        await self._client.cancel(self.id)
 
     def __repr__(self) -> str:
         return f"AsyncTaskHandle({self.id})"
@@ -81,8 +89,51 @@ class AsyncFleetClient:
         return [AsyncTaskHandle(self, h.id) for h in handles]
 
     async def cancel(self, task_id: str) -> None:
-        """Revoke a task (see TaskHandle.cancel)."""
+        """Revoke a task and stop its generation if it runs (see TaskHandle.cancel)."""
         await asyncio.to_thread(self._sync.handle(task_id).cancel)
+
+    async def stream(self, prompt: str | None = None, timeout: float | None = 120, **params: Any) -> AsyncIterator[str]:
+        """``async for piece in fleet.stream("Tell me a story"): ...``; the task is cancelled when the
+        caller stops iterating early."""
+        handle = await self.submit_generate(prompt, stream=True, **params)
+        finished = False
+        try:
+            async for piece in self.stream_task(handle.id, timeout):
+                yield piece
+            finished = True
+        finally:
+            if not finished:
+                await self.cancel(handle.id)
+
+    async def stream_task(self, task_id: str, timeout: float | None = None) -> AsyncIterator[str]:
+        """A task's text as it is generated (TaskHandle.stream, without blocking the loop)."""
+        key, last, seen = streams.stream_key(task_id), "0-0", streams.Reassembler()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                # A blocking read holds a pooled connection: keep it short, so many streams share few.
+                records = await self._redis.xread({key: last}, block=250, count=256)
+            except RedisError as exc:
+                raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {task_id}'s stream: {exc}") from exc
+            for last, event in streams.entries(records):
+                if event.error is not None:
+                    raise FleetError(event.error, event.message)
+                if event.finish is not None:
+                    return
+                if piece := seen.new_text(event):
+                    yield piece
+            if not records and (await self._meta(task_id))["status"] in READY:
+                text = getattr((await self.result(task_id, timeout=5)).output, "text", "")
+                if len(text) > seen.sent:
+                    yield text[seen.sent:]
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"task {task_id} did not finish streaming within {timeout}s")
+
+    @property
+    def sync(self) -> FleetClient:
+        """The sync client underneath (blocking: call it from threads, as the Batch API's runner does)."""
+        return self._sync
 
     @property
     def redis(self) -> aioredis.Redis:

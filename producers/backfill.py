@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +27,7 @@ from typing import Any, TextIO
 from kombu.utils.uuid import uuid
 
 from producers.client import FleetClient, TaskHandle
-from shared.errors import FleetError, as_fleet_error
+from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority
 
 
@@ -124,8 +124,14 @@ class Progress:
 def run_backfill(
     client: FleetClient, source: Path, output: Path, errors: Path | None = None, window: int = 256,
     chunk: int = 64, max_queue_depth: int = 10_000, timeout_s: float = 3600,
+    on_settled: Callable[[bool], None] | None = None, cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
+    """``on_settled(ok)`` is called once per line answered in this run (the Batch API keeps its
+    request_counts with it); ``cancelled()`` is asked between chunks: once true, nothing more is
+    submitted, the tasks in flight are cancelled and reported as CANCELLED errors."""
     errors = errors or output.with_suffix(".errors.jsonl")
+    settled_hook = on_settled or (lambda ok: None)
+    stop = cancelled or (lambda: False)
     journal = Journal(output.with_suffix(".journal")).load()
     done = _done_ids(output, errors)
     lines = list(read_lines(source))
@@ -146,12 +152,14 @@ def run_backfill(
                     out.write(json.dumps({"custom_id": cid, "task_id": handle.id, "status": "succeeded",
                                           "result": result.model_dump(mode="json")}) + "\n")
                     counts["succeeded"] += 1
+                    settled_hook(True)
                 except (FleetError, TimeoutError) as exc:
                     error = as_fleet_error(exc) if isinstance(exc, FleetError) else exc
                     code = getattr(error, "code", "TIMEOUT")
                     err.write(json.dumps({"custom_id": cid, "task_id": handle.id, "status": "failed",
                                           "error": error.to_dict() if isinstance(error, FleetError) else {"code": code, "message": str(error)}}) + "\n")
                     counts[f"failed:{code}"] += 1
+                    settled_hook(False)
                 del in_flight[cid]
                 progress.tick()
                 if block and len(in_flight) < window - chunk:
@@ -172,8 +180,10 @@ def run_backfill(
         fresh = [(cid, req) for cid, req in todo if cid not in journal.submitted]
         # 2. New lines, a chunk at a time, never more than `window` in flight, never flooding Redis.
         for start in range(0, len(fresh), chunk):
-            while len(in_flight) + chunk > window or client.queue_depth(*bulk_queues) > max_queue_depth:
+            while not stop() and (len(in_flight) + chunk > window or client.queue_depth(*bulk_queues) > max_queue_depth):
                 settle(block=not any(h.ready() for h in in_flight.values()))
+            if stop():
+                break
             part = []
             for cid, req in fresh[start : start + chunk]:
                 try:
@@ -181,6 +191,7 @@ def run_backfill(
                 except FleetError as exc:  # a bad line is reported, never submitted
                     err.write(json.dumps({"custom_id": cid, "task_id": None, "status": "failed", "error": exc.to_dict()}) + "\n")
                     counts[f"failed:{exc.code}"] += 1
+                    settled_hook(False)
                     progress.tick()
             if not part:
                 continue
@@ -193,8 +204,21 @@ def run_backfill(
             counts["submitted"] += len(part)
             in_flight.update({cid: h for (cid, _), h in zip(part, handles, strict=True)})
             settle(block=False)
-        while in_flight:
-            settle(block=True)
+        while in_flight and not stop():
+            if cancelled is None:
+                settle(block=True)
+            else:  # look up now and then whether the batch was cancelled
+                settle(block=False)
+                time.sleep(0.25)
+        if stop():  # cancelled: what is still in flight is cancelled, and reported so
+            settle(block=False)
+            for cid, handle in in_flight.items():
+                handle.cancel()
+                err.write(json.dumps({"custom_id": cid, "task_id": handle.id, "status": "failed", "error": FleetError(
+                    ErrorCode.CANCELLED, f"task {handle.id} was cancelled with its batch").to_dict()}) + "\n")
+                counts["failed:CANCELLED"] += 1
+                settled_hook(False)
+            in_flight.clear()
     progress.tick(0, force=True)
     sys.stderr.write("\n")
     summary = {"lines": len(lines), "skipped_already_done": len(lines) - len(todo), **dict(sorted(counts.items()))}

@@ -7,7 +7,8 @@ name: producers never import worker code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from celery import chain
@@ -22,7 +23,7 @@ from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from producers.outcome import decode_outcome
-from shared import task_types, webhooks
+from shared import streams, task_types, webhooks
 from shared.broker import redis_client
 from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError, invalid_input
@@ -80,9 +81,40 @@ class TaskHandle:
         return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                 for k, v in raw.items()} or None
 
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """The answer's text, piece by piece, as the worker generates it (submit with ``stream=True``;
+        other requests yield their whole text once done). Raises the task's FleetError when it
+        fails, TimeoutError after ``timeout`` seconds without the end."""
+        client = self._result.backend.client
+        key, last, seen = streams.stream_key(self.id), "0-0", streams.Reassembler()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                records = client.xread({key: last}, block=500, count=256)
+            except BROKER_ERRORS as exc:
+                raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {self.id}'s stream: {exc}") from exc
+            for last, event in streams.entries(records):
+                if event.error is not None:
+                    raise FleetError(event.error, event.message)
+                if event.finish is not None:
+                    return
+                if piece := seen.new_text(event):
+                    yield piece
+            if not records and self.ready():
+                # Done without (the rest of) a stream: failed before generating, or not streamed.
+                text = getattr(self.result(timeout=5).output, "text", "")
+                if len(text) > seen.sent:
+                    yield text[seen.sent:]
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"task {self.id} did not finish streaming within {timeout}s (status {self.status()})")
+
     def cancel(self) -> None:
-        """Revoke: a worker that has not started the task skips it; its result becomes CANCELLED."""
+        """Revoke: a worker that has not started the task skips it; its result becomes CANCELLED. A
+        generation already running leaves its batch within ``streams.cancel_poll_ms`` and ends
+        CANCELLED too."""
         self._result.revoke()
+        self._result.backend.client.set(streams.cancel_key(self.id), 1, ex=streams.CANCEL_TTL_S)
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.id})"
@@ -297,6 +329,10 @@ class FleetClient:
     # -- blocking conveniences -----------------------------------------------------------------
     def generate(self, prompt: str | None = None, timeout: float | None = 120, **params: Any) -> TaskResult:
         return self.submit_generate(prompt, **params).result(timeout)
+
+    def stream(self, prompt: str | None = None, timeout: float | None = 120, **params: Any) -> Iterator[str]:
+        """``for piece in client.stream("Tell me a story"): print(piece, end="")``"""
+        yield from self.submit_generate(prompt, stream=True, **params).stream(timeout)
 
     def classify(self, text: str, labels: list[str], timeout: float | None = 120, **params: Any) -> TaskResult:
         params.setdefault("priority", Priority.INTERACTIVE)

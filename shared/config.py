@@ -224,6 +224,22 @@ class QueueConfig(_Section):
     priority: Annotated[int, Field(ge=0, le=9)] = Field(description="Lower is served first.")
 
 
+class ContinuousConfig(_Section):
+    """Continuous batching for greedy generation (workers/continuous.py): rows join the running
+    batch at a decoding step and leave the step they finish."""
+
+    enabled: bool = Field(default=True, description="False: every generation runs in static micro-batches.")
+    max_rows: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=16, description="Rows decoding at once that bulk requests may fill.")
+    interactive_reserve: Annotated[int, Field(ge=0, le=4096)] = Field(
+        default=4, description="Rows beyond max_rows only interactive requests may take: an interactive "
+        "request joins at the next step however full bulk keeps the batch.")
+    max_batch_tokens: Annotated[int, Field(ge=16)] | None = Field(
+        default=None, description="Tokens per forward step (prefill chunks included); None: transformers decides.")
+    num_blocks: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Paged KV-cache blocks; None: transformers sizes it from free memory.")
+
+
 class BatchingOverride(_Section):
     """The batching fields a device may set differently (unset: the general value)."""
 
@@ -231,6 +247,7 @@ class BatchingOverride(_Section):
     max_batch_size_by_task: dict[str, Annotated[int, Field(ge=1, le=1024)]] | None = None
     max_batch_tokens: Annotated[int, Field(ge=16)] | None = None
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] | None = None
+    continuous: ContinuousConfig | None = None
 
 
 class BatchingConfig(_Section):
@@ -243,6 +260,7 @@ class BatchingConfig(_Section):
     )
     max_batch_tokens: Annotated[int, Field(ge=16)] = 8192
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] = 20.0
+    continuous: ContinuousConfig = ContinuousConfig()
     by_device: dict[Literal["cpu", "cuda"], BatchingOverride] = Field(
         default={},
         description="Per-device overrides, applied when the worker's device resolves to that kind: a "
@@ -361,6 +379,14 @@ class WebhookConfig(_Section):
     )
 
 
+class StreamsConfig(_Section):
+    """Token streams and cancellation (shared/streams.py)."""
+
+    ttl_s: Annotated[int, Field(ge=1)] = Field(default=600, description="A task's token stream expires this long after its last write.")
+    cancel_poll_ms: Annotated[int, Field(ge=10, le=10_000)] = Field(
+        default=200, description="How often the engine core looks for cancelled rows (one Redis round trip).")
+
+
 class GatewayConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
@@ -374,6 +400,9 @@ class GatewayConfig(_Section):
         Priority.BULK: RateLimit(rate_per_s=200, burst=2000),
     }
     max_wait_s: Annotated[float, Field(ge=0, le=300)] = 60.0
+    files_dir: Path | None = Field(
+        default=None, description="Batch API files and batch state (per tenant); None: <cache_dir>/gateway. "
+        "Gateway replicas that share it share batches.")
 
 
 class Settings(BaseSettings):
@@ -399,6 +428,7 @@ class Settings(BaseSettings):
     )
     gateway: GatewayConfig = GatewayConfig()
     webhooks: WebhookConfig = WebhookConfig()
+    streams: StreamsConfig = StreamsConfig()
     task_processors: dict[str, list[ProcessorConfig]] = Field(
         default={}, description="Processors for every model's requests of a task type, after the model's own."
     )
@@ -471,7 +501,11 @@ class Settings(BaseSettings):
         override = self.batching.by_device.get(device or self.resolved_device)  # type: ignore[call-overload]
         if override is None:
             return self
-        batching = self.batching.model_copy(update=override.model_dump(exclude_none=True))
+        changes = override.model_dump(exclude_none=True)
+        if "continuous" in changes:  # a partial override of the nested section, validated
+            changes["continuous"] = self.batching.continuous.model_copy(
+                update=override.continuous.model_dump(exclude_unset=True))  # type: ignore[union-attr]
+        batching = self.batching.model_copy(update=changes)
         return self.model_copy(update={"batching": batching})
 
     @property

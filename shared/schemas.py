@@ -85,6 +85,10 @@ class GenerateRequest(TaskRequestBase):
     chat_template: bool = Field(
         default=True, description="Wrap the prompt in the model's chat template (instruct models)."
     )
+    stream: bool = Field(
+        default=False, description="Publish the text as it is generated (read it with handle.stream(), or SSE "
+        "from the gateway); the result is recorded as usual."
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:

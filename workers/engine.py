@@ -268,8 +268,10 @@ class Engine:
 
     # -- per batch, in the batcher's thread ----------------------------------------------------
     @torch.inference_mode()
-    def generate(self, items: list[PreparedGenerate]) -> list[Answer]:
-        """Left-padded batched ``generate``; each row keeps its own sampling and stop settings."""
+    def generate(self, items: list[PreparedGenerate], streamer: Any = None) -> list[Answer]:
+        """Left-padded batched ``generate``; each row keeps its own sampling and stop settings.
+        ``streamer``: transformers' streamer hook, called once per decoding step (the bench times
+        a static batch's first token with it)."""
         pad = self.tokenizer.pad_token_id
         width = max(len(item.input_ids) for item in items)
         input_ids = torch.full((len(items), width), pad, dtype=torch.long)
@@ -295,6 +297,7 @@ class Engine:
             generation_config=config,
             logits_processor=processors if sampling else None,
             stopping_criteria=[stopper],
+            streamer=streamer,
         )
         return [self._decode_row(item, output[row, width:].tolist()) for row, item in enumerate(items)]
 

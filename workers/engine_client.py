@@ -143,7 +143,8 @@ class EngineClient:
             self._local.sock, self._local.generation = sock, generation
         return sock, generation
 
-    def infer(self, model: str, prepared: Prepared, priority: int, traceparent: str = "") -> tuple[Answer, BatchInfo]:
+    def infer(self, model: str, prepared: Prepared, priority: int, traceparent: str = "",
+              task_id: str = "") -> tuple[Answer, BatchInfo]:
         """Send one prepared request to the core and wait for its batch; raises the request's
         FleetError, or EngineLost when the core died before answering."""
         waited = 0.0
@@ -153,7 +154,7 @@ class EngineClient:
                 raise EngineLost("engine core not ready")
         sock, generation = self._socket()
         request_id = uuid.uuid4().bytes
-        sock.send(protocol.pack_request(request_id, model, priority, traceparent, prepared))
+        sock.send(protocol.pack_request(request_id, model, priority, traceparent, prepared, task_id))
         while True:
             if sock.poll(self.poll_ms):
                 reply_id, outcome, info = protocol.unpack_reply(sock.recv())

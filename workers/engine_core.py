@@ -7,7 +7,9 @@ handling (an H100 fed at a tenth of its rate). Here the consumer process(es) do 
 ZMQ socket; this process only collates, runs the model and replies. No Celery, no per-task threads.
 
 One thread here (serve): it takes in the requests that arrived, runs the next batch and sends its
-replies, in turn, so the model never waits for the GIL behind frame handling.
+replies, in turn, so the model never waits for the GIL behind frame handling. Greedy generation is
+the exception: it runs continuously batched (workers/continuous.py), in transformers' own
+generation thread, and this loop admits rows to it and hands out its answers and tokens.
 
 Started by a consumer (workers/engine_client.py) as ``python -m workers.engine_core ADDRESS PARENT_PID``;
 it dies with its parent (PR_SET_PDEATHSIG), and the parent restarts it if it dies alone.
@@ -20,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -31,15 +34,18 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from shared.broker import redis_client
 from shared.config import Settings, load_settings
+from shared.errors import as_fleet_error
 from shared.queues import in_transit_key
 from shared.schemas import Priority
 from shared.telemetry import setup_logging, setup_tracing, tracer
 from workers import backends, protocol
 from workers.batcher import MicroBatcher, Shape
+from workers.continuous import ContinuousGenerator, eligible
 from workers.engine import Answer, Prepared, PreparedGenerate
 from workers.faults import Faults
 from workers.lifecycle import set_parent_death_signal
 from workers.policies import BatchPolicies
+from workers.streaming import StreamWriter
 from workers.task_types import handler as task_handler
 
 log = logging.getLogger(__name__)
@@ -80,6 +86,18 @@ class EngineCore:
             urgent_upstream=self._interactive_queued if consumes_interactive else None,
             most_urgent=min(q.priority for q in settings.queues.values()),
         )  # no thread of its own: serve() runs its batches (see there why)
+        self.streams = StreamWriter(redis_client(settings.redis_url or "", outage_s=0, timeout_s=1.0),
+                                    settings.streams.ttl_s)
+        self.continuous: dict[str, ContinuousGenerator] = {}
+        if settings.batching.continuous.enabled:
+            for name, engine in self.engines.items():
+                if hasattr(getattr(engine, "model", None), "init_continuous_batching"):
+                    self.continuous[name] = ContinuousGenerator(
+                        engine, settings.batching.continuous, most_urgent=self.batcher.most_urgent,
+                        streams=self.streams, faults=self.faults,
+                        fallback=lambda p, prio, ctx, task, m=name: self._static(m, p, prio, ctx, task))
+        self._cancel_every_s = settings.streams.cancel_poll_ms / 1000.0
+        self._cancel_checked = 0.0
 
     def hello(self) -> dict[str, Any]:
         """What a consumer learns when it connects: models loaded, and the pid it watches for death."""
@@ -107,13 +125,51 @@ class EngineCore:
             span.set_attribute("autoglm.output_tokens", sum(a.usage.completion_tokens for a in answers if isinstance(a, Answer)))
         return answers
 
-    def submit(self, model: str, priority: int, traceparent: str, prepared: Prepared) -> Future:
+    def submit(self, model: str, priority: int, traceparent: str, prepared: Prepared, task_id: str = "") -> Future:
         if model not in self.engines:
             raise KeyError(f"model {model!r} is not loaded in this engine core (loaded: {sorted(self.engines)})")
         context = trace.get_current_span(W3C.extract({"traceparent": traceparent})).get_span_context() if traceparent \
             else trace.INVALID_SPAN_CONTEXT
-        return self.batcher.submit((model, prepared.request.task_type), prepared, shape_of(prepared), priority,
-                                   span_context=context)
+        if model in self.continuous and eligible(prepared):
+            return self.continuous[model].submit(prepared, priority, task_id, context)  # type: ignore[arg-type]
+        return self._static(model, prepared, priority, context, task_id)
+
+    def _static(self, model: str, prepared: Prepared, priority: int, context: trace.SpanContext,
+                task_id: str = "") -> Future:
+        """A static micro-batch (classification, sampled generation, rows continuous batching gave
+        back); a streaming generation gets its whole text as one piece when its batch is done."""
+        future = self.batcher.submit((model, prepared.request.task_type), prepared, shape_of(prepared), priority,
+                                     span_context=context)
+        if isinstance(prepared, PreparedGenerate) and prepared.request.stream and task_id:
+            future.add_done_callback(lambda done: self._stream_whole(task_id, done))
+        return future
+
+    def _stream_whole(self, task_id: str, done: Future) -> None:
+        if done.exception() is not None:
+            error = as_fleet_error(done.exception())  # type: ignore[arg-type]
+            self.streams.error(task_id, str(error.code), error.message)
+            return
+        answer, _ = done.result()
+        self.streams.text(task_id, 0, answer.output.text)
+        self.streams.end(task_id, answer.output.finish_reason)
+
+    def _tend_continuous(self) -> bool:
+        """One turn for the continuous batches: admit, hand out tokens and answers, and (every
+        cancel_poll_ms) drop the rows whose producer cancelled them. True while any row is running."""
+        busy = False
+        for generator in self.continuous.values():
+            generator.step()
+            busy = busy or generator.busy
+        now = time.monotonic()
+        if busy and now - self._cancel_checked >= self._cancel_every_s:
+            self._cancel_checked = now
+            ids = [t for g in self.continuous.values() for t in g.task_ids() if t]
+            cancelled = self.streams.cancelled(ids)
+            if cancelled:
+                for generator in self.continuous.values():
+                    generator.cancel(cancelled)
+        self.streams.flush()
+        return busy
 
     def serve(self, address: str) -> None:
         """One loop until SIGTERM: take in every request that arrived, run the next batch, send
@@ -144,9 +200,9 @@ class EngineCore:
                 if data == HELLO:
                     router.send_multipart([identity, msgpack.packb(self.hello())])
                     continue
-                request_id, model, priority, traceparent, prepared = protocol.unpack_request(data)
+                request_id, model, priority, traceparent, prepared, task_id = protocol.unpack_request(data)
                 try:
-                    future = self.submit(model, priority, traceparent, prepared)
+                    future = self.submit(model, priority, traceparent, prepared, task_id)
                 except Exception as exc:  # noqa: BLE001
                     router.send_multipart([identity, protocol.pack_error(request_id, exc)])
                     continue
@@ -157,13 +213,21 @@ class EngineCore:
         log.info("engine core ready on %s with %s", address, sorted(self.engines))
         while not stopping.is_set():
             take_in()
+            generating = self._tend_continuous()
             batch, wait_s = self.batcher.take()
             if batch is not None:
                 self.batcher.execute(batch)  # its futures resolve here: send_back runs in this thread
+                self.streams.flush()
                 continue
-            router.poll(200 if wait_s is None else max(1, int(wait_s * 1000) + 1))
+            # While rows generate in the manager's thread, look back every couple of milliseconds
+            # for its tokens and answers (a turn costs microseconds; the model's thread holds no lock).
+            timeout_ms = 200 if wait_s is None else max(1, int(wait_s * 1000) + 1)
+            router.poll(min(timeout_ms, 2) if generating else timeout_ms)
         take_in()
+        for generator in self.continuous.values():
+            generator.close()  # finish the admitted and waiting rows
         self.batcher.close()  # run what was accepted; its replies go out before the socket closes
+        self.streams.flush()
         router.close(linger=1000)
 
 

@@ -1,9 +1,10 @@
 """The frames consumers and the engine core exchange (msgpack over ZMQ).
 
-request:  [id, model, priority, traceparent, kind, request, ids, template, label_ids, channel]
-          channel = [text_ids, prefix_ids] | None
+request:  [id, model, priority, traceparent, kind, request, ids, template, label_ids, channel, task_id]
+          channel = [text_ids, prefix_ids] | None; task_id names the task's token stream and
+          cancellation marker (shared/streams.py)
           a plugin task type (kind TASK): [id, model, priority, traceparent, TASK, request, payload,
-          [rows, width, prompt_tokens], task_type, None]
+          [rows, width, prompt_tokens], task_type, None, task_id]
 reply:    [id, ok, body, batch]   body = {task_type, output, usage} | {code, message, history};
           batch = [size, batch_wait_ms, inference_ms, leader]  (leader: the first member of its
           batch, so batch-level metrics are counted once per batch by whichever consumer gets it)
@@ -25,7 +26,8 @@ from workers.engine import Answer, Channel, Prepared, PreparedClassify, Prepared
 GENERATE, CLASSIFY, TASK = 0, 1, 2
 
 
-def pack_request(request_id: bytes, model: str, priority: int, traceparent: str, prepared: Prepared) -> bytes:
+def pack_request(request_id: bytes, model: str, priority: int, traceparent: str, prepared: Prepared,
+                 task_id: str = "") -> bytes:
     body = prepared.request.model_dump(mode="json")
     if isinstance(prepared, PreparedGenerate):
         frame = [request_id, model, priority, traceparent, GENERATE, body, prepared.input_ids, None, None, None]
@@ -36,11 +38,11 @@ def pack_request(request_id: bytes, model: str, priority: int, traceparent: str,
         channel = [prepared.channel.text_ids, prepared.channel.prefix_ids] if prepared.channel else None
         frame = [request_id, model, priority, traceparent, CLASSIFY, body, prepared.prompt_ids, prepared.template,
                  prepared.label_ids, channel]
-    return msgpack.packb(frame)
+    return msgpack.packb([*frame, task_id])
 
 
-def unpack_request(data: bytes) -> tuple[bytes, str, int, str, Prepared]:
-    request_id, model, priority, traceparent, kind, body, ids, template, label_ids, channel = msgpack.unpackb(data)
+def unpack_request(data: bytes) -> tuple[bytes, str, int, str, Prepared, str]:
+    request_id, model, priority, traceparent, kind, body, ids, template, label_ids, channel, task_id = msgpack.unpackb(data)
     if kind == GENERATE:
         prepared: Prepared = PreparedGenerate(GenerateRequest.model_construct(**body), ids)
     elif kind == TASK:
@@ -49,7 +51,7 @@ def unpack_request(data: bytes) -> tuple[bytes, str, int, str, Prepared]:
     else:
         prepared = PreparedClassify(ClassifyRequest.model_construct(**body), template, ids, label_ids,
                                     Channel(*channel) if channel else None)
-    return request_id, model, priority, traceparent, prepared
+    return request_id, model, priority, traceparent, prepared, task_id
 
 
 def pack_answer(request_id: bytes, task_type: str, answer: Answer, info: BatchInfo) -> bytes:

@@ -77,12 +77,12 @@ class Runtime:
                 return preparer
         return None
 
-    def infer(self, preparer: Any, prepared: Prepared) -> tuple[Answer, BatchInfo]:
+    def infer(self, preparer: Any, prepared: Prepared, task_id: str = "") -> tuple[Answer, BatchInfo]:
         """Send one request to the engine core and wait for its batch. Priority is the queue's own
         (config ``queues.<name>.priority``: lower is served first), the one representation of it."""
         request = prepared.request
         priority = self.settings.queues[request.priority].priority
-        answer, info = self.engine.infer(preparer.name, prepared, priority, trace_headers().get("traceparent", ""))
+        answer, info = self.engine.infer(preparer.name, prepared, priority, trace_headers().get("traceparent", ""), task_id)
         kind = str(request.task_type)
         if info.leader:  # batch-level figures once per batch, by whichever consumer got its first member
             metrics.BATCH_SIZE.labels(kind).observe(info.size)

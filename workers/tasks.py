@@ -34,11 +34,12 @@ from workers.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
-def run_model(ctx: Runtime, engine: Any, request: Any) -> tuple[Answer, BatchInfo]:
-    """The model's answer, with the model's processors around it (workers/processors)."""
+def run_model(ctx: Runtime, engine: Any, request: Any, task_id: str = "") -> tuple[Answer, BatchInfo]:
+    """The model's answer, with the model's processors around it (workers/processors). ``task_id``
+    names the task's token stream and cancellation marker (shared/streams.py)."""
     processors = ctx.processors[engine.name]
     request = processors.before(request)
-    answer, info = ctx.infer(engine, task_handler(request.task_type).prepare(engine, request))
+    answer, info = ctx.infer(engine, task_handler(request.task_type).prepare(engine, request), task_id)
     return Answer(processors.after(request, answer.output), answer.usage), info
 
 
@@ -47,7 +48,7 @@ def answer(ctx: Runtime, job: Job) -> dict[str, Any]:
     while answering (a remote server's 503) hands the request to a loaded model of its fallback
     chain, when the MODEL_UNAVAILABLE policy says ``fallback``."""
     try:
-        output, info = run_model(ctx, job.engine, job.request)
+        output, info = run_model(ctx, job.engine, job.request, job.task_id)
     except FleetError as exc:
         fallback = ctx.fallback_for(job.engine.name, job.request) if exc.code == ErrorCode.MODEL_UNAVAILABLE else None
         if fallback is None:
@@ -55,7 +56,7 @@ def answer(ctx: Runtime, job: Job) -> dict[str, Any]:
         log.warning("model %s unavailable for task %s (%s); answering with %s", job.engine.name, job.task_id, exc.message,
                     fallback.name)
         job.fallback_from, job.engine = job.fallback_from or job.engine.name, fallback
-        output, info = run_model(ctx, job.engine, job.request)
+        output, info = run_model(ctx, job.engine, job.request, job.task_id)
     job.executed, job.info = True, info
     submitted = job.request.submitted_at
     result = TaskResult(

@@ -16,10 +16,12 @@ from opentelemetry.trace import SpanKind
 from producers import gateway as package
 from producers.aio import AsyncFleetClient
 from producers.gateway import errors
-from producers.gateway.routes import admin, health, openai, tasks
+from producers.gateway.batches import Runner, Store
+from producers.gateway.routes import admin, batches, health, openai, tasks
 from producers.gateway.state import GatewayState
 from producers.ratelimit import RateLimiter
 from shared.config import Settings, load_settings
+from shared.schemas import TaskResult
 from shared.telemetry import tracer
 
 audit = logging.getLogger("autoglm.audit")
@@ -32,12 +34,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         fleet = AsyncFleetClient(settings.redis_url, settings)
         app.state.gateway = GatewayState(settings, fleet, fleet.redis, RateLimiter(fleet.redis))
+        app.state.batch_store = Store(settings.gateway.files_dir or settings.cache_dir / "gateway")
+        app.state.batch_runner = Runner(app.state.batch_store, fleet.sync, to_task=openai.batch_line_request,
+                                        to_body=_batch_body)
+        app.state.batch_runner.resume_all()  # batches a stopped gateway left running go on
         yield
+        app.state.batch_runner.stop()
         await fleet.close()
 
     app = FastAPI(title="Open-AutoGLM gateway", version="1", description=package.__doc__, lifespan=lifespan)
     errors.install(app)
-    for module in (tasks, openai, admin, health):
+    for module in (tasks, openai, batches, admin, health):
         app.include_router(module.router)
 
     @app.middleware("http")
@@ -57,6 +64,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return response
 
     return app
+
+
+def _batch_body(endpoint: str, data: dict) -> dict:
+    """A batch line's answer as its endpoint would have answered it."""
+    task_id, result = data.pop("id"), TaskResult.model_validate(data)
+    if endpoint == "/v1/chat/completions":
+        return openai.completion(task_id, result)
+    return {"id": task_id, "status": "SUCCESS", "status_url": tasks.status_url(task_id), "result": result.model_dump(mode="json")}
 
 
 def serve(host: str | None = None, port: int | None = None) -> None:

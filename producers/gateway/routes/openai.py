@@ -1,22 +1,30 @@
-"""OpenAI-compatible chat completions: one interactive task, awaited.
+"""OpenAI-compatible chat completions: one interactive task, awaited or streamed.
 
 Field policy (as OpenAI's API does for its typed fields): unknown fields are refused with
 INVALID_INPUT naming them. Known OpenAI fields the fleet cannot honour are accepted only at the
-value that changes nothing (``n: 1``, ``stream: false``, zero penalties) and refused otherwise.
+value that changes nothing (``n: 1``, zero penalties) and refused otherwise.
+
+``stream: true`` answers with server-sent events in OpenAI's chunk format (``chat.completion.chunk``
+... ``data: [DONE]``), read from the task's token stream (shared/streams.py) as the worker writes
+it. A client that disconnects cancels its task: the worker drops the row from its running batch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from producers.gateway.deps import State, User, remember_owner, within_rate
 from producers.gateway.routes.tasks import ERRORS
 from shared.errors import ErrorCode, FleetError
-from shared.schemas import Priority
+from shared.schemas import Priority, TaskResult
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses={**ERRORS, 504: ERRORS[503]})
 
@@ -31,6 +39,10 @@ class ChatMessageIn(_Strict):
     name: str | None = None
 
 
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(_Strict):
     """The subset of OpenAI's chat completions request the fleet serves."""
 
@@ -42,7 +54,8 @@ class ChatCompletionRequest(_Strict):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] | str | None = None
     n: Literal[1] = 1
-    stream: Literal[False] = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     presence_penalty: Literal[0] = 0
     frequency_penalty: Literal[0] = 0
     user: str | None = None
@@ -74,28 +87,89 @@ async def models(state: State, who: User) -> ModelList:
     return ModelList(data=[ModelCard(id=m.name, created=started, owned_by=f"autoglm/{m.backend}") for m in state.settings.models])
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, state: State, who: User) -> dict[str, Any]:
-    """Awaited up to gateway.max_wait_s, then DEADLINE_EXCEEDED (504) and the task is cancelled."""
-    await within_rate(state, who, Priority.INTERACTIVE)
+def task_request(body: ChatCompletionRequest, priority: str = "interactive") -> dict[str, Any]:
+    """A chat completions request as the fleet's generation request."""
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    handle = await state.fleet.submit({
-        "task_type": "text_generation", "messages": [m.model_dump(exclude={"name"}) for m in body.messages],
-        "model": body.model, "max_new_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-        "stop": stop, "priority": "interactive",
-    })
-    await remember_owner(state, handle.id, who)
-    wait_s = state.settings.gateway.max_wait_s
-    try:
-        result = await handle.result(timeout=wait_s)
-    except TimeoutError:
-        await state.fleet.cancel(handle.id)
-        raise FleetError(ErrorCode.DEADLINE_EXCEEDED, f"no answer within {wait_s}s; task {handle.id} cancelled") from None
+    return {"task_type": "text_generation", "messages": [m.model_dump(exclude={"name"}) for m in body.messages],
+            "model": body.model, "max_new_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+            "stop": stop, "priority": priority, "stream": body.stream}
+
+
+def batch_line_request(body: dict[str, Any]) -> dict[str, Any]:
+    """A Batch API line's body (validated as here; raises pydantic's ValidationError) as a bulk request."""
+    parsed = ChatCompletionRequest.model_validate(body)
+    if parsed.stream:
+        raise FleetError(ErrorCode.INVALID_INPUT, "stream: a batch line cannot stream; drop 'stream'")
+    return task_request(parsed, priority="bulk")
+
+
+def completion(task_id: str, result: TaskResult) -> dict[str, Any]:
+    """A finished generation as OpenAI's ``chat.completion`` object."""
     output = result.output
     return {
-        "id": f"chatcmpl-{handle.id}", "object": "chat.completion", "created": int(time.time()), "model": result.model,
+        "id": f"chatcmpl-{task_id}", "object": "chat.completion", "created": int(time.time()), "model": result.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},  # type: ignore[union-attr]
                      "finish_reason": output.finish_reason}],  # type: ignore[union-attr]
         "usage": {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens,
                   "total_tokens": result.usage.prompt_tokens + result.usage.completion_tokens},
     }
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, state: State, who: User) -> dict[str, Any] | StreamingResponse:
+    """Awaited up to gateway.max_wait_s, then DEADLINE_EXCEEDED (504) and the task is cancelled."""
+    await within_rate(state, who, Priority.INTERACTIVE)
+    handle = await state.fleet.submit(task_request(body))
+    await remember_owner(state, handle.id, who)
+    wait_s = state.settings.gateway.max_wait_s
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_events(state, handle, body.model or state.settings.model_for("text_generation", None),
+                                         wait_s, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        result = await handle.result(timeout=wait_s)
+    except TimeoutError:
+        await state.fleet.cancel(handle.id)
+        raise FleetError(ErrorCode.DEADLINE_EXCEEDED, f"no answer within {wait_s}s; task {handle.id} cancelled") from None
+    return completion(handle.id, result)
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _events(state: Any, handle: Any, model: str, wait_s: float, include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body. Runs until the end event, an error, or the client going away: Starlette then
+    cancels this generator, and ``finally`` cancels the task so its row stops generating."""
+    created, finished = int(time.time()), False
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        return _sse({"id": f"chatcmpl-{handle.id}", "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for piece in handle.stream(timeout=wait_s):
+            yield chunk({"content": piece})
+        result = await handle.result(timeout=10)
+        yield chunk({}, result.output.finish_reason)
+        if include_usage:
+            usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens,
+                     "total_tokens": result.usage.prompt_tokens + result.usage.completion_tokens}
+            yield _sse({"id": f"chatcmpl-{handle.id}", "object": "chat.completion.chunk", "created": created,
+                        "model": model, "choices": [], "usage": usage})
+        finished = True
+    except (FleetError, TimeoutError) as exc:
+        error = exc if isinstance(exc, FleetError) else FleetError(ErrorCode.DEADLINE_EXCEEDED, str(exc))
+        yield _sse({"error": {"code": str(error.code), "message": error.message, "retryable": error.retryable}})
+        finished = not isinstance(exc, TimeoutError)
+    finally:
+        if not finished:  # the client left (or the wait ran out): stop generating for nobody
+            task = asyncio.ensure_future(state.fleet.cancel(handle.id))
+            _CANCELLING.add(task)
+            task.add_done_callback(_CANCELLING.discard)
+    yield "data: [DONE]\n\n"
+
+
+_CANCELLING: set[asyncio.Future] = set()  # cancels in flight (a task nobody references may be collected)

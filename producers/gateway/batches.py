@@ -1,0 +1,304 @@
+"""The OpenAI Batch API's machinery: uploaded files, batch jobs run by the backfill, results in
+OpenAI's line format. Routes are in routes/batches.py; this module has no HTTP in it.
+
+A batch is the backfill (producers/backfill.py) run by the gateway in a thread: resumable through
+its journal (a gateway restarted mid-batch picks the batch up where it was, no line gets a second
+task), bounded in flight and by queue depth, every line at bulk priority. A Redis lease per batch
+makes one gateway replica run it; the others serve its status. Files and batch state live under
+``gateway.files_dir`` on the gateway's disk (replicas share a volume to share batches).
+
+Disk layout, per tenant:  files/<tenant>/<file_id>  (+ .json: the file object)
+                          batches/<tenant>/<batch_id>/batch.json, input.jsonl, out.jsonl,
+                          out.errors.jsonl, out.journal
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from producers.backfill import run_backfill
+from producers.client import FleetClient
+from shared.errors import ErrorCode, FleetError, invalid_input
+
+log = logging.getLogger(__name__)
+ENDPOINTS = ("/v1/chat/completions", "/v1/tasks")
+RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+LEASE_KEY = "autoglm:batch-lease:{}"
+LEASE_S = 30
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic: readers never see half a file."""
+    tmp = path.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+class Store:
+    """Files and batches on disk, per tenant. Ids are random and checked to be plain tokens, so a
+    path never leaves the tenant's folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @staticmethod
+    def _checked(name: str) -> str:
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise FleetError(ErrorCode.NOT_FOUND, f"no such id {name!r}")
+        return name
+
+    # -- files ---------------------------------------------------------------------------------
+    def file_dir(self, tenant: str) -> Path:
+        return self.root / "files" / self._checked(tenant)
+
+    def add_file(self, tenant: str, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
+        file_id = f"file-{uuid.uuid4().hex}"
+        folder = self.file_dir(tenant)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / file_id).write_bytes(content)
+        meta = {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose, "status": "processed"}
+        _write_json(folder / f"{file_id}.json", meta)
+        return meta
+
+    def file(self, tenant: str, file_id: str) -> dict[str, Any]:
+        path = self.file_dir(tenant) / f"{self._checked(file_id)}.json"
+        if not path.exists():
+            raise FleetError(ErrorCode.NOT_FOUND, f"no file {file_id} for tenant {tenant}")
+        return json.loads(path.read_text())
+
+    def file_path(self, tenant: str, file_id: str) -> Path:
+        self.file(tenant, file_id)
+        return self.file_dir(tenant) / file_id
+
+    def files(self, tenant: str) -> list[dict[str, Any]]:
+        folder = self.file_dir(tenant)
+        return sorted((json.loads(p.read_text()) for p in folder.glob("*.json")), key=lambda f: f["created_at"]) \
+            if folder.exists() else []
+
+    # -- batches -------------------------------------------------------------------------------
+    def batch_dir(self, tenant: str, batch_id: str) -> Path:
+        return self.root / "batches" / self._checked(tenant) / self._checked(batch_id)
+
+    def batch(self, tenant: str, batch_id: str) -> dict[str, Any]:
+        path = self.batch_dir(tenant, batch_id) / "batch.json"
+        if not path.exists():
+            raise FleetError(ErrorCode.NOT_FOUND, f"no batch {batch_id} for tenant {tenant}")
+        return json.loads(path.read_text())
+
+    def save(self, tenant: str, batch: dict[str, Any]) -> None:
+        _write_json(self.batch_dir(tenant, batch["id"]) / "batch.json", batch)
+
+    def batches(self, tenant: str) -> list[dict[str, Any]]:
+        folder = self.root / "batches" / self._checked(tenant)
+        found = [json.loads(p.read_text()) for p in folder.glob("*/batch.json")] if folder.exists() else []
+        return sorted(found, key=lambda b: b["created_at"], reverse=True)
+
+    def unfinished(self) -> list[tuple[str, str]]:
+        """(tenant, batch id) of every batch not yet in a final state (resumed at gateway start)."""
+        found = []
+        for path in (self.root / "batches").glob("*/*/batch.json"):
+            if json.loads(path.read_text())["status"] in RUNNING:
+                found.append((path.parent.parent.name, path.parent.name))
+        return found
+
+
+def new_batch(store: Store, tenant: str, input_file_id: str, endpoint: str, window: str,
+              metadata: dict[str, str] | None) -> dict[str, Any]:
+    store.file(tenant, input_file_id)  # NOT_FOUND unless this tenant uploaded it
+    if endpoint not in ENDPOINTS:
+        raise FleetError(ErrorCode.INVALID_INPUT, f"endpoint: {endpoint!r} is not served; use one of {list(ENDPOINTS)}")
+    now = int(time.time())
+    batch = {"id": f"batch_{uuid.uuid4().hex}", "object": "batch", "endpoint": endpoint, "errors": None,
+             "input_file_id": input_file_id, "completion_window": window, "status": "validating",
+             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+             "expires_at": now + 86_400, "finalizing_at": None, "completed_at": None, "failed_at": None,
+             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata or {}}
+    store.batch_dir(tenant, batch["id"]).mkdir(parents=True)
+    store.save(tenant, batch)
+    return batch
+
+
+def fleet_request(endpoint: str, body: dict[str, Any], to_task: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """One input line's body as a fleet request (``to_task``: the chat completions mapping)."""
+    return to_task(body) if endpoint == "/v1/chat/completions" else body
+
+
+class Runner:
+    """Runs batches in threads of the gateway process, one per batch, and resumes unfinished ones."""
+
+    def __init__(self, store: Store, client: FleetClient, to_task: Callable[[dict[str, Any]], dict[str, Any]],
+                 to_body: Callable[[str, dict[str, Any]], dict[str, Any]]) -> None:
+        self.store, self.client, self.to_task, self.to_body = store, client, to_task, to_body
+        self.redis = client.registry.client
+        self._threads: dict[str, threading.Thread] = {}
+        self._stopping = threading.Event()
+
+    def start(self, tenant: str, batch_id: str) -> None:
+        if batch_id in self._threads and self._threads[batch_id].is_alive():
+            return
+        thread = threading.Thread(target=self._run, args=(tenant, batch_id), name=f"batch-{batch_id}", daemon=True)
+        self._threads[batch_id] = thread
+        thread.start()
+
+    def resume_all(self) -> None:
+        for tenant, batch_id in self.store.unfinished():
+            self.start(tenant, batch_id)
+
+    def stop(self) -> None:
+        """Gateway shutdown: batches stop submitting; their journals let the next start resume them."""
+        self._stopping.set()
+
+    def cancel(self, tenant: str, batch_id: str) -> dict[str, Any]:
+        batch = self.store.batch(tenant, batch_id)
+        if batch["status"] in RUNNING and batch["status"] != "cancelling":
+            batch.update(status="cancelling", cancelling_at=int(time.time()))
+            self.store.save(tenant, batch)
+            self.start(tenant, batch_id)  # a replica that does not hold the lease returns at once
+        return batch
+
+    # -- one batch -----------------------------------------------------------------------------
+    def _lease(self, batch_id: str) -> bool:
+        key, me = LEASE_KEY.format(batch_id), f"{os.getpid()}-{threading.get_ident()}"
+        if self.redis.set(key, me, nx=True, ex=LEASE_S):
+            return True
+        return self.redis.get(key) == me
+
+    def _run(self, tenant: str, batch_id: str) -> None:
+        try:
+            if self._lease(batch_id):
+                self._run_leased(tenant, batch_id)
+        except Exception:  # noqa: BLE001 - a batch that breaks is marked failed, the gateway lives on
+            log.exception("batch %s failed", batch_id)
+            batch = self.store.batch(tenant, batch_id)
+            batch.update(status="failed", failed_at=int(time.time()),
+                         errors={"object": "list", "data": [{"code": "INTERNAL", "message": "the batch runner failed; "
+                                                             "see the gateway's log", "line": None}]})
+            self.store.save(tenant, batch)
+        finally:
+            self.redis.delete(LEASE_KEY.format(batch_id))
+
+    def _run_leased(self, tenant: str, batch_id: str) -> None:
+        folder = self.store.batch_dir(tenant, batch_id)
+        batch = self.store.batch(tenant, batch_id)
+        source, out, errors = folder / "input.jsonl", folder / "out.jsonl", folder / "out.errors.jsonl"
+        if batch["status"] == "validating":
+            total = self._convert(tenant, batch, source, errors)
+            batch.update(status="in_progress", in_progress_at=int(time.time()),
+                         request_counts={"total": total, "completed": 0, "failed": _lines(errors)})
+            self.store.save(tenant, batch)
+        counts = batch["request_counts"]
+        counts.update(completed=_lines(out), failed=_lines(errors))
+        last_save = [0.0]
+
+        def settled(ok: bool) -> None:
+            counts["completed" if ok else "failed"] += 1
+            now = time.monotonic()
+            if now - last_save[0] > 0.5:  # progress on disk twice a second, and the lease renewed
+                last_save[0] = now
+                self._save_counts(tenant, batch_id, counts)
+                self.redis.expire(LEASE_KEY.format(batch_id), LEASE_S)
+
+        def cancelled() -> bool:
+            return self._stopping.is_set() or self.store.batch(tenant, batch_id)["status"] == "cancelling"
+
+        if batch["status"] in ("in_progress", "cancelling"):
+            run_backfill(self.client, source, out, errors, on_settled=settled, cancelled=cancelled)
+            if self._stopping.is_set() and self.store.batch(tenant, batch_id)["status"] != "cancelling":
+                self._save_counts(tenant, batch_id, counts)
+                return  # gateway shutdown: resumed by the next start
+        batch = self.store.batch(tenant, batch_id)
+        batch["request_counts"] = counts
+        was_cancelled = batch["status"] == "cancelling"
+        batch.update(status="finalizing", finalizing_at=int(time.time()))
+        self.store.save(tenant, batch)
+        self._finalize(tenant, batch, out, errors)
+        final = "cancelled" if was_cancelled else "completed"
+        batch.update(status=final, **{f"{final}_at": int(time.time())})
+        self.store.save(tenant, batch)
+
+    def _save_counts(self, tenant: str, batch_id: str, counts: dict[str, int]) -> None:
+        batch = self.store.batch(tenant, batch_id)
+        batch["request_counts"] = dict(counts)
+        self.store.save(tenant, batch)
+
+    def _convert(self, tenant: str, batch: dict[str, Any], source: Path, errors: Path) -> int:
+        """The uploaded file as backfill input lines (``custom_id`` + fleet request); a line that is
+        not a valid request goes straight to the error file with INVALID_INPUT. Returns the lines."""
+        raw = self.store.file_path(tenant, batch["input_file_id"]).read_text().splitlines()
+        total = 0
+        with source.open("w") as good, errors.open("w") as bad:
+            for number, line in enumerate(raw, 1):
+                if not line.strip():
+                    continue
+                total += 1
+                custom_id = f"line-{number}"
+                try:
+                    entry = json.loads(line)
+                    custom_id = str(entry.get("custom_id") or custom_id)
+                    if entry.get("url", batch["endpoint"]) != batch["endpoint"]:
+                        raise FleetError(ErrorCode.INVALID_INPUT, f"url: {entry.get('url')!r} differs from the batch's "
+                                         f"endpoint {batch['endpoint']}")
+                    request = fleet_request(batch["endpoint"], entry["body"], self.to_task)
+                    good.write(json.dumps({"custom_id": custom_id, **request}) + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValidationError, FleetError) as exc:
+                    error = exc if isinstance(exc, FleetError) else invalid_input(exc) if isinstance(exc, ValidationError) \
+                        else FleetError(ErrorCode.INVALID_INPUT, f"line {number}: not a batch request line "
+                                        f"({{custom_id, method, url, body}}): {exc}")
+                    bad.write(json.dumps({"custom_id": custom_id, "task_id": None, "status": "failed",
+                                          "error": error.to_dict()}) + "\n")
+        return total
+
+    def _finalize(self, tenant: str, batch: dict[str, Any], out: Path, errors: Path) -> None:
+        """The backfill's result lines in OpenAI's output / error file format, as files of the tenant."""
+        ok_lines, bad_lines = [], []
+        for line in _read(out):
+            task_id = line["task_id"]
+            ok_lines.append({"id": f"batch_req_{task_id}", "custom_id": line["custom_id"], "error": None,
+                             "response": {"status_code": 200, "request_id": task_id,
+                                          "body": self.to_body(batch["endpoint"], {"id": task_id, **line["result"]})}})
+        for line in _read(errors):
+            code = line["error"]["code"]  # the backfill reports a wait that ran out as TIMEOUT
+            error = FleetError(code if code in ErrorCode.__members__ else ErrorCode.DEADLINE_EXCEEDED, line["error"]["message"])
+            task_id = line.get("task_id") or line["custom_id"]
+            bad_lines.append({"id": f"batch_req_{task_id}", "custom_id": line["custom_id"],
+                              "response": {"status_code": error.http_status, "request_id": line.get("task_id"),
+                                           "body": {"error": error.to_dict()}},
+                              "error": {"code": str(error.code), "message": error.message}})
+        if ok_lines:
+            batch["output_file_id"] = self.store.add_file(tenant, f"{batch['id']}_output.jsonl", "batch_output",
+                                                          _jsonl(ok_lines))["id"]
+        if bad_lines:
+            batch["error_file_id"] = self.store.add_file(tenant, f"{batch['id']}_error.jsonl", "batch_output",
+                                                         _jsonl(bad_lines))["id"]
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue  # a torn last line from a crash: the backfill waited for that request again
+    return lines
+
+
+def _lines(path: Path) -> int:
+    return len(_read(path))
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()

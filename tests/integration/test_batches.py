@@ -1,0 +1,121 @@
+"""The OpenAI Batch API on the gateway, driven by the official ``openai`` client: upload a JSONL
+file, run it as a batch, read request_counts, the output file and the error file; cancel; tenancy."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from producers.auth import Role, issue
+from tests.integration.conftest import Fleet
+from tests.integration.test_gateway import Gateway, gateway_env, start_gateway
+
+pytestmark = pytest.mark.integration
+CAPITALS = ["France", "Japan", "Italy", "Spain", "Germany", "Egypt", "Canada", "Peru"]
+
+
+@pytest.fixture(scope="module")
+def gateway(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Any]]:
+    tmp = tmp_path_factory.mktemp("batches")
+    env, config = gateway_env(fleet, tmp)
+    env["AUTOGLM_GATEWAY__FILES_DIR"] = str(tmp / "files")
+    running = start_gateway(env, tmp)
+    try:
+        yield running, config
+    finally:
+        running.stop()
+
+
+def _client(gateway: tuple[Gateway, Any], tenant: str) -> Any:
+    import openai
+
+    running, config = gateway
+    return openai.OpenAI(base_url=f"{running.url}/v1", api_key=issue(config, tenant, Role.USER), max_retries=0)
+
+
+def _line(n: int, **body: Any) -> str:
+    request = {"model": "smollm2-135m", "max_tokens": 6,
+               "messages": [{"role": "user", "content": f"What is the capital of {CAPITALS[n % len(CAPITALS)]}? (#{n})"}]}
+    return json.dumps({"custom_id": f"req-{n}", "method": "POST", "url": "/v1/chat/completions", "body": {**request, **body}})
+
+
+def _wait(client: Any, batch_id: str, until: tuple[str, ...], timeout: float = 900) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in until:
+            return batch
+        time.sleep(0.5)
+    raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout}s: {batch.request_counts}")
+
+
+def test_a_batch_of_200_lines_runs_to_completion_with_counts_and_files(gateway: tuple[Gateway, Any]) -> None:
+    client = _client(gateway, "batcher")
+    lines = [_line(n) for n in range(200)]
+    lines += [_line(200, max_tokens=0),  # invalid: max_tokens >= 1
+              json.dumps({"custom_id": "req-201", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}),
+              "this is not json"]
+    uploaded = client.files.create(file=("requests.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"job": "nightly"})
+    assert batch.status in ("validating", "in_progress") and batch.metadata == {"job": "nightly"}
+    seen_progress = set()
+    deadline = time.monotonic() + 900
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled"):
+        seen_progress.add(batch.request_counts.completed if batch.request_counts else 0)
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (203, 200, 3)
+    assert len(seen_progress) > 2, f"request_counts never moved while running: {sorted(seen_progress)}"
+
+    output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in output) == sorted(f"req-{n}" for n in range(200))
+    for line in output:
+        body = line["response"]["body"]
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
+        assert body["usage"]["completion_tokens"] >= 1
+    paris = next(o for o in output if o["custom_id"] == "req-0")["response"]["body"]["choices"][0]["message"]["content"]
+    assert "Paris" in paris
+
+    errors = {e["custom_id"]: e for e in map(json.loads, client.files.content(batch.error_file_id).text.splitlines())}
+    assert set(errors) == {"req-200", "req-201", "line-203"}
+    assert all(e["error"]["code"] == "INVALID_INPUT" and e["response"]["status_code"] == 422 for e in errors.values())
+    assert "max_tokens" in errors["req-200"]["error"]["message"]
+
+
+def test_a_cancelled_batch_stops_submitting_and_keeps_what_finished(gateway: tuple[Gateway, Any]) -> None:
+    client = _client(gateway, "canceller")
+    uploaded = client.files.create(file=("big.jsonl", "\n".join(_line(n, max_tokens=48) for n in range(400)).encode()),
+                                   purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    _wait(client, batch.id, ("in_progress",))
+    while client.batches.retrieve(batch.id).request_counts.completed < 5:
+        time.sleep(0.2)
+    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    batch = _wait(client, batch.id, ("cancelled",), timeout=300)
+    counts = batch.request_counts
+    assert counts.total == 400 and 5 <= counts.completed < 400 and counts.completed + counts.failed <= 400
+    done = client.files.content(batch.output_file_id).text.splitlines()
+    assert len(done) == counts.completed
+
+
+def test_tenants_see_only_their_own_files_and_batches(gateway: tuple[Gateway, Any]) -> None:
+    import openai
+
+    owner, other = _client(gateway, "owner-co"), _client(gateway, "other-co")
+    uploaded = owner.files.create(file=("one.jsonl", _line(0).encode()), purpose="batch")
+    batch = owner.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):  # nor may another tenant's file be the input of a batch
+        other.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.id not in [b.id for b in other.batches.list()]
+    assert _wait(owner, batch.id, ("completed",)).request_counts.completed == 1

@@ -1,0 +1,126 @@
+"""Token streaming and cancellation, end to end: the worker publishes text as its row decodes; the
+Python clients and the gateway's SSE (read by the official openai client) pass it on; a producer
+that cancels, or an SSE client that goes away, takes the row out of the running batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from producers.aio import AsyncFleetClient
+from producers.auth import Role, issue
+from shared.errors import ErrorCode, FleetError
+from tests.integration.conftest import Fleet
+from tests.integration.test_gateway import Gateway, gateway_env, start_gateway
+
+pytestmark = pytest.mark.integration
+STORY = "Write a long story about a lighthouse keeper and a storm."
+
+
+@pytest.fixture(scope="module")
+def gateway(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str]]:
+    tmp = tmp_path_factory.mktemp("streaming")
+    env, config = gateway_env(fleet, tmp)
+    running = start_gateway(env, tmp)
+    try:
+        yield running, issue(config, "streamer", Role.USER)
+    finally:
+        running.stop()
+
+
+def test_a_stream_delivers_text_before_the_answer_is_done(fleet: Fleet) -> None:
+    handle = fleet.client.submit_generate(STORY, max_new_tokens=96, stream=True)
+    pieces, done_at_first_piece = [], None
+    for piece in handle.stream(timeout=300):
+        if done_at_first_piece is None:
+            done_at_first_piece = handle.ready()
+        pieces.append(piece)
+    result = handle.result(timeout=60)
+    assert done_at_first_piece is False, "the first piece came only after the task had finished"
+    assert len(pieces) > 5 and "".join(pieces).strip() == result.output.text  # type: ignore[union-attr]
+    # Reading again from the start gives the same text (the stream is kept for streams.ttl_s).
+    assert "".join(handle.stream(timeout=30)).strip() == result.output.text  # type: ignore[union-attr]
+
+
+def test_a_request_that_did_not_ask_to_stream_yields_its_whole_text_once(fleet: Fleet) -> None:
+    handle = fleet.client.submit_generate("Name a fruit.", max_new_tokens=8)
+    assert list(handle.stream(timeout=300)) == [handle.result(timeout=60).output.text]  # type: ignore[union-attr]
+
+
+def test_the_async_client_streams_and_a_failed_task_raises_its_code(fleet: Fleet) -> None:
+    async def main() -> tuple[str, str]:
+        async with AsyncFleetClient(fleet.client.redis_url, fleet.settings) as client:
+            text = "".join([piece async for piece in client.stream("Say hello to the moon.", max_new_tokens=24)])
+            handle = await client.submit_generate("tell me " * 100, max_new_tokens=2000, stream=True)  # too long: fails
+            with pytest.raises(FleetError) as failed:
+                async for _ in handle.stream(timeout=120):
+                    pass
+            return text, failed.value.code
+
+    text, code = asyncio.run(main())
+    assert text.strip() and code == ErrorCode.PROMPT_TOO_LONG
+
+
+def test_cancelling_a_running_generation_takes_its_row_out(fleet: Fleet) -> None:
+    handle = fleet.client.submit_generate(STORY, max_new_tokens=1500, stream=True)
+    stream = handle.stream(timeout=300)
+    next(stream), next(stream)  # it is generating
+    cancelled_at = time.monotonic()
+    handle.cancel()
+    with pytest.raises(FleetError) as stopped:
+        handle.result(timeout=60)
+    assert stopped.value.code == ErrorCode.CANCELLED and "while generating" in stopped.value.message
+    # 1,500 tokens take minutes on a CPU; the row left within a poll or two of the cancel.
+    assert time.monotonic() - cancelled_at < 30
+    with pytest.raises(FleetError) as reader:
+        list(stream)
+    assert reader.value.code == ErrorCode.CANCELLED
+
+
+def test_the_official_openai_client_streams_a_chat_completion(fleet: Fleet, gateway: tuple[Gateway, str]) -> None:
+    import openai
+
+    running, token = gateway
+    client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=token, max_retries=0)
+    chunks = client.chat.completions.create(model="smollm2-135m", max_tokens=80, stream=True,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": STORY}])
+    content, finished_at_first_token, finish, usage, task_id = [], None, None, None, ""
+    for chunk in chunks:
+        task_id = chunk.id.removeprefix("chatcmpl-")
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                if finished_at_first_token is None:
+                    finished_at_first_token = fleet.client.handle(task_id).ready()
+                content.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    result = fleet.client.handle(task_id).result(timeout=60)
+    assert finished_at_first_token is False, "the first chunk came only after the whole answer was generated"
+    assert len(content) > 5 and "".join(content).strip() == result.output.text  # type: ignore[union-attr]
+    assert finish == result.output.finish_reason and usage.completion_tokens == result.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_an_sse_client_that_disconnects_cancels_its_task(fleet: Fleet, gateway: tuple[Gateway, str], tmp_path: Path) -> None:
+    running, token = gateway
+    body = {"model": "smollm2-135m", "max_tokens": 1500, "stream": True, "messages": [{"role": "user", "content": STORY}]}
+    task_id = ""
+    with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        seen = 0
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                task_id = task_id or line.split('"id":"chatcmpl-', 1)[1].split('"', 1)[0]
+                seen += 1
+            if seen >= 4:  # the row is generating: walk away mid-answer
+                break
+    with pytest.raises(FleetError) as stopped:
+        fleet.client.handle(task_id).result(timeout=60)
+    assert stopped.value.code == ErrorCode.CANCELLED and "while generating" in stopped.value.message
