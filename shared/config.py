@@ -238,6 +238,9 @@ class ContinuousConfig(_Section):
         default=None, description="Tokens per forward step (prefill chunks included); None: transformers decides.")
     num_blocks: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="Paged KV-cache blocks; None: transformers sizes it from free memory.")
+    max_memory_percent: Annotated[float, Field(gt=0, le=0.95)] | None = Field(
+        default=None, description="With num_blocks None: the share of free device memory the KV cache takes "
+        "(None: transformers' 0.9 on a GPU); classification batches share the device, so leave them room.")
 
 
 class BatchingOverride(_Section):

@@ -36,6 +36,7 @@ from opentelemetry import trace
 
 from shared.config import ContinuousConfig
 from shared.errors import ErrorCode, FleetError
+from shared.schemas import GenerateOutput, Usage
 from shared.telemetry import tracer
 from workers.batcher import BatchInfo
 from workers.engine import Answer, Engine, PreparedGenerate
@@ -89,6 +90,7 @@ class ContinuousGenerator:
         cb = ContinuousBatchingConfig(
             max_requests_per_batch=config.max_rows + config.interactive_reserve,
             num_blocks=config.num_blocks, max_batch_tokens=config.max_batch_tokens,
+            max_memory_percent=config.max_memory_percent,
             # Keep the model's attention as loaded: classification batches share the model.
             auto_switch_to_flash=False,
         )
@@ -184,18 +186,24 @@ class ContinuousGenerator:
         finished = output.is_finished()
         tokens = list(output.generated_tokens)
         if row.needs_steps and not finished:
+            stops = row.prepared.request.stop
             text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
-            stops = [text.find(stop) for stop in row.prepared.request.stop if stop in text]
-            if stops:
+            if any(stop in text for stop in stops):
                 self.manager.cancel_request(output.request_id)
                 finished = True
             elif row.streamed and not text.endswith("\ufffd"):  # never half a character
-                self._stream(row, text)
+                # Hold back what could be the start of a stop string: it never reaches a reader.
+                self._stream(row, text[: len(text) - max((len(s) - 1 for s in stops), default=0)])
         if finished:
             del self._active[output.request_id]
-            self._answer(row, self.engine._decode_row(row.prepared, tokens))
+            ids, text, finish = self.engine.cut_row(row.prepared, tokens)
+            if row.streamed:
+                self._stream(row, text)
+            self._answer(row, Answer(GenerateOutput(text=text.strip(), finish_reason=finish),
+                                     Usage(prompt_tokens=row.prepared.prompt_tokens, completion_tokens=len(ids))))
 
     def _stream(self, row: _Row, text: str) -> None:
+        """Stream offsets count in the unstripped text; the recorded answer is stripped."""
         if self.streams is not None and len(text) > row.sent:
             self.streams.text(row.task_id, row.sent, text[row.sent:])
             row.sent = len(text)
@@ -203,11 +211,6 @@ class ContinuousGenerator:
     def _answer(self, row: _Row, answer: Answer) -> None:
         now = time.monotonic()
         if row.streamed and self.streams is not None:
-            # The final text is stripped (as in the static path): send what the stream has not
-            # carried yet, then the end.
-            final = answer.output.text  # type: ignore[union-attr]
-            if len(final) > row.sent:
-                self.streams.text(row.task_id, row.sent, final[row.sent:])
             self.streams.end(row.task_id, answer.output.finish_reason)  # type: ignore[union-attr]
         self._end_spans(row, answer)
         info = BatchInfo(size=row.rows_at_admission, batch_wait_ms=(row.admitted - row.submitted) * 1000.0,

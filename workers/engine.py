@@ -299,9 +299,11 @@ class Engine:
             stopping_criteria=[stopper],
             streamer=streamer,
         )
-        return [self._decode_row(item, output[row, width:].tolist()) for row, item in enumerate(items)]
+        return [self.decode_row(item, output[row, width:].tolist()) for row, item in enumerate(items)]
 
-    def _decode_row(self, item: PreparedGenerate, new_ids: list[int]) -> Answer:
+    def cut_row(self, item: PreparedGenerate, new_ids: list[int]) -> tuple[list[int], str, str]:
+        """A row's tokens and text up to its limit, first stop token or first stop string (the
+        text unstripped: a token stream's offsets count in it), and its finish reason."""
         request = item.request
         new_ids = new_ids[: request.max_new_tokens]
         finish = "length"
@@ -313,6 +315,10 @@ class Engine:
         cuts = [text.find(stop) for stop in request.stop if stop in text]
         if cuts:
             text, finish = text[: min(cuts)], "stop"
+        return new_ids, text, finish
+
+    def decode_row(self, item: PreparedGenerate, new_ids: list[int]) -> Answer:
+        new_ids, text, finish = self.cut_row(item, new_ids)
         usage = Usage(prompt_tokens=item.prompt_tokens, completion_tokens=len(new_ids))
         return Answer(GenerateOutput(text=text.strip(), finish_reason=finish), usage)
 

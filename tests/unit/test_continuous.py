@@ -1,0 +1,143 @@
+"""Continuous batching's admission, answers, streams and cancellation (workers/continuous.py), on the
+tiny random-weight Llama of test_engine (plumbing only: the answers are compared, not judged)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+
+from shared.config import ContinuousConfig
+from shared.errors import ErrorCode, FleetError
+from tests.unit.test_engine import PROMPTS, engine, gen  # noqa: F401 - the module-scoped engine fixture
+from workers.continuous import ContinuousGenerator
+from workers.engine import Engine
+
+INTERACTIVE, BULK = 0, 1
+
+
+class Sink:
+    """The generator's stream writer here: records what it was given."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, list[tuple[int, str]]] = {}
+        self.ends: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+
+    def text(self, task_id: str, offset: int, text: str) -> None:
+        self.pieces.setdefault(task_id, []).append((offset, text))
+
+    def end(self, task_id: str, finish_reason: str) -> None:
+        self.ends[task_id] = finish_reason
+
+    def error(self, task_id: str, code: str, message: str) -> None:
+        self.errors[task_id] = code
+
+
+@pytest.fixture
+def sink() -> Sink:
+    return Sink()
+
+
+def generator(engine: Engine, sink: Sink, static: list[Any] | None = None, **config: Any) -> ContinuousGenerator:  # noqa: F811
+    def fallback(prepared: Any, priority: int, span: Any, task_id: str) -> Future:
+        future: Future = Future()
+        (static if static is not None else []).append(task_id)
+        future.set_result((engine.generate([prepared])[0], None))
+        return future
+
+    settings = ContinuousConfig(**{"max_rows": 4, "interactive_reserve": 1, "num_blocks": 8, **config})
+    return ContinuousGenerator(engine, settings, most_urgent=INTERACTIVE, streams=sink, fallback=fallback)  # type: ignore[arg-type]
+
+
+def drive(gen_: ContinuousGenerator, futures: list[Future], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(f.done() for f in futures):
+        assert time.monotonic() < deadline, "continuous batching did not finish"
+        gen_.step()
+        time.sleep(0.002)
+
+
+def submit(gen_: ContinuousGenerator, item: Any, task_id: str, priority: int = BULK) -> Future:
+    return gen_.submit(item, priority, task_id, trace.INVALID_SPAN_CONTEXT)
+
+
+def test_rows_joining_a_running_batch_get_the_answers_they_get_alone(engine: Engine, sink: Sink) -> None:  # noqa: F811
+    items = [gen(engine, p, max_new_tokens=n) for p, n in zip(PROMPTS, (12, 3, 20, 7), strict=True)]
+    alone = [engine.generate([item])[0].output.text for item in items]
+    g = generator(engine, sink)
+    try:
+        first = submit(g, items[0], "a")
+        g.step()
+        time.sleep(0.05)  # the first row is decoding when the others arrive
+        rest = [submit(g, item, t) for item, t in zip(items[1:], "bcd", strict=True)]
+        drive(g, [first, *rest])
+        answers = [f.result()[0] for f in [first, *rest]]
+    finally:
+        g.close()
+    assert [a.output.text for a in answers] == alone
+    assert [a.usage.completion_tokens for a in answers] <= [12, 3, 20, 7]
+
+
+def test_interactive_requests_take_reserved_rows_while_bulk_waits(engine: Engine, sink: Sink) -> None:  # noqa: F811
+    g = generator(engine, sink, max_rows=2, interactive_reserve=1)
+    try:
+        bulk = [submit(g, gen(engine, p, max_new_tokens=30), f"bulk{i}") for i, p in enumerate(PROMPTS)]
+        g.step()
+        assert len(g._active) == 2  # bulk fills max_rows and no more
+        urgent = submit(g, gen(engine, "Hi", max_new_tokens=2), "urgent", INTERACTIVE)
+        g.step()
+        assert "urgent" in {row.task_id for row in g._active.values()} and len(g._active) == 3
+        drive(g, [urgent])
+        assert sum(f.done() for f in bulk) < len(bulk), "the interactive row finished only after all bulk rows"
+        drive(g, bulk)
+    finally:
+        g.close()
+
+
+def test_a_stream_carries_the_text_in_order_and_ends_with_the_finish(engine: Engine, sink: Sink) -> None:  # noqa: F811
+    g = generator(engine, sink)
+    try:
+        future = submit(g, gen(engine, PROMPTS[1], max_new_tokens=16, stream=True), "s")
+        drive(g, [future])
+    finally:
+        g.close()
+    pieces = sink.pieces["s"]
+    assert [offset for offset, _ in pieces] == [sum(len(t) for _, t in pieces[:i]) for i in range(len(pieces))]
+    assert "".join(t for _, t in pieces).strip() == future.result()[0].output.text
+    assert sink.ends["s"] == future.result()[0].output.finish_reason and len(pieces) > 1
+
+
+def test_a_stop_string_ends_the_row_and_never_reaches_the_stream(engine: Engine, sink: Sink) -> None:  # noqa: F811
+    full = engine.generate([gen(engine, PROMPTS[2], max_new_tokens=20)])[0].output.text
+    stop = full.split()[2]  # a word the greedy answer is known to contain
+    g = generator(engine, sink)
+    try:
+        future = submit(g, gen(engine, PROMPTS[2], max_new_tokens=20, stop=[stop], stream=True), "s")
+        drive(g, [future])
+    finally:
+        g.close()
+    answer = future.result()[0]
+    assert answer.output.finish_reason == "stop" and stop not in answer.output.text
+    assert stop not in "".join(t for _, t in sink.pieces.get("s", []))
+
+
+def test_cancelled_rows_leave_the_batch_and_fail_with_cancelled(engine: Engine, sink: Sink) -> None:  # noqa: F811
+    g = generator(engine, sink, max_rows=1, interactive_reserve=0)
+    try:
+        running = submit(g, gen(engine, PROMPTS[1], max_new_tokens=200, stream=True), "running")
+        waiting = submit(g, gen(engine, PROMPTS[0], max_new_tokens=5), "waiting")
+        g.step()
+        g.cancel({"running", "waiting"})
+        for future in (running, waiting):
+            with pytest.raises(FleetError) as cancelled:
+                future.result(timeout=1)
+            assert cancelled.value.code == ErrorCode.CANCELLED
+        assert sink.errors["running"] == "CANCELLED" and not g.busy
+        after = submit(g, gen(engine, PROMPTS[0], max_new_tokens=3), "after")  # the freed row serves the next
+        drive(g, [after])
+    finally:
+        g.close()
