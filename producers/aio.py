@@ -67,6 +67,12 @@ class AsyncFleetClient:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
         )
         self._redis = aioredis.Redis(connection_pool=pool)
+        # Stream readers block in XREAD (up to 250 ms each turn): a pool of their own, so a gateway's
+        # many open SSE responses never queue the result polls and rate-limit calls behind them.
+        streams_pool = aioredis.BlockingConnectionPool.from_url(
+            self._sync.redis_url, max_connections=self.settings.streams.max_readers, timeout=None, socket_timeout=5.0,
+            socket_connect_timeout=1.0, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
+        self._stream_redis = aioredis.Redis(connection_pool=streams_pool)
 
     # -- submitting ----------------------------------------------------------------------------
     async def submit(self, request: Request | dict[str, Any]) -> AsyncTaskHandle:
@@ -112,7 +118,7 @@ class AsyncFleetClient:
         while True:
             try:
                 # A blocking read holds a pooled connection: keep it short, so many streams share few.
-                records = await self._redis.xread({key: last}, block=250, count=256)
+                records = await self._stream_redis.xread({key: last}, block=250, count=256)
             except RedisError as exc:
                 raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {task_id}'s stream: {exc}") from exc
             for last, event in streams.entries(records):
@@ -183,6 +189,7 @@ class AsyncFleetClient:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._stream_redis.aclose()
         self._sync.close()
 
     async def __aenter__(self) -> AsyncFleetClient:

@@ -84,6 +84,16 @@ class Journal:
         out.flush()
 
 
+def _end_torn_line(path: Path) -> None:
+    """A crash mid-write leaves a last line without its newline; appending to it would glue the
+    next line onto it and lose both. End it: the torn line is skipped when read, its request waited for again."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def _bulk(request: dict[str, Any]) -> dict[str, Any]:
     return {"priority": Priority.BULK, **request}
 
@@ -130,6 +140,8 @@ def run_backfill(
     request_counts with it); ``cancelled()`` is asked between chunks: once true, nothing more is
     submitted, the tasks in flight are cancelled and reported as CANCELLED errors."""
     errors = errors or output.with_suffix(".errors.jsonl")
+    for path in (output, errors, output.with_suffix(".journal")):
+        _end_torn_line(path)
     settled_hook = on_settled or (lambda ok: None)
     stop = cancelled or (lambda: False)
     journal = Journal(output.with_suffix(".journal")).load()

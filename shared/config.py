@@ -388,6 +388,8 @@ class StreamsConfig(_Section):
     ttl_s: Annotated[int, Field(ge=1)] = Field(default=600, description="A task's token stream expires this long after its last write.")
     cancel_poll_ms: Annotated[int, Field(ge=10, le=10_000)] = Field(
         default=200, description="How often the engine core looks for cancelled rows (one Redis round trip).")
+    max_readers: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=256, description="Streams an asyncio client (a gateway) reads at once; more wait for a connection.")
 
 
 class GatewayConfig(_Section):
@@ -406,6 +408,8 @@ class GatewayConfig(_Section):
     files_dir: Path | None = Field(
         default=None, description="Batch API files and batch state (per tenant); None: <cache_dir>/gateway. "
         "Gateway replicas that share it share batches.")
+    batch_lease_s: Annotated[float, Field(ge=1, le=3600)] = Field(
+        default=30.0, description="A batch whose gateway died is taken over (or resumed by its restart) this long later.")
 
 
 class Settings(BaseSettings):

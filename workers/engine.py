@@ -247,6 +247,7 @@ class Engine:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device),
                                                           trust_remote_code=config.trust_remote_code)
         self.model.eval()
+        self._warm_up()
         self.load_seconds = time.perf_counter() - started
         self.context = self.preparer.context
         self.stop_token_ids = self._stop_token_ids()
@@ -256,6 +257,15 @@ class Engine:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One forward pass now, in one thread. Kernels finish setting up on their first call
+        (gptqmodel's CPU kernel repacks its weights then, unguarded); the engine core later runs
+        continuous-batching steps and classification batches in two threads, which must never
+        both make that first call (seen: 'rshift_cpu not implemented for BFloat16')."""
+        ids = self.tokenizer("Hello", return_tensors="pt")["input_ids"].to(self.device)
+        self.model(input_ids=ids)
 
     def prepare(self, request: GenerateRequest | ClassifyRequest) -> Prepared:
         return self.preparer.prepare(request)

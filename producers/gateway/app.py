@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.gateway = GatewayState(settings, fleet, fleet.redis, RateLimiter(fleet.redis))
         app.state.batch_store = Store(settings.gateway.files_dir or settings.cache_dir / "gateway")
         app.state.batch_runner = Runner(app.state.batch_store, fleet.sync, to_task=openai.batch_line_request,
-                                        to_body=_batch_body)
+                                        to_body=_batch_body, lease_s=settings.gateway.batch_lease_s)
         app.state.batch_runner.resume_all()  # batches a stopped gateway left running go on
         yield
         app.state.batch_runner.stop()

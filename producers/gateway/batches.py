@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 ENDPOINTS = ("/v1/chat/completions", "/v1/tasks")
 RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
 LEASE_KEY = "autoglm:batch-lease:{}"
-LEASE_S = 30
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -91,10 +90,19 @@ class Store:
         return self.root / "batches" / self._checked(tenant) / self._checked(batch_id)
 
     def batch(self, tenant: str, batch_id: str) -> dict[str, Any]:
-        path = self.batch_dir(tenant, batch_id) / "batch.json"
-        if not path.exists():
+        folder = self.batch_dir(tenant, batch_id)
+        if not (folder / "batch.json").exists():
             raise FleetError(ErrorCode.NOT_FOUND, f"no batch {batch_id} for tenant {tenant}")
-        return json.loads(path.read_text())
+        batch = json.loads((folder / "batch.json").read_text())
+        if batch["status"] in RUNNING and (folder / "cancel").exists():
+            batch["status"] = "cancelling"  # a marker file: the runner's own writes never undo a cancel
+        return batch
+
+    def request_cancel(self, tenant: str, batch_id: str) -> None:
+        (self.batch_dir(tenant, batch_id) / "cancel").write_text(str(int(time.time())))
+
+    def cancel_requested(self, tenant: str, batch_id: str) -> bool:
+        return (self.batch_dir(tenant, batch_id) / "cancel").exists()
 
     def save(self, tenant: str, batch: dict[str, Any]) -> None:
         _write_json(self.batch_dir(tenant, batch["id"]) / "batch.json", batch)
@@ -139,8 +147,11 @@ class Runner:
     """Runs batches in threads of the gateway process, one per batch, and resumes unfinished ones."""
 
     def __init__(self, store: Store, client: FleetClient, to_task: Callable[[dict[str, Any]], dict[str, Any]],
-                 to_body: Callable[[str, dict[str, Any]], dict[str, Any]]) -> None:
+                 to_body: Callable[[str, dict[str, Any]], dict[str, Any]], lease_s: float = 30.0) -> None:
+        """``lease_s``: a replica that stops renewing its batch's lease (it died) loses the batch to
+        another replica, or to its own restart, after this long."""
         self.store, self.client, self.to_task, self.to_body = store, client, to_task, to_body
+        self.lease_s = lease_s
         self.redis = client.registry.client
         self._threads: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
@@ -163,22 +174,39 @@ class Runner:
     def cancel(self, tenant: str, batch_id: str) -> dict[str, Any]:
         batch = self.store.batch(tenant, batch_id)
         if batch["status"] in RUNNING and batch["status"] != "cancelling":
+            self.store.request_cancel(tenant, batch_id)
             batch.update(status="cancelling", cancelling_at=int(time.time()))
-            self.store.save(tenant, batch)
             self.start(tenant, batch_id)  # a replica that does not hold the lease returns at once
         return batch
 
     # -- one batch -----------------------------------------------------------------------------
-    def _lease(self, batch_id: str) -> bool:
-        key, me = LEASE_KEY.format(batch_id), f"{os.getpid()}-{threading.get_ident()}"
-        if self.redis.set(key, me, nx=True, ex=LEASE_S):
-            return True
-        return self.redis.get(key) == me
+    def _take_lease(self, tenant: str, batch_id: str, me: str) -> bool:
+        """The batch's lease, waiting out one a stopped replica left (it expires in lease_s);
+        False when another live replica runs the batch, or it finished meanwhile."""
+        key = LEASE_KEY.format(batch_id)
+        deadline = time.monotonic() + 2 * self.lease_s
+        while not self._stopping.is_set():
+            if self.redis.set(key, me, nx=True, ex=max(1, int(self.lease_s))):
+                return True
+            if time.monotonic() > deadline or self.store.batch(tenant, batch_id)["status"] not in RUNNING:
+                return False
+            time.sleep(1.0)
+        return False
+
+    def _renew(self, batch_id: str, me: str, done: threading.Event) -> None:
+        """Keep the lease while the batch runs, however long a wait inside the backfill takes."""
+        key = LEASE_KEY.format(batch_id)
+        while not done.wait(self.lease_s / 3):
+            if self.redis.get(key) == me:
+                self.redis.expire(key, max(1, int(self.lease_s)))
 
     def _run(self, tenant: str, batch_id: str) -> None:
+        me, done = f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:6]}", threading.Event()
+        if not self._take_lease(tenant, batch_id, me):
+            return
+        threading.Thread(target=self._renew, args=(batch_id, me, done), daemon=True).start()
         try:
-            if self._lease(batch_id):
-                self._run_leased(tenant, batch_id)
+            self._run_leased(tenant, batch_id)
         except Exception:  # noqa: BLE001 - a batch that breaks is marked failed, the gateway lives on
             log.exception("batch %s failed", batch_id)
             batch = self.store.batch(tenant, batch_id)
@@ -187,15 +215,19 @@ class Runner:
                                                              "see the gateway's log", "line": None}]})
             self.store.save(tenant, batch)
         finally:
-            self.redis.delete(LEASE_KEY.format(batch_id))
+            done.set()
+            if self.redis.get(LEASE_KEY.format(batch_id)) == me:
+                self.redis.delete(LEASE_KEY.format(batch_id))
 
     def _run_leased(self, tenant: str, batch_id: str) -> None:
         folder = self.store.batch_dir(tenant, batch_id)
         batch = self.store.batch(tenant, batch_id)
         source, out, errors = folder / "input.jsonl", folder / "out.jsonl", folder / "out.errors.jsonl"
-        if batch["status"] == "validating":
-            total = self._convert(tenant, batch, source, errors)
-            batch.update(status="in_progress", in_progress_at=int(time.time()),
+        if not source.exists():  # validating (a torn conversion is redone: it writes both files afresh)
+            total = self._convert(tenant, batch, source.with_suffix(".partial"), errors)
+            source.with_suffix(".partial").replace(source)
+            batch.update(status="cancelling" if self.store.cancel_requested(tenant, batch_id) else "in_progress",
+                         in_progress_at=int(time.time()),
                          request_counts={"total": total, "completed": 0, "failed": _lines(errors)})
             self.store.save(tenant, batch)
         counts = batch["request_counts"]
@@ -205,22 +237,23 @@ class Runner:
         def settled(ok: bool) -> None:
             counts["completed" if ok else "failed"] += 1
             now = time.monotonic()
-            if now - last_save[0] > 0.5:  # progress on disk twice a second, and the lease renewed
+            if now - last_save[0] > 0.5:  # progress on disk at most twice a second
                 last_save[0] = now
                 self._save_counts(tenant, batch_id, counts)
-                self.redis.expire(LEASE_KEY.format(batch_id), LEASE_S)
 
         def cancelled() -> bool:
-            return self._stopping.is_set() or self.store.batch(tenant, batch_id)["status"] == "cancelling"
+            return self._stopping.is_set() or self.store.cancel_requested(tenant, batch_id)
 
         if batch["status"] in ("in_progress", "cancelling"):
             run_backfill(self.client, source, out, errors, on_settled=settled, cancelled=cancelled)
-            if self._stopping.is_set() and self.store.batch(tenant, batch_id)["status"] != "cancelling":
+            if self._stopping.is_set() and not self.store.cancel_requested(tenant, batch_id):
                 self._save_counts(tenant, batch_id, counts)
                 return  # gateway shutdown: resumed by the next start
         batch = self.store.batch(tenant, batch_id)
         batch["request_counts"] = counts
-        was_cancelled = batch["status"] == "cancelling"
+        was_cancelled = self.store.cancel_requested(tenant, batch_id)
+        if was_cancelled:
+            batch["cancelling_at"] = int((self.store.batch_dir(tenant, batch_id) / "cancel").read_text())
         batch.update(status="finalizing", finalizing_at=int(time.time()))
         self.store.save(tenant, batch)
         self._finalize(tenant, batch, out, errors)

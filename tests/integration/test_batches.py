@@ -119,3 +119,30 @@ def test_tenants_see_only_their_own_files_and_batches(gateway: tuple[Gateway, An
         other.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert batch.id not in [b.id for b in other.batches.list()]
     assert _wait(owner, batch.id, ("completed",)).request_counts.completed == 1
+
+
+def test_a_batch_survives_its_gateway_being_killed_and_answers_every_line_once(fleet: Fleet, tmp_path: Any) -> None:
+    import openai
+
+    env, config = gateway_env(fleet, tmp_path)
+    env.update({"AUTOGLM_GATEWAY__FILES_DIR": str(tmp_path / "files"), "AUTOGLM_GATEWAY__BATCH_LEASE_S": "3"})
+    first = start_gateway(env, tmp_path)
+    token = issue(config, "survivor", Role.USER)
+    client = openai.OpenAI(base_url=f"{first.url}/v1", api_key=token, max_retries=0)
+    uploaded = client.files.create(file=("r.jsonl", "\n".join(_line(n, max_tokens=12) for n in range(150)).encode()),
+                                   purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    while client.batches.retrieve(batch.id).request_counts.completed < 10:
+        time.sleep(0.2)
+    first.process.kill()  # kill -9 mid-batch: no shutdown, its lease just stops being renewed
+    first.process.wait(10)
+    second = start_gateway(env, tmp_path)  # same files: it resumes the batch from its journal
+    try:
+        client = openai.OpenAI(base_url=f"{second.url}/v1", api_key=token, max_retries=0)
+        done = _wait(client, batch.id, ("completed",))
+        output = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    finally:
+        second.stop()
+    assert done.request_counts.total == done.request_counts.completed == 150
+    assert sorted(o["custom_id"] for o in output) == sorted(f"req-{n}" for n in range(150))  # each line once
+    assert len({o["response"]["request_id"] for o in output}) == 150  # one task per line, none submitted twice

@@ -27,3 +27,17 @@ def test_journal_survives_a_torn_last_line(tmp_path: Path) -> None:
     journal = Journal(path).load()
     assert journal.submitted == {"a": "t1", "b": "t2"}
     assert journal.unconfirmed == {1: {"b": "t2"}} and journal.next_chunk == 2
+
+
+def test_a_torn_last_line_is_ended_before_anything_is_appended(tmp_path: Path) -> None:
+    """Appending after a crash's half-written line would glue the next result onto it: both lost."""
+    from producers.backfill import _done_ids, _end_torn_line
+
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"custom_id": "a", "status": "succeeded"}\n{"custom_id": "b", "sta')
+    _end_torn_line(out)
+    with out.open("a") as f:
+        f.write('{"custom_id": "c", "status": "succeeded"}\n')
+    assert _done_ids(out) == {"a", "c"}  # b is waited for again; c is not lost
+    _end_torn_line(out)
+    assert out.read_text().endswith('"succeeded"}\n') and "\n\n" not in out.read_text()
