@@ -408,6 +408,9 @@ class GatewayConfig(_Section):
     files_dir: Path | None = Field(
         default=None, description="Batch API files and batch state (per tenant); None: <cache_dir>/gateway. "
         "Gateway replicas that share it share batches.")
+    tenant_models: dict[str, list[str]] = Field(
+        default={}, description="Models each listed tenant may see (GET /v1/models) and use; a tenant not "
+        "listed, and an admin, sees every model.")
     batch_lease_s: Annotated[float, Field(ge=1, le=3600)] = Field(
         default=30.0, description="A batch whose gateway died is taken over (or resumed by its restart) this long later.")
 

@@ -17,6 +17,7 @@ from producers import gateway as package
 from producers.aio import AsyncFleetClient
 from producers.gateway import errors
 from producers.gateway.batches import Runner, Store
+from producers.gateway.deps import check_model
 from producers.gateway.routes import admin, batches, health, openai, tasks
 from producers.gateway.state import GatewayState
 from producers.ratelimit import RateLimiter
@@ -36,7 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.gateway = GatewayState(settings, fleet, fleet.redis, RateLimiter(fleet.redis))
         app.state.batch_store = Store(settings.gateway.files_dir or settings.cache_dir / "gateway")
         app.state.batch_runner = Runner(app.state.batch_store, fleet.sync, to_task=openai.batch_line_request,
-                                        to_body=_batch_body, lease_s=settings.gateway.batch_lease_s)
+                                        to_body=_batch_body, lease_s=settings.gateway.batch_lease_s,
+                                        check_model=lambda tenant, model, task: check_model(settings, tenant, model, task))
         app.state.batch_runner.resume_all()  # batches a stopped gateway left running go on
         yield
         app.state.batch_runner.stop()

@@ -147,11 +147,13 @@ class Runner:
     """Runs batches in threads of the gateway process, one per batch, and resumes unfinished ones."""
 
     def __init__(self, store: Store, client: FleetClient, to_task: Callable[[dict[str, Any]], dict[str, Any]],
-                 to_body: Callable[[str, dict[str, Any]], dict[str, Any]], lease_s: float = 30.0) -> None:
+                 to_body: Callable[[str, dict[str, Any]], dict[str, Any]], lease_s: float = 30.0,
+                 check_model: Callable[[str, str | None, str], None] | None = None) -> None:
         """``lease_s``: a replica that stops renewing its batch's lease (it died) loses the batch to
         another replica, or to its own restart, after this long."""
         self.store, self.client, self.to_task, self.to_body = store, client, to_task, to_body
         self.lease_s = lease_s
+        self.check_model = check_model  # (tenant, model, task type): FleetError for a model the tenant may not use
         self.redis = client.registry.client
         self._threads: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
@@ -284,6 +286,8 @@ class Runner:
                         raise FleetError(ErrorCode.INVALID_INPUT, f"url: {entry.get('url')!r} differs from the batch's "
                                          f"endpoint {batch['endpoint']}")
                     request = fleet_request(batch["endpoint"], entry["body"], self.to_task)
+                    if self.check_model is not None:
+                        self.check_model(tenant, request.get("model"), str(request.get("task_type", "")))
                     good.write(json.dumps({"custom_id": custom_id, **request}) + "\n")
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValidationError, FleetError) as exc:
                     error = exc if isinstance(exc, FleetError) else invalid_input(exc) if isinstance(exc, ValidationError) \

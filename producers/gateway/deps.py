@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Request
 
 from producers.auth import Principal, Role, verify
 from producers.gateway.state import GatewayState, gateway_state
+from shared.config import Settings
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import Priority
 
@@ -43,6 +44,23 @@ async def within_rate(state: GatewayState, who: Principal, priority: Priority) -
         error = FleetError(ErrorCode.RATE_LIMITED, f"tenant {who.tenant} is over its {priority} rate; retry in {wait}s")
         error.retry_after = wait  # type: ignore[attr-defined]
         raise error
+
+
+def visible_models(settings: Settings, tenant: str, role: Role = Role.USER) -> list[str]:
+    """The models a tenant may see and use (``gateway.tenant_models``; unlisted tenants and admins: all)."""
+    allowed = settings.gateway.tenant_models.get(tenant)
+    return settings.model_names if allowed is None or role == Role.ADMIN else [m for m in settings.model_names if m in allowed]
+
+
+def check_model(settings: Settings, tenant: str, model: str | None, task_type: str, role: Role = Role.USER) -> None:
+    """NOT_FOUND for a model this tenant may not use (as for a model that does not exist to it)."""
+    try:
+        name = settings.model_for(task_type, model)
+    except KeyError:
+        return  # no model serves the task type: the client refuses it with INVALID_INPUT
+    if name in settings.model_names and name not in visible_models(settings, tenant, role):
+        raise FleetError(ErrorCode.NOT_FOUND, f"model {name!r} is not available to tenant {tenant}; "
+                         f"its models: {visible_models(settings, tenant, role)}")
 
 
 async def remember_owner(state: GatewayState, task_id: str, who: Principal) -> None:

@@ -23,6 +23,7 @@ def gateway(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     tmp = tmp_path_factory.mktemp("batches")
     env, config = gateway_env(fleet, tmp)
     env["AUTOGLM_GATEWAY__FILES_DIR"] = str(tmp / "files")
+    env["AUTOGLM_GATEWAY__TENANT_MODELS"] = json.dumps({"no-models-co": []})
     running = start_gateway(env, tmp)
     try:
         yield running, config
@@ -146,3 +147,20 @@ def test_a_batch_survives_its_gateway_being_killed_and_answers_every_line_once(f
     assert done.request_counts.total == done.request_counts.completed == 150
     assert sorted(o["custom_id"] for o in output) == sorted(f"req-{n}" for n in range(150))  # each line once
     assert len({o["response"]["request_id"] for o in output}) == 150  # one task per line, none submitted twice
+
+
+def test_a_tenant_uses_and_lists_only_the_models_it_may_see(gateway: tuple[Gateway, Any]) -> None:
+    import openai
+
+    client = _client(gateway, "no-models-co")  # gateway.tenant_models: {"no-models-co": []}
+    assert list(client.models.list()) == []
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}])
+    assert refused.value.body["code"] == "NOT_FOUND"
+    uploaded = client.files.create(file=("one.jsonl", _line(0).encode()), purpose="batch")
+    batch = _wait(client, client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                                completion_window="24h").id, ("completed",))
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (0, 1)
+    error = json.loads(client.files.content(batch.error_file_id).text)
+    assert error["error"]["code"] == "NOT_FOUND" and error["response"]["status_code"] == 404
+    assert [m.id for m in _client(gateway, "anyone-else").models.list()] == ["smollm2-135m"]

@@ -21,7 +21,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from producers.gateway.deps import State, User, remember_owner, within_rate
+from producers.gateway.deps import State, User, check_model, remember_owner, visible_models, within_rate
 from producers.gateway.routes.tasks import ERRORS
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import Priority, TaskResult
@@ -81,10 +81,12 @@ class ModelList(BaseModel):
 
 @router.get("/models", response_model=ModelList)
 async def models(state: State, who: User) -> ModelList:
-    """The configured models, in OpenAI's list format (many OpenAI clients call this first). Every
-    tenant sees every configured model; ``owned_by`` names the backend that answers for it."""
+    """The models this tenant may use (``gateway.tenant_models``), in OpenAI's list format (many
+    OpenAI clients call this first); ``owned_by`` names the backend that answers for it."""
     started = int(state.started_at)
-    return ModelList(data=[ModelCard(id=m.name, created=started, owned_by=f"autoglm/{m.backend}") for m in state.settings.models])
+    visible = visible_models(state.settings, who.tenant, who.role)
+    return ModelList(data=[ModelCard(id=m.name, created=started, owned_by=f"autoglm/{m.backend}")
+                           for m in state.settings.models if m.name in visible])
 
 
 def task_request(body: ChatCompletionRequest, priority: str = "interactive") -> dict[str, Any]:
@@ -119,6 +121,7 @@ def completion(task_id: str, result: TaskResult) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, state: State, who: User) -> dict[str, Any] | StreamingResponse:
     """Awaited up to gateway.max_wait_s, then DEADLINE_EXCEEDED (504) and the task is cancelled."""
     await within_rate(state, who, Priority.INTERACTIVE)
+    check_model(state.settings, who.tenant, body.model, "text_generation", who.role)
     handle = await state.fleet.submit(task_request(body))
     await remember_owner(state, handle.id, who)
     wait_s = state.settings.gateway.max_wait_s

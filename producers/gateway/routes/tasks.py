@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel
 
-from producers.gateway.deps import State, User, owned, remember_owner, within_rate
+from producers.gateway.deps import State, User, check_model, owned, remember_owner, within_rate
 from shared import webhooks
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import TaskRequest, TaskResult
@@ -43,6 +43,7 @@ def status_url(task_id: str) -> str:
 @router.post("", status_code=202, response_model=TaskStatus)
 async def submit(body: TaskRequest, response: Response, state: State, who: User) -> TaskStatus:
     await within_rate(state, who, body.priority)
+    check_model(state.settings, who.tenant, body.model, str(body.task_type), who.role)
     handle = await state.fleet.submit(body)
     await remember_owner(state, handle.id, who)
     response.headers["Location"] = status_url(handle.id)
