@@ -48,29 +48,45 @@ class Channel:
 
 
 @dataclass(frozen=True)
+class Plain:
+    """The plain-prompt half of the default method: the label scored after a plain prompt."""
+
+    template: str
+    prompt_ids: list[int]
+    label_ids: list[list[int]]
+
+
+@dataclass(frozen=True)
 class PreparedClassify:
     request: ClassifyRequest
     template: str | None  # None: the chat method (Preparer.classify_ids)
     prompt_ids: list[int]
     label_ids: list[list[int]]
     channel: Channel | None = None
+    plain: Plain | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
+    @staticmethod
+    def _direct(label_ids: list[list[int]]) -> int:
+        return max(1, sum(len(ids) > 1 for ids in label_ids))
+
     @property
     def rows(self) -> int:
         """Sequences this request adds to a batch (see Engine._label_logprobs)."""
-        direct = max(1, sum(len(ids) > 1 for ids in self.label_ids))
-        return direct + (len(self.channel.prefix_ids) if self.channel else 0)
+        rows = self._direct(self.label_ids) + (len(self.channel.prefix_ids) if self.channel else 0)
+        return rows + (self._direct(self.plain.label_ids) if self.plain else 0)
 
     @property
     def width(self) -> int:
-        direct = len(self.prompt_ids) + max(len(ids) for ids in self.label_ids) - 1
-        if self.channel is None:
-            return direct
-        return max(direct, len(self.channel.text_ids) + max(len(ids) for ids in self.channel.prefix_ids))
+        width = len(self.prompt_ids) + max(len(ids) for ids in self.label_ids) - 1
+        if self.channel is not None:
+            width = max(width, len(self.channel.text_ids) + max(len(ids) for ids in self.channel.prefix_ids))
+        if self.plain is not None:
+            width = max(width, len(self.plain.prompt_ids) + max(len(ids) for ids in self.plain.label_ids) - 1)
+        return width
 
     @property
     def cost_tokens(self) -> int:
@@ -222,6 +238,11 @@ class Preparer:
         prompt_ids = self.classify_ids(request.text, request.labels, template)
         label_ids = self.label_ids(request.labels, template)
         channel = self.channel(request.text, request.labels) if template is None else None
+        plain = None
+        if template is None and self.config.classification_plain is not None:
+            plain_template = self.config.classification_plain
+            plain = Plain(plain_template, self.classify_ids(request.text, request.labels, plain_template),
+                          self.label_ids(request.labels, plain_template))
         longest = len(prompt_ids) + max(len(ids) for ids in label_ids)
         if longest > self.context:
             raise FleetError(
@@ -230,7 +251,10 @@ class Preparer:
             )
         if channel is not None and len(channel.text_ids) + max(map(len, channel.prefix_ids)) > self.context:
             raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"text is {len(channel.text_ids)} tokens; model {self.name} takes {self.context}")
-        return PreparedClassify(request, template, prompt_ids, label_ids, channel)
+        if plain is not None and len(plain.prompt_ids) + max(map(len, plain.label_ids)) > self.context:
+            raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"text is {len(plain.prompt_ids)} tokens with the plain prompt; "
+                             f"model {self.name} takes {self.context}")
+        return PreparedClassify(request, template, prompt_ids, label_ids, channel, plain)
 
 
 class Engine:
@@ -398,7 +422,7 @@ class Engine:
             slot += len(labels)
         return list(self._score(rows, slot).split([len(labels) for _, labels in queries]))
 
-    def _label_prior(self, item: PreparedClassify) -> torch.Tensor:
+    def _label_prior(self, template: str | None, labels: list[str], label_ids: list[list[int]]) -> torch.Tensor:
         """Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): the model's label
         log-probs for content-free texts, averaged, cached per (template, labels).
 
@@ -406,11 +430,10 @@ class Engine:
         says; dividing it out measured 85 % -> 93 % (4-bit) and 97 % -> 95 % (float) on the
         built-in sentiment set (docs/quantization.md).
         """
-        key = (item.template, tuple(item.request.labels))
+        key = (template, tuple(labels))
         prior = self._priors.get(key)
         if prior is None:
-            labels = item.request.labels
-            queries = [(self.preparer.classify_ids(text, labels, item.template), item.label_ids) for text in CONTENT_FREE_TEXTS]
+            queries = [(self.preparer.classify_ids(text, labels, template), label_ids) for text in CONTENT_FREE_TEXTS]
             prior = torch.stack(self._label_logprobs(queries)).mean(dim=0)
             if len(self._priors) >= 1024:
                 self._priors.pop(next(iter(self._priors)))
@@ -426,29 +449,40 @@ class Engine:
         "about <label>" is added, both normalised over the labels: a product of the two experts.
         """
         rows: list[Row] = []
-        spans: list[tuple[slice, slice | None]] = []
+        spans: list[tuple[slice, slice | None, slice | None]] = []
         slot = 0
         for item in items:
             n = len(item.label_ids)
             rows += self._direct_rows(item.prompt_ids, item.label_ids, slot)
             direct, slot = slice(slot, slot + n), slot + n
-            channel = None
+            channel = plain = None
             if item.channel is not None:
                 rows += self._channel_rows(item.channel, slot)
                 channel, slot = slice(slot, slot + n), slot + n
-            spans.append((direct, channel))
+            if item.plain is not None:
+                rows += self._direct_rows(item.plain.prompt_ids, item.plain.label_ids, slot)
+                plain, slot = slice(slot, slot + n), slot + n
+            spans.append((direct, channel, plain))
         per_slot = self._score(rows, slot)
         calibrate = self.config.classification_calibration == "content_free"
+        weights = self.config.classification_weights
         answers = []
-        for item, (direct, channel) in zip(items, spans, strict=True):
+        for item, (direct, channel, plain) in zip(items, spans, strict=True):
+            labels = item.request.labels
             scores = per_slot[direct]
             if calibrate:
-                scores = scores - self._label_prior(item)
+                scores = scores - self._label_prior(item.template, labels, item.label_ids)
             combined = scores.log_softmax(dim=0)
+            if channel is not None or plain is not None:  # the default method: weighted experts
+                combined = combined * weights.chat
             if channel is not None:
-                combined = combined + per_slot[channel].log_softmax(dim=0)
+                combined = combined + weights.channel * per_slot[channel].log_softmax(dim=0)
+            if plain is not None:
+                plain_scores = per_slot[plain]
+                if calibrate:
+                    plain_scores = plain_scores - self._label_prior(item.plain.template, labels, item.plain.label_ids)  # type: ignore[union-attr]
+                combined = combined + weights.plain * plain_scores.log_softmax(dim=0)
             probs = combined.softmax(dim=0).tolist()
-            labels = item.request.labels
             best = max(range(len(labels)), key=probs.__getitem__)
             answers.append(
                 Answer(

@@ -1,7 +1,8 @@
 """The frames consumers and the engine core exchange (msgpack over ZMQ).
 
 request:  [id, model, priority, traceparent, kind, request, ids, template, label_ids, channel, task_id]
-          channel = [text_ids, prefix_ids] | None; task_id names the task's token stream and
+          channel = [[text_ids, prefix_ids] | None, [plain template, prompt_ids, label_ids] | None]
+          (the default method's other experts); task_id names the task's token stream and
           cancellation marker (shared/streams.py)
           a plugin task type (kind TASK): [id, model, priority, traceparent, TASK, request, payload,
           [rows, width, prompt_tokens], task_type, None, task_id]
@@ -21,7 +22,7 @@ from shared.errors import FleetError, as_fleet_error
 from shared import task_types
 from shared.schemas import ClassifyRequest, GenerateRequest, Usage
 from workers.batcher import BatchInfo
-from workers.engine import Answer, Channel, Prepared, PreparedClassify, PreparedGenerate, PreparedTask
+from workers.engine import Answer, Channel, Plain, Prepared, PreparedClassify, PreparedGenerate, PreparedTask
 
 GENERATE, CLASSIFY, TASK = 0, 1, 2
 
@@ -36,8 +37,9 @@ def pack_request(request_id: bytes, model: str, priority: int, traceparent: str,
         frame = [request_id, model, priority, traceparent, TASK, body, prepared.payload, cost, str(prepared.request.task_type), None]
     else:
         channel = [prepared.channel.text_ids, prepared.channel.prefix_ids] if prepared.channel else None
+        plain = [prepared.plain.template, prepared.plain.prompt_ids, prepared.plain.label_ids] if prepared.plain else None
         frame = [request_id, model, priority, traceparent, CLASSIFY, body, prepared.prompt_ids, prepared.template,
-                 prepared.label_ids, channel]
+                 prepared.label_ids, [channel, plain]]
     return msgpack.packb([*frame, task_id])
 
 
@@ -49,8 +51,9 @@ def unpack_request(data: bytes) -> tuple[bytes, str, int, str, Prepared, str]:
         rows, width, prompt_tokens = template
         prepared = PreparedTask(task_types.get(label_ids).request.model_construct(**body), ids, rows, width, prompt_tokens)
     else:
+        channel, plain = channel
         prepared = PreparedClassify(ClassifyRequest.model_construct(**body), template, ids, label_ids,
-                                    Channel(*channel) if channel else None)
+                                    Channel(*channel) if channel else None, Plain(*plain) if plain else None)
     return request_id, model, priority, traceparent, prepared, task_id
 
 

@@ -169,7 +169,8 @@ def float_baseline(settings: Settings, model: ModelConfig, float_path: Path, rep
     from workers.evaluation import data_fingerprint
 
     fields = model.model_dump(include={"classification_template", "classification_instruction",
-                                       "classification_channel", "classification_calibration"})
+                                       "classification_channel", "classification_calibration",
+                                       "classification_plain", "classification_weights"})
     key = hashlib.sha256(json.dumps([data_fingerprint(), fields], sort_keys=True).encode()).hexdigest()[:16]
     cache = float_path / f"autoglm-eval-{key}.json"
     if cache.exists():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from shared.config import ModelConfig
+from shared.config import DEFAULT_PLAIN, ExpertWeights, ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
 from workers.engine import CONTENT_FREE_TEXTS, Engine
@@ -118,7 +118,8 @@ def test_contextual_calibration_divides_out_the_content_free_prior(engine: Engin
 
     def scores(text: str, calibration: str) -> dict[str, float]:
         saved = engine.config
-        engine.config = saved.model_copy(update={"classification_calibration": calibration, "classification_channel": None})
+        engine.config = saved.model_copy(update={"classification_calibration": calibration, "classification_channel": None,
+                                           "classification_plain": None})
         engine.preparer.config = engine.config
         try:
             item = engine.prepare(ClassifyRequest(text=text, labels=labels))
@@ -140,7 +141,8 @@ def test_contextual_calibration_divides_out_the_content_free_prior(engine: Engin
 def test_label_scores_equal_a_full_forward_pass_per_label(engine: Engine, labels: list[str]) -> None:
     """The one-row-per-request shortcut gives the same numbers as scoring each label separately."""
     saved = engine.config
-    engine.config = saved.model_copy(update={"classification_calibration": "none", "classification_channel": None})
+    engine.config = saved.model_copy(update={"classification_calibration": "none", "classification_channel": None,
+                                           "classification_plain": None})
     engine.preparer.config = engine.config
     try:
         item = engine.prepare(ClassifyRequest(text="The soup was cold", labels=labels))
@@ -165,12 +167,15 @@ def _logprob_of(engine: Engine, prefix: list[int], continuation: list[int]) -> f
     return sum(logprobs[len(prefix) + k - 1, t].item() for k, t in enumerate(continuation))
 
 
-def test_default_method_is_chat_answer_times_channel(engine: Engine) -> None:
-    """Without a template, a label's score is P(label as the chat answer) x P(text | "about
-    <label>"), each normalised over the labels - checked against one full forward pass per term."""
+def test_default_method_weighs_chat_answer_channel_and_plain_prompt(engine: Engine) -> None:
+    """Without a template, a label's score is P(label as the chat answer)^a x P(text | "about
+    <label>")^b x P(label after the plain prompt)^c, each normalised over the labels (a, b, c:
+    classification_weights) - checked against one full forward pass per term."""
     labels = ["card lost or stolen", "card payment declined", "check balance"]  # two share "card"
     saved = engine.config
-    engine.config = engine.preparer.config = saved.model_copy(update={"classification_calibration": "none"})
+    weights = ExpertWeights(chat=0.5, channel=1.0, plain=2.0)
+    engine.config = engine.preparer.config = saved.model_copy(update={
+        "classification_calibration": "none", "classification_plain": DEFAULT_PLAIN, "classification_weights": weights})
     try:
         item = engine.prepare(ClassifyRequest(text="My card was refused at the shop", labels=labels))
         scores = engine.classify([item])[0].output.scores  # type: ignore[list-item,union-attr]
@@ -183,7 +188,11 @@ def test_default_method_is_chat_answer_times_channel(engine: Engine) -> None:
     direct = torch.tensor([_logprob_of(engine, item.prompt_ids, ids) for ids in item.label_ids])  # type: ignore[union-attr]
     channel = torch.tensor([_logprob_of(engine, prefix, item.channel.text_ids)  # type: ignore[union-attr]
                             for prefix in item.channel.prefix_ids])  # type: ignore[union-attr]
-    expected = (direct.log_softmax(0) + channel.log_softmax(0)).softmax(0).tolist()
+    plain = torch.tensor([_logprob_of(engine, item.plain.prompt_ids, ids) for ids in item.plain.label_ids])  # type: ignore[union-attr]
+    assert engine.tokenizer.decode(item.plain.prompt_ids).startswith('Text: "My card was refused')  # type: ignore[union-attr]
+    w = weights
+    expected = (w.chat * direct.log_softmax(0) + w.channel * channel.log_softmax(0)
+                + w.plain * plain.log_softmax(0)).softmax(0).tolist()
     assert [scores[label] for label in labels] == pytest.approx(expected, abs=1e-4)
 
 
@@ -196,9 +205,15 @@ def test_many_labels_batch_like_one_at_a_time(engine: Engine) -> None:
         ClassifyRequest(text="I lost my card", labels=["yes", "no"]),
         ClassifyRequest(text="Great soup", labels=["positive", "negative"], prompt_template='Review: "{text}"\nSentiment:'),
     ]
-    items = [engine.prepare(r) for r in requests]
-    alone = [engine.classify([item])[0].output.scores for item in items]  # type: ignore[list-item,union-attr]
-    together = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
+    saved = engine.config  # with the optional plain-prompt expert on, so all three experts batch
+    engine.config = engine.preparer.config = saved.model_copy(update={"classification_plain": DEFAULT_PLAIN})
+    try:
+        items = [engine.prepare(r) for r in requests]
+        alone = [engine.classify([item])[0].output.scores for item in items]  # type: ignore[list-item,union-attr]
+        together = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
+    finally:
+        engine.config = engine.preparer.config = saved
     for one, batched in zip(alone, together, strict=True):
         assert batched == pytest.approx(one, abs=1e-4)
-    assert items[2].channel is None and items[0].rows == 20 + 20  # type: ignore[union-attr]
+    # chat: a row per multi-token label (all 20), channel: a row per label, plain: 19 multi-token after " "
+    assert items[2].channel is None and items[2].plain is None and items[0].rows == 20 + 20 + 19  # type: ignore[union-attr]
