@@ -113,25 +113,21 @@ class AsyncFleetClient:
 
     async def stream_task(self, task_id: str, timeout: float | None = None) -> AsyncIterator[str]:
         """A task's text as it is generated (TaskHandle.stream, without blocking the loop)."""
-        key, last, seen = streams.stream_key(task_id), "0-0", streams.Reassembler()
+        reader = streams.Reader(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
                 # A blocking read holds a pooled connection: keep it short, so many streams share few.
-                records = await self._stream_redis.xread({key: last}, block=250, count=256)
+                records = await self._stream_redis.xread({reader.key: reader.last}, block=250, count=256)
             except RedisError as exc:
                 raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {task_id}'s stream: {exc}") from exc
-            for last, event in streams.entries(records):
-                if event.error is not None:
-                    raise FleetError(event.error, event.message)
-                if event.finish is not None:
-                    return
-                if piece := seen.new_text(event):
-                    yield piece
+            for piece in reader.feed(records):
+                yield piece
+            if reader.done:
+                return
             if not records and (await self._meta(task_id))["status"] in READY:
-                text = getattr((await self.result(task_id, timeout=5)).output, "text", "")
-                if len(text) > seen.sent:
-                    yield text[seen.sent:]
+                if rest := reader.rest(getattr((await self.result(task_id, timeout=5)).output, "text", "")):
+                    yield rest
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"task {task_id} did not finish streaming within {timeout}s")

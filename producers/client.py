@@ -86,25 +86,20 @@ class TaskHandle:
         other requests yield their whole text once done). Raises the task's FleetError when it
         fails, TimeoutError after ``timeout`` seconds without the end."""
         client = self._result.backend.client
-        key, last, seen = streams.stream_key(self.id), "0-0", streams.Reassembler()
+        reader = streams.Reader(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                records = client.xread({key: last}, block=500, count=256)
+                records = client.xread({reader.key: reader.last}, block=500, count=256)
             except BROKER_ERRORS as exc:
                 raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {self.id}'s stream: {exc}") from exc
-            for last, event in streams.entries(records):
-                if event.error is not None:
-                    raise FleetError(event.error, event.message)
-                if event.finish is not None:
-                    return
-                if piece := seen.new_text(event):
-                    yield piece
+            yield from reader.feed(records)
+            if reader.done:
+                return
             if not records and self.ready():
                 # Done without (the rest of) a stream: failed before generating, or not streamed.
-                text = getattr(self.result(timeout=5).output, "text", "")
-                if len(text) > seen.sent:
-                    yield text[seen.sent:]
+                if rest := reader.rest(getattr(self.result(timeout=5).output, "text", "")):
+                    yield rest
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"task {self.id} did not finish streaming within {timeout}s (status {self.status()})")

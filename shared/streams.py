@@ -76,6 +76,33 @@ class Reassembler:
         return piece
 
 
+class Reader:
+    """One reader's position in a task's stream: feed it XREAD replies, get the new text; it raises
+    the task's FleetError at an error entry and sets ``done`` at the end entry."""
+
+    def __init__(self, task_id: str) -> None:
+        self.key, self.last, self.done = stream_key(task_id), "0-0", False
+        self._seen = Reassembler()
+
+    def feed(self, records: list[Any]) -> list[str]:
+        from shared.errors import FleetError
+
+        pieces = []
+        for self.last, event in entries(records):
+            if event.error is not None:
+                raise FleetError(event.error, event.message)
+            if event.finish is not None:
+                self.done = True
+                break
+            if piece := self._seen.new_text(event):
+                pieces.append(piece)
+        return pieces
+
+    def rest(self, text: str) -> str:
+        """What of the task's recorded text this reader has not passed on (its stream stopped short)."""
+        return text[self._seen.sent:]
+
+
 def entries(records: list[Any]) -> Iterator[tuple[str, Event]]:
     """(entry id, Event) for each entry of an XREAD reply (one stream)."""
     for _key, items in records or []:
