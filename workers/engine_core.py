@@ -220,7 +220,7 @@ class EngineCore:
                 self.streams.flush()
                 continue
             # While rows generate in the manager's thread, look back every couple of milliseconds
-            # for its tokens and answers (a turn costs microseconds; the model's thread holds no lock).
+            # for its tokens and answers (a turn costs microseconds and never touches the model).
             timeout_ms = 200 if wait_s is None else max(1, int(wait_s * 1000) + 1)
             router.poll(min(timeout_ms, 2) if generating else timeout_ms)
         take_in()
