@@ -58,6 +58,7 @@ class _Pending:
     span_context: trace.SpanContext = field(compare=False)
 
 
+HOLD_RECHECK_S = 0.002  # how soon a held bulk batch is looked at again
 RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
 # Runs one attempt-loop of a batch: (call, history) -> results; history collects each failed attempt.
 CallPolicy = Callable[[Callable[[], Sequence[Any]], list[dict[str, Any]]], Sequence[Any]]
@@ -171,12 +172,15 @@ class MicroBatcher:
                 self._upstream_urgent = False
         return self._upstream_urgent
 
-    def _poll(self) -> tuple[list[_Pending] | None, float | None]:
+    def _poll(self, hold_less_urgent: bool = False) -> tuple[list[_Pending] | None, float | None]:
         """Under the lock: the next batch if one should go now, else (None, seconds until one may
-        go), or (None, None) when nothing waits."""
+        go), or (None, None) when nothing waits. ``hold_less_urgent``: the model is busy with
+        urgent work elsewhere, so only a batch of the most urgent priority may go."""
         if not self._waiting:
             return None, None
         chosen, full, closed = self._select()
+        if hold_less_urgent and chosen[0].order[0] != self.most_urgent and not self._stopping:
+            return None, HOLD_RECHECK_S
         # The wait for company starts when the head arrived or when the model became free,
         # whichever is later: right after a batch, the threads it released are still
         # fetching their next messages (interactive first), so give them max_wait to land.
@@ -207,13 +211,16 @@ class MicroBatcher:
             self.execute(batch)
 
     # -- driven from the caller's own loop (no batcher thread) ---------------------------------
-    def take(self) -> tuple[list[_Pending] | None, float | None]:
+    def take(self, hold_less_urgent: bool = False) -> tuple[list[_Pending] | None, float | None]:
         """For a caller that runs batches in its own loop instead of ``start()``: the next batch
-        if one should go now, else (None, seconds until one may go | None when nothing waits)."""
+        if one should go now, else (None, seconds until one may go | None when nothing waits).
+        ``hold_less_urgent``: the caller's model is running urgent work of its own (continuous
+        batching's interactive rows); a bulk batch now would make every one of their decoding
+        steps wait for it, so only most-urgent batches go."""
         with self._cond:
             if self._stopping and not self._waiting:
                 return None, None
-            return self._poll()
+            return self._poll(hold_less_urgent)
 
     def close(self) -> None:
         """Without a batcher thread: stop taking requests and run what was submitted."""

@@ -112,6 +112,13 @@ class ContinuousGenerator:
     def busy(self) -> bool:
         return bool(self._waiting or self._active)
 
+    @property
+    def urgent(self) -> bool:
+        """Whether interactive rows are decoding or waiting: static bulk batches then wait, since
+        each would hold the model (Engine.model_lock) for a whole batch between two of their steps."""
+        return any(row.priority <= self.most_urgent for row in self._active.values()) or \
+            bool(self._waiting and self._waiting[0][0] <= self.most_urgent)
+
     def step(self) -> None:
         """Admit what fits, then hand out what the manager produced since the last call."""
         self._admit()

@@ -214,7 +214,7 @@ class EngineCore:
         while not stopping.is_set():
             take_in()
             generating = self._tend_continuous()
-            batch, wait_s = self.batcher.take()
+            batch, wait_s = self.batcher.take(hold_less_urgent=any(g.urgent for g in self.continuous.values()))
             if batch is not None:
                 self.batcher.execute(batch)  # its futures resolve here: send_back runs in this thread
                 self.streams.flush()

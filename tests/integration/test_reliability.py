@@ -133,7 +133,10 @@ def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(prepared
                 assert sum(h.ready() for h in handles) < 100
                 victim = WorkerProcess(fleet.client.redis_url, env=_env_of(fleet))  # the replacement
                 victim.wait_ready(fleet.client.app)
+                ready_after = time.monotonic() - killed_at
                 results = [h.result(timeout=max(1.0, killed_at + 60 - time.monotonic())) for h in handles]
+                print(f"round {round_}: replacement ready {ready_after:.1f} s after the kill, "
+                      f"all answered after {time.monotonic() - killed_at:.1f} s")
                 assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]
                 counts = [ledger.counts(h.id) for h in handles]
                 assert [c.get("executions") for c in counts] == [1] * 100, counts

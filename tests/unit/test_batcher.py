@@ -164,6 +164,24 @@ def test_a_full_bulk_batch_holds_for_interactive_requests_queued_upstream() -> N
     assert broker.peeks == 3  # once per idle period, not on every wake-up
 
 
+def test_while_the_caller_runs_urgent_work_of_its_own_only_urgent_batches_go() -> None:
+    """The engine core's loop (no batcher thread): while continuous batching decodes interactive
+    rows, a bulk batch would hold the model between their steps, so it waits; interactive ones don't."""
+    run = Recorder()
+    batcher = MicroBatcher(run, max_batch_size=2, max_batch_tokens=10_000, max_wait_ms=0)  # type: ignore[arg-type]
+    bulk = [batcher.submit("cls", f"bulk-{i}", ONE, priority=1) for i in range(2)]
+    assert batcher.take(hold_less_urgent=True)[0] is None
+    urgent = batcher.submit("cls", "urgent", ONE, priority=0)
+    batch, _ = batcher.take(hold_less_urgent=True)
+    assert batch is not None and [m.payload for m in batch] == ["urgent", "bulk-0"]  # led by it, filled as usual
+    batcher.execute(batch)
+    assert batcher.take(hold_less_urgent=True)[0] is None
+    batch, _ = batcher.take(hold_less_urgent=False)  # the interactive rows finished
+    assert batch is not None
+    batcher.execute(batch)
+    assert urgent.result(1)[0] == "URGENT" and [f.result(1)[0] for f in bulk] == ["BULK-0", "BULK-1"]
+
+
 def test_token_budget_limits_batch_width() -> None:
     run = Recorder()
     batcher = make(run, max_batch_size=8, max_batch_tokens=250, max_wait_ms=100)

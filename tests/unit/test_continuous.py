@@ -88,10 +88,13 @@ def test_interactive_requests_take_reserved_rows_while_bulk_waits(engine: Engine
         bulk = [submit(g, gen(engine, p, max_new_tokens=30), f"bulk{i}") for i, p in enumerate(PROMPTS)]
         g.step()
         assert len(g._active) == 2  # bulk fills max_rows and no more
+        assert not g.urgent  # bulk rows alone never hold the engine core's static bulk batches
         urgent = submit(g, gen(engine, "Hi", max_new_tokens=2), "urgent", INTERACTIVE)
+        assert g.urgent
         g.step()
         assert "urgent" in {row.task_id for row in g._active.values()} and len(g._active) == 3
         drive(g, [urgent])
+        assert not g.urgent
         assert sum(f.done() for f in bulk) < len(bulk), "the interactive row finished only after all bulk rows"
         drive(g, bulk)
     finally:
