@@ -34,6 +34,7 @@ from shared.schemas import Priority, TaskRequestBase, TaskResult, TaskType
 from shared.telemetry import setup_tracing, trace_headers, tracer
 
 BROKER_ERRORS = (OperationalError, RedisError, ConnectionError)
+RECHECK_S = 1.0  # TaskHandle.result reads the stored state at least this often while it waits
 # Raised while publishing when Redis is gone: kombu's batch publisher wraps the failure, and
 # Celery's result consumer raises RuntimeError when it cannot resubscribe for the new task id.
 PUBLISH_ERRORS = (*BROKER_ERRORS, BatchPublishError, RuntimeError)
@@ -64,11 +65,24 @@ class TaskHandle:
         return self._result.ready()
 
     def result(self, timeout: float | None = None) -> TaskResult:
-        """The TaskResult; raises FleetError with the worker's code, or TimeoutError if not done."""
+        """The TaskResult; raises FleetError with the worker's code, or TimeoutError if not done.
+
+        Waits on Celery's pub/sub in slices of ``RECHECK_S`` and reads the stored state between
+        them: Celery SUBSCRIBEs when ``get`` starts (not at publish: see ``_publish``), then reads
+        the state once on another connection, and a state stored in between publishes to nobody
+        (seen once: a stream's reader asked for the result the moment it was recorded, and
+        ``get`` waited out its whole timeout while the state said SUCCESS)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            value = self._result.get(timeout=timeout, propagate=False)
-        except CeleryTimeoutError:
-            raise TimeoutError(f"task {self.id} not finished after {timeout}s (status {self.status()})") from None
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    value = self._result.get(timeout=RECHECK_S if left is None else max(0.01, min(RECHECK_S, left)),
+                                             propagate=False)
+                    break
+                except CeleryTimeoutError:  # the next get reads the stored state again first
+                    if left is not None and left <= RECHECK_S:
+                        raise TimeoutError(f"task {self.id} not finished after {timeout}s (status {self.status()})") from None
         except BROKER_ERRORS as exc:
             raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {self.id}'s result: {exc}") from exc
         return decode_outcome(self.id, self._result.state, value)
@@ -212,8 +226,8 @@ class FleetClient:
             headers=headers if headers is not None else trace_headers(),
             # Without it Celery SUBSCRIBEs to the task's result channel as it publishes: one Redis
             # round trip per task that kombu's batch publishing cannot pipeline (a third of
-            # submit_many's time). Waiting (handle.result) subscribes by itself, then reads the
-            # stored state, so nothing is missed. The tasks are ignore_result anyway: the ledger
+            # submit_many's time). Waiting (handle.result) subscribes by itself and reads the
+            # stored state every RECHECK_S, so nothing is missed. The tasks are ignore_result anyway: the ledger
             # records answers (workers/ledger.py), failures are stored as always.
             ignore_result=True,
             **extra,

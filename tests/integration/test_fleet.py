@@ -5,6 +5,7 @@ No fakes: producers talk to the worker only through Redis, and answers come from
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -165,3 +166,23 @@ def test_autoglm_trace_prints_a_tasks_timeline(fleet: Fleet, monkeypatch: pytest
     assert main(["trace", handle.id]) == 0
     out = capsys.readouterr().out
     assert handle.id in out and "waiting in Redis" in out and "model (smollm2-135m, batch of" in out
+
+
+def test_a_result_stored_without_its_publish_still_reaches_a_waiting_caller(fleet: Fleet) -> None:
+    """Celery subscribes when a caller starts waiting and reads the state once; a state stored in
+    between publishes to nobody. TaskHandle.result reads the stored state again every RECHECK_S,
+    so it returns that answer instead of waiting out its timeout."""
+    done = fleet.client.submit_generate("Name a colour.", max_new_tokens=4)
+    done.result(timeout=300)
+    backend = fleet.client.app.backend
+    meta = backend.decode(backend.client.get(backend.get_key_for_task(done.id)))
+    waiting = fleet.client.handle(f"unpublished-{done.id}")
+
+    def store_silently() -> None:  # SET only: the PUBLISH that normally follows never comes
+        time.sleep(0.5)
+        backend.client.set(backend.get_key_for_task(waiting.id), backend.encode({**meta, "task_id": waiting.id}))
+
+    threading.Thread(target=store_silently).start()
+    started = time.monotonic()
+    assert waiting.result(timeout=20).output.text == done.result(timeout=5).output.text  # type: ignore[union-attr]
+    assert time.monotonic() - started < 10
