@@ -25,6 +25,9 @@ from workers.models import float_dir, resolve_source, served_dir
 
 BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+QA_QUICK = 16  # two generation batches of 8
+
+
 def tensor_sizes(folder: Path) -> dict[str, tuple[int, int]]:
     """name -> (elements, bytes) for every tensor in the folder's safetensors files (headers only)."""
     out = {}
@@ -39,13 +42,14 @@ def tensor_sizes(folder: Path) -> dict[str, tuple[int, int]]:
 
 def quality(engine: Engine, quick: bool) -> dict[str, Any]:
     """Report-split accuracy per family (default method; full mode adds the old default template
-    and each family's task-worded template) and QA accuracy."""
+    and each family's task-worded template) and QA accuracy. Quick mode (a smoke run, its figures
+    are not reported) takes sentiment and the first QA_QUICK questions only."""
     only = {"sentiment"} if quick else None
     out: dict[str, Any] = {"default": classification_report(engine, "report", None, only)}
     if not quick:
         out["old_template"] = classification_report(engine, "report", OLD_DEFAULT_TEMPLATE)
         out["task_template"] = classification_report(engine, "report", TASK_TEMPLATES)  # type: ignore[arg-type]
-    out["qa"] = round(qa_accuracy(engine), 4)
+    out["qa"] = round(qa_accuracy(engine, first=QA_QUICK if quick else None), 4)
     return out
 
 

@@ -127,9 +127,10 @@ def qa_questions() -> list[Question]:
     return [Question(r["question"], r["answers"]) for r in _read("qa.jsonl")]
 
 
-def qa_accuracy(engine: Engine, max_new_tokens: int = 24, batch_size: int = 8) -> float:
-    """Share of short factual questions whose greedy chat answer contains an accepted answer."""
-    questions = qa_questions()
+def qa_accuracy(engine: Engine, max_new_tokens: int = 24, batch_size: int = 8, first: int | None = None) -> float:
+    """Share of short factual questions whose greedy chat answer contains an accepted answer.
+    ``first``: only that many questions (the quick bench's smoke run; gates always use all)."""
+    questions = qa_questions()[:first]
     correct = 0
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
