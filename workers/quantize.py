@@ -128,7 +128,9 @@ def compute_dtype(quantize: QuantizeConfig, device: str) -> str | None:
 
     if quantize.compute_dtype is not None or device != "cpu":
         return quantize.compute_dtype
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # torch's own CPU-flag probes (private: a torch without them counts as no native bf16).
+    native_bf16 = any(getattr(torch.cpu, probe, lambda: False)()
+                      for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return "bfloat16" if native_bf16 else "float32"
 
 
