@@ -135,7 +135,8 @@ def compute_dtype(quantize: QuantizeConfig, device: str) -> str | None:
 
 
 def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, report: Report) -> str:
-    """Quantize into ``target`` (replaced whole); returns the dtype the float model ran in."""
+    """Quantize into ``target`` (replaced whole); returns the dtype the float model ran in (as
+    loaded, so a GPU's, which GPTQModel chooses, is recorded too)."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     import torch
     from gptqmodel import GPTQModel
@@ -159,6 +160,7 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
     _seed(quantize.seed)
     extra = {} if dtype is None else {"dtype": getattr(torch, dtype)}
     model = GPTQModel.load(str(float_path), GPTQConfig(**options), device=device, **extra)
+    ran_in = str(model.model.dtype).removeprefix("torch.")
     model.quantize(texts)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -166,7 +168,7 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
     del model
     _publish(tmp, target)
     report(f"quantized in {time.perf_counter() - started:.0f}s -> {target}")
-    return dtype or "gptqmodel default"
+    return ran_in
 
 
 def measure(settings: Settings, model: ModelConfig, path: Path, qa_floor: float | None = None) -> dict[str, Any]:
