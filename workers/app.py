@@ -30,6 +30,7 @@ from shared.schemas import Priority
 from shared.telemetry import setup_logging, setup_tracing
 from workers import metrics, tasks
 from workers.consumers import ConsumerGroup
+from workers.lifecycle import EngineCoreProcess
 from workers.presence import Presence
 from workers.runtime import Runtime, build_runtime
 
@@ -78,9 +79,10 @@ class ConsumerProcess:
     """One Celery consumer process of a worker. Its context (``ctx``) exists from ``worker_init`` to
     ``worker_shutdown``; tasks get it passed in, never from a global."""
 
-    def __init__(self, settings: Settings, argv: list[str]) -> None:
+    def __init__(self, settings: Settings, argv: list[str], core: EngineCoreProcess | None = None) -> None:
         self.settings = settings
         self.argv = argv  # `celery worker` arguments (workers/main.py celery_argv)
+        self.core = core  # the engine core workers/main.py started before importing this module
         self.app = create_app(settings)
         self.ctx: Runtime | None = None
         self.group: ConsumerGroup | None = None
@@ -103,13 +105,13 @@ class ConsumerProcess:
         settings = self.settings
         setup_tracing("autoglm-worker")
         CeleryInstrumentor().instrument()  # continues the producer's trace from the message headers
-        self.ctx = build_runtime(settings)
+        self.ctx = build_runtime(settings, self.core)
         hostname = getattr(sender, "hostname", None) or f"autoglm-{os.getpid()}@{socket.gethostname()}"
         if self.ctx.engine.owner:  # one entry per worker: the first consumer's
             self.presence = Presence(settings, hostname, list(self.ctx.engine.models)).start()
         if self.ctx.engine.owner and settings.worker_consumers > 1:
             self.group = ConsumerGroup(self.ctx.engine.address, settings.worker_consumers, hostname,
-                                       self.ctx.engine.child_env).start()
+                                       self.ctx.engine.core.env).start()  # type: ignore[union-attr]
         if settings.worker.metrics_port and self.ctx.engine.owner:  # one /metrics per worker: the first consumer's
             metrics.serve(settings.worker.metrics_port, settings.redis_url or "", settings.all_queues())
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -30,6 +28,7 @@ from workers import protocol
 from workers.batcher import BatchInfo
 from workers.engine import Answer, Prepared
 from workers.engine_core import HELLO
+from workers.lifecycle import EngineCoreProcess
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +49,19 @@ def _pid_alive(pid: int) -> bool:
 
 class EngineClient:
     def __init__(self, address: str | None = None, ready_timeout_s: float = 900.0, poll_ms: int = 200,
-                 child_env: dict[str, str] | None = None) -> None:
-        """``address``: attach to the core listening there; None: start (and own) one, with
-        ``child_env`` as its environment (it loads the same settings)."""
-        self.child_env = child_env
+                 core: EngineCoreProcess | None = None) -> None:
+        """``address``: attach to the core listening there; else own ``core`` (a process already
+        started, or one to start here) and restart it when it dies."""
+        if (address is None) == (core is None):
+            raise ValueError("give either the address of a core to attach to or the core to own")
+        self.core = core
         self._ctx = zmq.Context()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._closing = False
-        self.owner = address is None  # the owner starts and restarts the core; others attach
-        self.address = address or f"ipc://{tempfile.gettempdir()}/autoglm-core-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = core is not None  # the owner starts and restarts the core; others attach
+        self.address = core.address if core is not None else address  # type: ignore[assignment]
         self.ready_timeout_s = ready_timeout_s
         self.poll_ms = poll_ms
         self.generation = 0
@@ -75,9 +76,9 @@ class EngineClient:
     def _start(self) -> None:
         """(Owner: start a core, then) wait for the core's hello (models loaded), then let requests through."""
         process = None
-        if self.owner:
-            process = subprocess.Popen([sys.executable, "-m", "workers.engine_core", self.address, str(os.getpid())],
-                                       env=self.child_env)
+        if self.core is not None:  # the first time it may already be running (started early)
+            running = self.core.process is not None and self.core.process.poll() is None and self.generation == 0
+            process = self.core.process if running else self.core.start()
         hello = self._ctx.socket(zmq.DEALER)
         hello.connect(self.address)
         try:

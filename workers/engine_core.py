@@ -43,7 +43,7 @@ from workers.batcher import MicroBatcher, Shape
 from workers.continuous import ContinuousGenerator, eligible
 from workers.engine import Answer, Prepared, PreparedGenerate
 from workers.faults import Faults
-from workers.lifecycle import set_parent_death_signal
+from workers.lifecycle import exit_drained, set_parent_death_signal
 from workers.policies import BatchPolicies
 from workers.streaming import StreamWriter
 from workers.task_types import handler as task_handler
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.worker.loglevel, settings.worker.log_format)
     setup_tracing("autoglm-engine-core")
     EngineCore(settings).serve(address)
+    exit_drained(0)  # serve() drained: replies sent, the socket closed
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Settings come from config + environment once, here; what the command line or an embedded broker
 adds is applied to that settings object, not written back into ``os.environ`` (the processes this
-one starts get it in their own environment: workers/runtime.py ``child_env``).
+one starts get it in their own environment: workers/lifecycle.py ``child_env``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from shared.config import Settings, load_settings
 from shared.errors import invalid_input
 from shared.telemetry import setup_logging
+from workers.lifecycle import EngineCoreProcess, child_env, exit_drained
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,20 @@ def run_worker(concurrency: int | None = None, loglevel: str | None = None, host
         if not settings.redis_url:
             print(f"embedded broker running; point producers at it with REDIS_URL={url}", file=sys.stderr, flush=True)
         settings = settings.model_copy(update={"redis_url": url})
+        core = None
+        if not settings.worker.engine_address:  # this consumer owns the worker's engine core: start it
+            core = EngineCoreProcess(child_env(settings))  # now, so its model loads while Celery and torch import here
+            core.start()
         from workers.app import ConsumerProcess
 
         argv = celery_argv(settings, hostname or f"autoglm-{os.getpid()}@%h")
-        ConsumerProcess(settings, argv).run()
+        try:
+            ConsumerProcess(settings, argv, core).run()
+        except SystemExit as stopped:  # Celery's worker ends by sys.exit once warm shutdown is done
+            code = stopped.code
+        else:
+            code = 0
+    exit_drained(code)  # tasks acked or left unacked, the engine core and any embedded broker stopped
 
 
 def celery_argv(settings: Settings, hostname: str) -> list[str]:

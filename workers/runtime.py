@@ -7,9 +7,7 @@ models loaded before the first message), and the Redis-backed ledger, dead-lette
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 from shared.config import Settings
@@ -23,6 +21,7 @@ from workers.cache import ResultCache
 from workers.engine import Answer, Prepared
 from workers.engine_client import EngineClient
 from workers.ledger import Ledger
+from workers.lifecycle import EngineCoreProcess, child_env
 from workers.middleware import default_chain
 
 log = logging.getLogger(__name__)
@@ -95,22 +94,14 @@ class Runtime:
         self.engine.close()
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    """The environment of the processes a consumer starts (engine core, extra consumers): they load
-    the same config, so only what this process was given beyond it travels (the broker URL, which
-    may be an embedded server's, the log level, the thread count and the models to load)."""
-    env = {**os.environ, "REDIS_URL": settings.redis_url or "", "AUTOGLM_WORKER__LOGLEVEL": settings.worker.loglevel}
-    if settings.worker.concurrency:
-        env["AUTOGLM_WORKER__CONCURRENCY"] = str(settings.worker.concurrency)
-    if settings.worker.models:
-        env["AUTOGLM_WORKER__MODELS"] = json.dumps(settings.worker.models)
-    return env
-
-
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings, core: EngineCoreProcess | None = None) -> Runtime:
+    """``core``: the engine core this process started before its own imports (workers/main.py);
+    None: start one here (or attach to ``worker.engine_address``)."""
     names = settings.served_models()
     preparers = {name: backends.request_side(settings, settings.model(name)) for name in names}
-    engine = EngineClient(settings.worker.engine_address, child_env=child_env(settings))
+    if core is None and not settings.worker.engine_address:
+        core = EngineCoreProcess(child_env(settings))
+    engine = EngineClient(settings.worker.engine_address, core=core)
     for name, info in engine.models.items():
         metrics.MODEL_LOAD.labels(name).set(info["load_seconds"])
     return Runtime(settings, preparers, engine)
