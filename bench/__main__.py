@@ -19,8 +19,9 @@ from typing import Any
 SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model",
              "engine-sweep", "continuous")
 SIZES = {
-    "quick": {"classify": 48, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 10, "backlog": 400,
-              "enqueue": 2000, "single": 100, "scaling": 48, "machinery": 300, "fast": 200,
+    # A smoke run (tests/integration/test_bench_smoke.py): every scenario end to end, figures not reported.
+    "quick": {"classify": 32, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 6, "backlog": 200,
+              "enqueue": 2000, "single": 100, "scaling": 48, "machinery": 200, "fast": 120,
               "continuous": 24},
     "full": {"classify": 512, "generate": 32, "new_tokens": 16, "rounds": 3, "interactive": 40, "backlog": 5000,
              "enqueue": 10000, "single": 500, "scaling": 256, "machinery": 2000, "fast": 1000,

@@ -25,7 +25,7 @@ from workers.models import float_dir, resolve_source, served_dir
 
 BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
-QA_QUICK = 16  # two generation batches of 8
+QA_QUICK = 8  # one generation batch
 
 
 def tensor_sizes(folder: Path) -> dict[str, tuple[int, int]]:

@@ -48,6 +48,20 @@ def prepared_models(settings: Settings) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(settings: Settings) -> dict[str, Any]:
+    """A model config for plumbing tests, whose subject is the machinery (kills, restarts, journals,
+    exactly-once), not the answers: a 2-layer random-weight Llama with the bundled model's real
+    tokenizer (bench/fast_model.py), served by the same transformers engine, ~50x cheaper per request."""
+    from bench.fast_model import tiny_model_config
+    from shared.config import ModelConfig
+    from workers.quantize import prepare
+
+    config = tiny_model_config(settings)
+    prepare(settings, ModelConfig(**config), report=lambda msg: print(f"[prepare] {msg}"))
+    return config
+
+
+@pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     with broker_url(os.environ.get("REDIS_URL")) as url:
         yield url
@@ -82,3 +96,18 @@ def fleet_on(redis_url: str, env: dict[str, str] | None = None, workers: list[di
 def fleet(prepared_models: None, redis_url: str) -> Iterator[Fleet]:
     with fleet_on(redis_url) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_fleet(tiny_model: dict[str, Any], redis_url: str) -> Iterator[Fleet]:
+    """A fleet serving only the tiny random model (see ``tiny_model``)."""
+    with fleet_on(redis_url, models=[tiny_model]) as running:
+        yield running
+
+
+def cli_env(fleet: Fleet) -> dict[str, str]:
+    """The environment a command (backfill, gateway) needs to reach this fleet's queues and models."""
+    s = fleet.settings
+    return {**os.environ, "REDIS_URL": fleet.client.redis_url,
+            "AUTOGLM_QUEUES": json.dumps({k.value: v.model_dump() for k, v in s.queues.items()}),
+            "AUTOGLM_MODELS": json.dumps([m.model_dump(mode="json") for m in s.models])}

@@ -1,9 +1,10 @@
-"""`autoglm backfill`: 2,000 lines, killed halfway, re-run: every line answered once, none twice."""
+"""`autoglm backfill`: 1,000 lines, killed after 300, re-run: every line answered once, none twice.
+
+The subject is the journal and exactly-once, not the answers: it runs on the tiny random model."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Fleet
+from tests.integration.conftest import Fleet, cli_env
 from workers.ledger import Ledger
 
 pytestmark = pytest.mark.integration
@@ -22,13 +23,11 @@ REVIEWS = ["Great value, works perfectly.", "Broke after a day, avoid.", "Lovely
 
 
 def _run(fleet: Fleet, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "REDIS_URL": fleet.client.redis_url,
-           "AUTOGLM_QUEUES": json.dumps({k.value: v.model_dump() for k, v in fleet.settings.queues.items()})}
-    return subprocess.Popen([sys.executable, "-m", "autoglm.cli", "backfill", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "autoglm.cli", "backfill", *args], env=cli_env(fleet),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
-def test_backfill_survives_a_kill_and_answers_every_line_once(fleet: Fleet, tmp_path: Path) -> None:
+def test_backfill_survives_a_kill_and_answers_every_line_once(tiny_fleet: Fleet, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     lines = []
     for i in range(1000):
@@ -39,7 +38,7 @@ def test_backfill_survives_a_kill_and_answers_every_line_once(fleet: Fleet, tmp_
     output = tmp_path / "out.jsonl"
     args = [str(source), "--output", str(output), "--window", "128", "--chunk", "32"]
 
-    first = _run(fleet, args)
+    first = _run(tiny_fleet, args)
     deadline = time.monotonic() + 600
     while (not output.exists() or len(output.read_text().splitlines()) < 300) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -48,7 +47,7 @@ def test_backfill_survives_a_kill_and_answers_every_line_once(fleet: Fleet, tmp_
     written_before = len(output.read_text().splitlines())
     assert 300 <= written_before < 995, "the kill must land halfway"
 
-    second = _run(fleet, args)
+    second = _run(tiny_fleet, args)
     out, _ = second.communicate(timeout=900)
     assert second.returncode == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -68,5 +67,5 @@ def test_backfill_survives_a_kill_and_answers_every_line_once(fleet: Fleet, tmp_
         for cid, task_id in entry.get("ids", {}).items():
             assigned.setdefault(cid, set()).add(task_id)
     assert len(assigned) == 995 and all(len(v) == 1 for v in assigned.values())
-    ledger = Ledger(fleet.client.redis_url, 60)
+    ledger = Ledger(tiny_fleet.client.redis_url, 60)
     assert all(ledger.counts(r["task_id"]).get("executions") == 1 for r in results)

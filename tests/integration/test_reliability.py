@@ -1,7 +1,9 @@
 """Nothing lost: faults are injected, workers are killed, Redis is restarted, garbage is sent.
 
 Every test runs real worker processes on a real broker; faults come from the test-only hook in
-workers/faults.py, enabled per worker through its config.
+workers/faults.py, enabled per worker through its config. Tests whose subject is the machinery
+(kills, restarts, garbage on the queue) run on the tiny random model (conftest ``tiny_model``), the
+same engine with a model ~50x cheaper per request; the fault-policy tests keep the real model.
 """
 
 from __future__ import annotations
@@ -112,14 +114,14 @@ def test_a_cancelled_request_never_runs(faulty: Fleet) -> None:
     assert Ledger(faulty.client.redis_url, 60).counts(victim.id).get("executions", 0) == 0
 
 
-def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(prepared_models: None, redis_url: str) -> None:
+def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(tiny_model: dict, redis_url: str) -> None:
     """Five kill -9s in a row at the default broker settings, each with 100 accepted tasks: every
     task ends SUCCESS, each answer is computed once, and all are answered within the redelivery
     bound of the kill (a killed worker's messages are restored visibility_timeout_s after its last
     heartbeat, swept every restore_interval_s) plus what the work itself takes on this machine: the
     replacement's start and twice the round's compute at the rate measured before the kill (a
     slow machine must not fail this; a redelivery that waited for kombu's default hour would)."""
-    with fleet_on(redis_url, faults={"slow_ms": 300}) as fleet:
+    with fleet_on(redis_url, models=[tiny_model], faults={"slow_ms": 300}) as fleet:
         redelivery_s = fleet.settings.broker.visibility_timeout_s + fleet.settings.broker.restore_interval_s
         ledger = Ledger(redis_url, 60)
         victim = fleet.worker
@@ -158,12 +160,13 @@ def _env_of(fleet: Fleet) -> dict[str, str]:
         "AUTOGLM_QUEUES": json.dumps({k.value: v.model_dump() for k, v in s.queues.items()}),
         "AUTOGLM_BROKER": json.dumps(s.broker.model_dump()),
         "AUTOGLM_FAULTS": json.dumps(s.faults),
+        "AUTOGLM_MODELS": json.dumps([m.model_dump(mode="json") for m in s.models]),
     }
 
 
-def test_restarting_redis_loses_no_accepted_request(prepared_models: None) -> None:
+def test_restarting_redis_loses_no_accepted_request(tiny_model: dict) -> None:
     with EmbeddedRedis(data_dir=Path(tempfile.mkdtemp(prefix="autoglm-redis-")), persist=True) as server:
-        with fleet_on(server.url, broker={"visibility_timeout_s": 20, "restore_interval_s": 1,
+        with fleet_on(server.url, models=[tiny_model], broker={"visibility_timeout_s": 20, "restore_interval_s": 1,
                                           "publish_attempts": 4, "publish_backoff_max_s": 0.5}) as fleet:
             accepted, refused = [], []
 
@@ -197,8 +200,8 @@ def _envelope(queue: str, body: str, **properties: object) -> bytes:
     }).encode()
 
 
-def test_malformed_messages_of_any_shape_go_to_the_dlq_and_the_worker_stays_up(prepared_models: None, redis_url: str) -> None:
-    with fleet_on(redis_url, faults={"slow_ms": 150}) as fleet:
+def test_malformed_messages_of_any_shape_go_to_the_dlq_and_the_worker_stays_up(tiny_model: dict, redis_url: str) -> None:
+    with fleet_on(redis_url, models=[tiny_model], faults={"slow_ms": 150}) as fleet:
         bulk = fleet.settings.queue_name(Priority.BULK)
         shapes = {
             "not JSON": b"\xff\xfe{not json at all",
@@ -277,12 +280,12 @@ def _engine_core_pid(worker: WorkerProcess) -> int:
 
 @pytest.mark.parametrize("consumers", [1, 2])
 def test_killing_the_engine_core_mid_batch_loses_nothing_and_runs_nothing_twice(
-        prepared_models: None, redis_url: str, consumers: int) -> None:
+        tiny_model: dict, redis_url: str, consumers: int) -> None:
     """The model process dies under a batch: its requests are requeued (never acked as done), the
     consumer that owns it restarts the core, every consumer feeding it reconnects, and every task
     is answered once."""
     env = {"AUTOGLM_WORKER__CONSUMERS": str(consumers)}
-    with fleet_on(redis_url, env=env, faults={"slow_ms": 300}) as fleet:
+    with fleet_on(redis_url, env=env, models=[tiny_model], faults={"slow_ms": 300}) as fleet:
         core = _engine_core_pid(fleet.worker)
         handles = fleet.client.submit_many(classify(f"{REVIEWS[i % 6]} (core {i})") for i in range(60))
         deadline = time.monotonic() + 120
