@@ -122,15 +122,17 @@ def test_tenants_see_only_their_own_files_and_batches(gateway: tuple[Gateway, An
     assert _wait(owner, batch.id, ("completed",)).request_counts.completed == 1
 
 
-def test_a_batch_survives_its_gateway_being_killed_and_answers_every_line_once(fleet: Fleet, tmp_path: Any) -> None:
+def test_a_batch_survives_its_gateway_being_killed_and_answers_every_line_once(tiny_fleet: Fleet, tmp_path: Any) -> None:
+    """The subject is the batch journal and its lease, not the answers: the tiny random model serves it."""
     import openai
 
-    env, config = gateway_env(fleet, tmp_path)
-    env.update({"AUTOGLM_GATEWAY__FILES_DIR": str(tmp_path / "files"), "AUTOGLM_GATEWAY__BATCH_LEASE_S": "3"})
+    env, config = gateway_env(tiny_fleet, tmp_path)
+    env.update({"AUTOGLM_GATEWAY__FILES_DIR": str(tmp_path / "files"), "AUTOGLM_GATEWAY__BATCH_LEASE_S": "3",
+                "AUTOGLM_MODELS": json.dumps([m.model_dump(mode="json") for m in tiny_fleet.settings.models])})
     first = start_gateway(env, tmp_path)
     token = issue(config, "survivor", Role.USER)
     client = openai.OpenAI(base_url=f"{first.url}/v1", api_key=token, max_retries=0)
-    uploaded = client.files.create(file=("r.jsonl", "\n".join(_line(n, max_tokens=12) for n in range(150)).encode()),
+    uploaded = client.files.create(file=("r.jsonl", "\n".join(_line(n, max_tokens=12, model="tiny-random") for n in range(150)).encode()),
                                    purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     while client.batches.retrieve(batch.id).request_counts.completed < 10:
