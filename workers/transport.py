@@ -30,6 +30,7 @@ import logging
 import time
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -160,6 +161,18 @@ class Channel(kombu_redis.Channel):
     @cached_property
     def _task_names(self) -> frozenset[str]:
         return frozenset(self.task_names)
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        """When the broker connection is lost, Celery closes it, and kombu's channel close builds a
+        new pool to restore the messages it holds. By then the connection may already be released
+        (its client is None): stock kombu raises AttributeError there, which Celery reports as an
+        "Unrecoverable error" and the worker exits (seen when Redis restarted under an idle worker;
+        the kombu#970 family). Raising a connection error instead is what Celery ignores while it
+        closes and then reconnects; the held messages stay in ``unacked`` and are restored after
+        the visibility timeout, as after any other connection loss."""
+        if getattr(self.connection, "client", None) is None:
+            raise redis.exceptions.ConnectionError("the broker connection was already released")
+        return super()._connparams(asynchronous=asynchronous)
 
     def _queue_keys(self, queues: list[str]) -> list[str]:
         return [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]

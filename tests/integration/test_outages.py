@@ -50,3 +50,29 @@ def test_sigterm_to_autoglm_broker_stops_its_server() -> None:
             redis.Redis.from_url(url, socket_connect_timeout=1).ping()
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("transport", ["workers.transport:Transport", "redis"])
+def test_a_channel_closed_after_its_connection_was_released_raises_only_a_connection_error(
+        redis_url: str, transport: str) -> None:
+    """What a worker meets when Redis restarts: Celery closes the lost connection, and the channel's
+    close builds a new pool to restore the messages it holds after the connection was released.
+    Stock kombu raises AttributeError there (Celery: "Unrecoverable error", the worker exits); ours
+    raises a connection error, which Celery ignores before it reconnects."""
+    from kombu import Connection
+    from kombu.common import ignore_errors
+
+    conn = Connection(redis_url, transport=transport)
+    queue = conn.SimpleQueue(f"released-{transport}")
+    queue.put([[], {}, {}], headers={"task": "autoglm.classify", "id": "released-1"})  # a Celery-shaped message
+    queue.get(timeout=5)  # delivered, not acked: the close tries to restore it
+    channel = queue.channel
+    channel._disconnect_pools()  # noqa: SLF001 - the state a lost connection leaves
+    channel.connection.client = None  # released
+    if transport == "redis":
+        with pytest.raises(AttributeError, match="hostname"):
+            ignore_errors(conn, channel.close)
+    else:
+        ignore_errors(conn, channel.close)  # nothing escapes
+        with pytest.raises(conn.connection_errors):
+            channel._connparams()  # noqa: SLF001
