@@ -72,7 +72,7 @@ def exit_drained(code: int | str | None = 0) -> None:
     if isinstance(code, str):  # SystemExit("message"): the interpreter would print it and exit 1
         print(code, file=sys.stderr)
         code = 1
-    atexit._run_exitfuncs()  # noqa: SLF001 - the hooks a normal exit runs, without the module teardown
+    atexit._run_exitfuncs()  # private but stable: the hooks a normal exit runs, without the module teardown
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

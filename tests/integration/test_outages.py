@@ -67,7 +67,7 @@ def test_a_channel_closed_after_its_connection_was_released_raises_only_a_connec
     queue.put([[], {}, {}], headers={"task": "autoglm.classify", "id": "released-1"})  # a Celery-shaped message
     queue.get(timeout=5)  # delivered, not acked: the close tries to restore it
     channel = queue.channel
-    channel._disconnect_pools()  # noqa: SLF001 - the state a lost connection leaves
+    channel._disconnect_pools()  # the state a lost connection leaves
     channel.connection.client = None  # released
     if transport == "redis":
         with pytest.raises(AttributeError, match="hostname"):
@@ -75,4 +75,4 @@ def test_a_channel_closed_after_its_connection_was_released_raises_only_a_connec
     else:
         ignore_errors(conn, channel.close)  # nothing escapes
         with pytest.raises(conn.connection_errors):
-            channel._connparams()  # noqa: SLF001
+            channel._connparams()
