@@ -26,7 +26,7 @@ from shared.broker import EmbeddedRedis
 from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import Priority
-from tests.integration.conftest import Fleet, fleet_on
+from tests.integration.conftest import Fleet, cli_env, fleet_on
 from workers.ledger import Ledger
 
 pytestmark = pytest.mark.integration
@@ -155,13 +155,9 @@ def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(tiny_mod
 
 
 def _env_of(fleet: Fleet) -> dict[str, str]:
+    """A replacement worker's environment: the fleet's queues and models, its broker and fault settings."""
     s = fleet.settings
-    return {
-        "AUTOGLM_QUEUES": json.dumps({k.value: v.model_dump() for k, v in s.queues.items()}),
-        "AUTOGLM_BROKER": json.dumps(s.broker.model_dump()),
-        "AUTOGLM_FAULTS": json.dumps(s.faults),
-        "AUTOGLM_MODELS": json.dumps([m.model_dump(mode="json") for m in s.models]),
-    }
+    return {**cli_env(fleet), "AUTOGLM_BROKER": json.dumps(s.broker.model_dump()), "AUTOGLM_FAULTS": json.dumps(s.faults)}
 
 
 def test_restarting_redis_loses_no_accepted_request(tiny_model: dict) -> None:
