@@ -80,7 +80,9 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         print(f"{model.name:<20} backend {model.backend:<12} {model.model_name:<40} {'/'.join(model.task_type)}  {state}"
               f"{where}\n  served by: "
               + (", ".join(serving) if serving else "no live worker" if serving is not None else "(no broker configured or reachable)"))
-        if manifest:
+        if manifest and manifest.get("accuracy_float") is None:
+            print(f"  served as is, accuracy not measured (quantize.measure: false), {manifest['bytes_served'] / 1e6:.0f} MB")
+        elif manifest:
             print(f"  quantized with {manifest.get('chosen')}: accuracy float {manifest['accuracy_float']:.1%} "
                   f"served {manifest['accuracy_served']:.1%} (loss {manifest.get('loss_vs_float', 0) * 100:+.1f} pts, "
                   f"selection split), {manifest['bytes_served'] / 1e6:.0f} MB, prepared on "

@@ -51,6 +51,8 @@ class Harness:
         }
 
     def client(self, tag: str, models: list[dict] | None = None) -> FleetClient:
+        if models is None and "AUTOGLM_MODELS" in self.env:
+            models = json.loads(self.env["AUTOGLM_MODELS"])  # a --shape run: route to the model its workers load
         extra = {"models": models} if models is not None else {}
         settings = load_settings(redis_url=self.redis_url, queues=self.queues(tag), **extra)
         return FleetClient(self.redis_url, settings)
@@ -152,6 +154,19 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += sum(int(f) for f in fields[11:15]) / ticks  # utime stime cutime cstime
     return total
+
+
+def cpu_by_role(pids: Sequence[int]) -> dict[str, float]:
+    """CPU seconds so far of a fleet's engine core(s) and of its consumer processes, apart: which
+    side saturates shows who limits the fleet (a consumer-bound fleet reads ~N busy consumers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    roles = {"core": 0.0, "consumers": 0.0}
+    for pid in descendants(pids):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            role = "core" if b"workers.engine_core" in Path(f"/proc/{pid}/cmdline").read_bytes() else "consumers"
+            roles[role] += sum(int(f) for f in fields[11:13]) / ticks  # utime stime (live processes)
+    return roles
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:  # noqa: ANN001

@@ -57,4 +57,4 @@ def build(settings: Settings, shape: str, tokenizer: Path | None = None) -> Path
 def model_config(settings: Settings, shape: str, tokenizer: Path | None = None) -> dict[str, Any]:
     return {"name": f"random-{shape}", "model_name": f"random/llama-{shape}", "source": str(build(settings, shape, tokenizer)),
             "task_type": ["text_generation", "classification"], "max_context_tokens": 2048,
-            "quantize": {"method": "none"}}
+            "quantize": {"method": "none", "measure": False}}  # random weights: accuracy means nothing

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.harness import Harness, timed, wait_all
+import time
+
+from bench.harness import Harness, cpu_by_role, timed, wait_all
 from bench.workloads import LABELS, TEMPLATE, classify_payload, generate_payload, prompts, review_texts
 from shared.schemas import ClassifyRequest, GenerateRequest, TaskType
 from workers.engine import Engine
@@ -56,9 +58,16 @@ def run(h: Harness, engine: Engine, n_classify: int, n_generate: int, new_tokens
             secs, answers["naive"] = timed(lambda: [r.get(timeout=3600) for r in [
                 naive_app.send_task("naive.classify", args=[t, LABELS, TEMPLATE], queue=naive_queue) for t in naive_texts]])
             rates["naive"].append(len(naive_texts) / secs)
+            cpu_before, producer_before = cpu_by_role(h.worker_pids), time.process_time()
             secs, results = timed(lambda: wait_all(client.submit_many(classify_payload(t) for t in texts)))
+            cpu_after, producer_cpu = cpu_by_role(h.worker_pids), time.process_time() - producer_before
             answers["fleet"] = [r.output.label for r in results]
             rates["fleet"].append(len(texts) / secs)
+            if rates["fleet"][-1] == max(rates["fleet"]):
+                # CPU busy (cores' worth) of each side during the best fleet round: ~N consumers
+                # busy means the consumers limit the fleet, ~1 for the core or the producer likewise.
+                busy = {role: round((cpu_after[role] - cpu_before[role]) / secs, 2) for role in cpu_after}
+                busy["producer"] = round(producer_cpu / secs, 2)
             # generation, tokens/s
             secs, gen_limit = timed(_limit_generate, engine, gen_prompts, gen_batch, new_tokens)
             tok_rates["limit"].append(sum(n for _, n in gen_limit) / secs)
@@ -67,6 +76,8 @@ def run(h: Harness, engine: Engine, n_classify: int, n_generate: int, new_tokens
             tok_rates["naive"].append(sum(n for _, n in gen_naive) / secs)
             secs, gen_fleet = timed(lambda: wait_all(client.submit_many(generate_payload(p, new_tokens) for p in gen_prompts)))
             tok_rates["fleet"].append(sum(r.usage.completion_tokens for r in gen_fleet) / secs)
+            print(f"[bench] round: classify tasks/s {({k: round(v[-1], 1) for k, v in rates.items()})}, "
+                  f"generate tok/s {({k: round(v[-1], 1) for k, v in tok_rates.items()})}", flush=True)
             fleet_batch_sizes = [r.batch_size for r in results]
             fleet_model_ms = [r.timings.inference_ms for r in results]
     best = {k: max(v) for k, v in rates.items()}
@@ -90,7 +101,10 @@ def run(h: Harness, engine: Engine, n_classify: int, n_generate: int, new_tokens
         # Close together: the core runs the model at full speed and the gap is in feeding it or in
         # collecting results; far apart: the model runs slower inside the core.
         "fleet_model_ms_per_batch": round(sum(fleet_model_ms) / len(fleet_model_ms), 2),
+        # wall time per fleet batch (mean batch / rate): far above the model's ms, the core waited to be fed
+        "fleet_ms_per_batch": round(1000.0 * (sum(fleet_batch_sizes) / len(fleet_batch_sizes)) / best["fleet"], 2),
         "limit_ms_per_batch": round(1000.0 * batch / best["limit"], 2),
+        "fleet_cpu_busy": busy,
         "labels_agree_fleet_limit": agree(answers["fleet"], answers["limit"]),
         "labels_agree_naive_limit": agree(answers["naive"], answers["limit"]),
         "generate_n": len(gen_prompts),

@@ -83,6 +83,11 @@ class QuantizeConfig(_Section):
     """
 
     method: Literal["gptq", "none"] = "gptq"
+    measure: bool = Field(
+        default=True,
+        description="method none: measure the float model's accuracy at prepare (off for random-weight "
+        "speed models, bench --shape, whose accuracy means nothing). GPTQ always measures: its gate needs it.",
+    )
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(default=64, description="Must divide every quantized layer's in-features.")
     desc_act: bool = False

@@ -82,7 +82,9 @@ def resolve_source(spec: str | None) -> Source:
 
 
 def artifact_fingerprint(model: ModelConfig, source: Source) -> str:
-    return _digest({"source": source.fingerprint, "quantize": model.quantize.model_dump(exclude_none=True)})
+    # `measure` changes what prepare reports, not the artifact: excluded, so caches stay valid
+    return _digest({"source": source.fingerprint,
+                    "quantize": model.quantize.model_dump(exclude_none=True, exclude={"measure"})})
 
 
 def float_dir(settings: Settings, model: ModelConfig, source: Source) -> Path:

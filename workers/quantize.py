@@ -234,7 +234,9 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         return read_manifest(shared) or {}
     float_path = ensure_float(settings, model, source, report)
     quantize = model.quantize
-    float_scores = float_baseline(settings, model, float_path, report)
+    measured = quantize.method != "none" or quantize.measure
+    float_scores = float_baseline(settings, model, float_path, report) if measured \
+        else {"classification": {"overall": None}, "qa": None}
     attempts: list[dict[str, Any]] = []
     if quantize.method == "none":
         tmp = target.with_name(target.name + ".tmp")
@@ -303,11 +305,15 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         "quantized_in": chosen.get("quantized_in"),
         "prepared_at": time.time(),
     }
-    report(
-        f"{model.name}: kept {chosen['settings']}; selection-split accuracy float "
-        f"{manifest['accuracy_float']:.1%} vs served {manifest['accuracy_served']:.1%} "
-        f"(loss {chosen['loss_vs_float'] * 100:+.1f} pts), QA float {float_scores['qa']:.0%} vs served "
-        f"{chosen['scores']['qa']:.0%}; size {manifest['bytes_float'] / 1e6:.0f} MB -> {manifest['bytes_served'] / 1e6:.0f} MB"
-    )
+    if not measured:
+        report(f"{model.name}: served as is, accuracy not measured (quantize.measure: false); "
+               f"{manifest['bytes_served'] / 1e6:.0f} MB")
+    else:
+        report(
+            f"{model.name}: kept {chosen['settings']}; selection-split accuracy float "
+            f"{manifest['accuracy_float']:.1%} vs served {manifest['accuracy_served']:.1%} "
+            f"(loss {chosen['loss_vs_float'] * 100:+.1f} pts), QA float {float_scores['qa']:.0%} vs served "
+            f"{chosen['scores']['qa']:.0%}; size {manifest['bytes_float'] / 1e6:.0f} MB -> {manifest['bytes_served'] / 1e6:.0f} MB"
+        )
     (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU table (bench/RESULTS.md) in one command, on a machine without network:
+#   bench/gpu.sh [OUTDIR]
+# Brings what that machine lacks from the repo's ignored folders (../shared/gpu/README.md says how
+# to fill them): .whl/ (wheels for its Python) and .gpu/tok (the bundled model's tokenizer). The
+# model is a random-weight Llama in SmolLM2-1.7B's shape, built there (bench/shapes.py).
+# Each run's log and JSON go to OUTDIR (default bench/results): read them even if a later run fails.
+set -u
+OUT_DIR=${1:-${OUT:-bench/results}}
+mkdir -p "$OUT_DIR"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi -L; nproc
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+TOK=${AUTOGLM_BENCH_TOKENIZER:-.gpu/tok}
+
+bench() {  # NAME TIMEOUT_S ARGS...: one bench run, its log and summary in OUT_DIR
+  local name=$1 limit=$2; shift 2
+  echo "=== $name: python3 -m bench --shape 1.7b --tokenizer $TOK $*"
+  timeout "$limit" python3 -m bench --shape 1.7b --tokenizer "$TOK" --json "$@" >"$OUT_DIR/$name.log" 2>&1
+  local rc=$?; echo "rc=$rc"; grep -E "^\[bench\] (round|throughput|engine|model)" "$OUT_DIR/$name.log" | cut -c1-1500
+  tail -n 1 "$OUT_DIR/$name.log" >"$OUT_DIR/$name.json"
+  return $rc
+}
+
+# The engine alone by batch size, then limit / naive / fleet at batch 32 with the default consumers.
+if ! bench sweep-and-32 ${GPU_RUN1_S:-300} --only engine-sweep,throughput --batch 32; then
+  tail -n 40 "$OUT_DIR/sweep-and-32.log"
+  echo "run 1 failed: the next run without continuous batching"; export AUTOGLM_BATCHING__CONTINUOUS__ENABLED=false
+fi
+# The same at 32 with more consumer processes (is the fleet fed by its consumers?).
+bench consumers-8 ${GPU_RUN2_S:-180} --only throughput --batch 32 --consumers 8
