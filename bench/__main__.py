@@ -91,8 +91,11 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
                     h, scale = harness, 1
                     if label != "shipped":
                         b = int(label)
+                        # the token budget grows with the batch (512 padded tokens a row, as the CUDA default's
+                        # 32 x 512): kept as configured, it capped a "64" classification batch at ~32 requests
                         batching = settings.batching.model_copy(
-                            update={"max_batch_size": b, "max_batch_size_by_task": {TaskType.CLASSIFICATION: b}, "by_device": {}})
+                            update={"max_batch_size": b, "max_batch_size_by_task": {TaskType.CLASSIFICATION: b}, "by_device": {},
+                                    "max_batch_tokens": max(settings.batching.max_batch_tokens, 512 * b)})
                         h = Harness(settings.model_copy(update={"batching": batching}), url,
                                     {**env, "AUTOGLM_BATCHING": batching.model_dump_json()})
                         scale = max(1, b // 8)

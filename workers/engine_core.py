@@ -245,7 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings().on_device()
     setup_logging(settings.worker.loglevel, settings.worker.log_format)
     setup_tracing("autoglm-engine-core")
-    EngineCore(settings).serve(address)
+    core = EngineCore(settings)
+    profile_to = os.environ.get("AUTOGLM_CORE_PROFILE")  # a file: cProfile the serve loop (bench diagnosis)
+    if profile_to:
+        import cProfile
+
+        cProfile.runctx("core.serve(address)", globals(), {"core": core, "address": address}, f"{profile_to}.{os.getpid()}")
+    else:
+        core.serve(address)
     exit_drained(0)  # serve() drained: replies sent, the socket closed
 
 
