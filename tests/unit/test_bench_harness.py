@@ -1,0 +1,24 @@
+"""The bench's harness sends each competitor's tasks where its workers listen."""
+
+from __future__ import annotations
+
+import json
+
+from bench.harness import Harness
+from shared.config import load_settings
+from shared.schemas import ClassifyRequest, Priority
+
+
+def test_a_shape_run_routes_its_tasks_to_the_queue_of_the_shaped_model() -> None:
+    # `--shape` workers load the random-weight model the bench built (AUTOGLM_MODELS in their env);
+    # a client routing by the configured model published to a queue nobody served and waited forever.
+    shaped = {"name": "random-1.7b", "model_name": "random/llama-1.7b", "source": "/nowhere",
+              "task_type": ["text_generation", "classification"], "quantize": {"method": "none", "measure": False}}
+    harness = Harness(load_settings(), "redis://127.0.0.1:1/0", {"AUTOGLM_MODELS": json.dumps([shaped])})
+    client = harness.client("throughput")
+    try:
+        queue = client.route(ClassifyRequest(text="fine", labels=["a", "b"], priority=Priority.BULK))
+    finally:
+        client.close()
+    assert queue == harness.settings.model_copy(update={"queues": client.settings.queues}).queue_name(Priority.BULK, "random-1.7b")
+    assert "random-1.7b" in queue
