@@ -6,9 +6,8 @@ best round of each is compared.
 
 from __future__ import annotations
 
-from typing import Any
-
 import time
+from typing import Any
 
 from bench.harness import Harness, cpu_by_role, timed, wait_all
 from bench.workloads import LABELS, TEMPLATE, classify_payload, generate_payload, prompts, review_texts
