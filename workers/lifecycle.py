@@ -39,6 +39,16 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+# The core runs torch from two threads (its serve loop, and continuous batching's generation thread),
+# so libgomp keeps two thread pools; with more pool threads than CPUs it throttles the spin-wait of
+# idle pool threads from 300,000 to 100 turns, and each of the many short parallel regions of a CPU
+# forward pass then waits for sleeping threads: classification batches took 236 ms instead of 160
+# on 2 cores (fleet_vs_limit 0.68; bench/RESULTS.md). ACTIVE raises the throttled spin to 1,000
+# (enough here), and GOMP_SPINCOUNT keeps the unthrottled one at its default instead of ACTIVE's
+# 30 billion (an idle core would spin a core away). The caller's own settings win.
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
+
+
 @dataclass
 class EngineCoreProcess:
     """An engine core this consumer started and owns: ``python -m workers.engine_core ADDRESS PID``."""
@@ -50,7 +60,7 @@ class EngineCoreProcess:
     def start(self) -> subprocess.Popen:
         """Start a core at this address (again, after one died); it loads the models, then answers hello."""
         self.process = subprocess.Popen([sys.executable, "-m", "workers.engine_core", self.address, str(os.getpid())],
-                                        env=self.env)
+                                        env={**OPENMP_WAIT, **self.env})
         return self.process
 
 
