@@ -2,8 +2,12 @@
 # The GPU table (bench/RESULTS.md) in one command, on a machine without network:
 #   bench/gpu.sh [OUTDIR]
 # Brings what that machine lacks from the repo's ignored folders (../shared/gpu/README.md says how
-# to fill them): .whl/ (wheels for its Python) and .gpu/tok (the bundled model's tokenizer). The
-# model is a random-weight Llama in SmolLM2-1.7B's shape, built there (bench/shapes.py).
+# to fill them): .whl/ (wheels for its Python, the project's own among them: `.venv/bin/pip wheel
+# --no-deps --no-build-isolation . -w .whl`, rebuilt after every change, or the plugin entry points
+# are missing there) and .gpu/tok (the bundled model's tokenizer). The model is a random-weight
+# Llama in SmolLM2-1.7B's shape, built there (bench/shapes.py).
+# GPU_PROFILE=1: one more run at batch 32 with the engine core under cProfile (its top functions
+# printed; rates under cProfile are not comparable).
 # Each run's log and JSON go to OUTDIR (default bench/results): read them even if a later run fails.
 set -u
 OUT_DIR=${1:-${OUT:-bench/results}}
@@ -32,3 +36,9 @@ if ! bench sweep-and-32 ${GPU_RUN1_S:-300} --only engine-sweep,throughput --batc
 fi
 # The same at 32 with more consumer processes (is the fleet fed by its consumers?).
 bench consumers-8 ${GPU_RUN2_S:-180} --only throughput --batch 32 --consumers 8
+if [ "${GPU_PROFILE:-0}" = 1 ]; then
+  AUTOGLM_CORE_PROFILE="$OUT_DIR/core.prof" bench profiled ${GPU_RUN3_S:-150} --only throughput --batch 32
+  for f in "$OUT_DIR"/core.prof.*; do
+    python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(25)" "$f" | tail -n 35
+  done
+fi
