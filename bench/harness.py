@@ -144,28 +144,29 @@ def descendants(pids: Sequence[int]) -> list[int]:
     return found
 
 
+def _cpu_s(pid: int, reaped_children: bool = False) -> float:
+    """One process's user + system CPU seconds so far (with ``reaped_children``: plus those of the
+    children it has waited for, cutime + cstime); 0 once it is gone."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11 : 15 if reaped_children else 13]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """User + system CPU time used so far by these processes and all their descendants (Linux /proc;
     live children are counted directly: a process's cutime only covers children it has reaped)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in descendants(pids):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(f) for f in fields[11:15]) / ticks  # utime stime cutime cstime
-    return total
+    return sum(_cpu_s(pid, reaped_children=True) for pid in descendants(pids))
 
 
 def cpu_by_role(pids: Sequence[int]) -> dict[str, float]:
     """CPU seconds so far of a fleet's engine core(s) and of its consumer processes, apart: which
     side saturates shows who limits the fleet (a consumer-bound fleet reads ~N busy consumers)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     roles = {"core": 0.0, "consumers": 0.0}
     for pid in descendants(pids):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             role = "core" if b"workers.engine_core" in Path(f"/proc/{pid}/cmdline").read_bytes() else "consumers"
-            roles[role] += sum(int(f) for f in fields[11:13]) / ticks  # utime stime (live processes)
+            roles[role] += _cpu_s(pid)
     return roles
 
 
