@@ -235,8 +235,7 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
     float_path = ensure_float(settings, model, source, report)
     quantize = model.quantize
     measured = quantize.method != "none" or quantize.measure
-    float_scores = float_baseline(settings, model, float_path, report) if measured \
-        else {"classification": {"overall": None}, "qa": None}
+    float_scores = float_baseline(settings, model, float_path, report) if measured else None
     attempts: list[dict[str, Any]] = []
     if quantize.method == "none":
         tmp = target.with_name(target.name + ".tmp")
@@ -297,8 +296,8 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         "float": float_scores,
         "served": chosen["scores"],
         "attempts": attempts,
-        "accuracy_float": float_scores["classification"]["overall"],
-        "accuracy_served": chosen["scores"]["classification"]["overall"],
+        "accuracy_float": float_scores["classification"]["overall"] if measured else None,
+        "accuracy_served": chosen["scores"]["classification"]["overall"] if measured else None,
         "bytes_float": _dir_bytes(float_path),
         "bytes_served": _dir_bytes(target),
         "machine": machine(),
