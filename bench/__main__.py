@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model",
-             "engine-sweep", "continuous")
+             "engine-core", "engine-sweep", "continuous")
 SIZES = {
     # A smoke run (tests/integration/test_bench_smoke.py): every scenario end to end, figures not reported.
     "quick": {"classify": 32, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 6, "backlog": 200,
               "enqueue": 2000, "single": 100, "scaling": 48, "machinery": 200, "fast": 120,
-              "continuous": 24},
+              "continuous": 24, "core": 512},
     "full": {"classify": 512, "generate": 32, "new_tokens": 16, "rounds": 3, "interactive": 40, "backlog": 5000,
              "enqueue": 10000, "single": 500, "scaling": 256, "machinery": 2000, "fast": 1000,
-             "continuous": 64},
+             "continuous": 64, "core": 8000},
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -147,6 +147,11 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
                 from bench import fast_model
 
                 summary.update(fast_model.run(harness, size["fast"], size["rounds"]))
+            elif name == "engine-core":
+                from bench import engine_core
+
+                batch = next((int(b) for b in batches or [] if b.isdigit()), 32)  # --batch, else the CUDA default's 32
+                summary.update(engine_core.run(harness, size["core"], size["rounds"], batch))
             summary[f"seconds_{name}"] = round(time.perf_counter() - started, 1)
     return summary
 

@@ -34,6 +34,9 @@ if ! bench sweep-and-32 ${GPU_RUN1_S:-300} --only engine-sweep,throughput --batc
   tail -n 40 "$OUT_DIR/sweep-and-32.log"
   echo "run 1 failed: the next run without continuous batching"; export AUTOGLM_BATCHING__CONTINUOUS__ENABLED=false
 fi
+# The engine core alone at 32, fed over its socket without Celery (bench/engine_core.py): the share of
+# its wall time in model calls, and its rate against the same engine in-process.
+bench engine-core ${GPU_RUN_CORE_S:-150} --only engine-core --batch 32
 # The same at 32 with more consumer processes (is the fleet fed by its consumers?).
 bench consumers-8 ${GPU_RUN2_S:-180} --only throughput --batch 32 --consumers 8
 if [ "${GPU_PROFILE:-0}" = 1 ]; then

@@ -55,6 +55,24 @@ HELLO = b"hello"
 W3C = TraceContextTextMapPropagator()
 
 
+def span_context_of(traceparent: str) -> trace.SpanContext:
+    """The consumer's span, from the traceparent our own consumers write (``00-<32 hex>-<16 hex>-<2
+    hex>``), split directly: 1 us instead of the propagator's 4 (regex, context objects), per
+    request in the core's one thread. Anything else goes through the propagator, which validates."""
+    parts = traceparent.split("-")
+    if len(parts) == 4 and parts[0] == "00":
+        try:  # fromhex rejects what is not hex pairs ("0x", "+1", "_"); the lengths catch the rest
+            trace_id, span_id, flags = (bytes.fromhex(p) for p in parts[1:])
+        except ValueError:
+            trace_id = b""
+        if len(trace_id) == 16 and len(span_id) == 8 and len(flags) == 1 and any(trace_id) and any(span_id):
+            return trace.SpanContext(int.from_bytes(trace_id), int.from_bytes(span_id), is_remote=True,
+                                     trace_flags=trace.TraceFlags(flags[0]))
+    if not traceparent:
+        return trace.INVALID_SPAN_CONTEXT
+    return trace.get_current_span(W3C.extract({"traceparent": traceparent})).get_span_context()
+
+
 def shape_of(prepared: Prepared) -> Shape:
     if isinstance(prepared, PreparedGenerate):
         return Shape(rows=1, width=prepared.cost_tokens)
@@ -129,8 +147,7 @@ class EngineCore:
     def submit(self, model: str, priority: int, traceparent: str, prepared: Prepared, task_id: str = "") -> Future:
         if model not in self.engines:
             raise KeyError(f"model {model!r} is not loaded in this engine core (loaded: {sorted(self.engines)})")
-        context = trace.get_current_span(W3C.extract({"traceparent": traceparent})).get_span_context() if traceparent \
-            else trace.INVALID_SPAN_CONTEXT
+        context = span_context_of(traceparent)
         if model in self.continuous and eligible(prepared):
             return self.continuous[model].submit(prepared, priority, task_id, context)  # type: ignore[arg-type]
         return self._static(model, prepared, priority, context, task_id)
