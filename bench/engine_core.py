@@ -67,8 +67,11 @@ class CoreDriver:
         self.socket = self.ctx.socket(zmq.DEALER)
         self.socket.connect(self.address)
         self.socket.send(HELLO)
-        if not self.socket.poll(900_000):
-            raise RuntimeError("the engine core did not answer its hello")
+        deadline = time.monotonic() + 900  # loading a model takes a while; a core that died says so at once
+        while not self.socket.poll(1000):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"the engine core did not answer its hello (exit code {self.process.returncode})")
         self.socket.recv()
 
     def run(self, frames: Sequence[bytes], n: int, window: int,
