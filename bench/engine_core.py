@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -41,7 +39,7 @@ from bench.workloads import LABELS, TEMPLATE, review_texts
 from shared.schemas import ClassifyRequest
 from workers import protocol
 from workers.engine_core import HELLO
-from workers.lifecycle import OPENMP_WAIT
+from workers.lifecycle import EngineCoreProcess
 
 BULK = 9  # any priority but the most urgent: each batch asks the broker for urgent work first, as bulk does
 TRACEPARENT = "00-" + "4bf92f3577b34da6a3ce929d0e0e4736" + "-" + "00f067aa0ba902b7" + "-01"
@@ -51,7 +49,6 @@ class CoreDriver:
     """An engine core started for one model list, and a DEALER socket to feed it."""
 
     def __init__(self, h: Harness, models: list[dict], batch: int, torch_threads: int | None = 1) -> None:
-        self.address = f"ipc:///tmp/autoglm-bench-core-{os.getpid()}-{uuid.uuid4().hex[:6]}.sock"
         names = [m["name"] for m in models]
         env = {**os.environ, **h.env, "REDIS_URL": h.redis_url, "AUTOGLM_MODELS": json.dumps(models),
                "AUTOGLM_WORKER__MODELS": json.dumps(names), "AUTOGLM_WORKER__LOGLEVEL": "WARNING",
@@ -60,9 +57,9 @@ class CoreDriver:
                # the batcher's max_pending is concurrency x consumers: let a whole window in
                "AUTOGLM_WORKER__CONCURRENCY": str(8 * batch),
                **({"AUTOGLM_WORKER__TORCH_THREADS": str(torch_threads)} if torch_threads else {})}
-        # started as a worker starts it (workers/lifecycle.py), OpenMP wait policy included
-        self.process = subprocess.Popen([sys.executable, "-m", "workers.engine_core", self.address, str(os.getpid())],
-                                        env={**OPENMP_WAIT, **env})
+        core = EngineCoreProcess(env)  # started as a consumer starts it: same command, OpenMP settings
+        self.process = core.start()
+        self.address = core.address
         self.ctx = zmq.Context()
         self.socket = self.ctx.socket(zmq.DEALER)
         self.socket.connect(self.address)
