@@ -34,10 +34,31 @@ def error_response(error: FleetError, status: int | None = None, headers: dict[s
     return JSONResponse({"error": error.to_dict()}, status_code=status or error.http_status, headers=headers)
 
 
-def validation_message(exc: RequestValidationError, limit: int = 5) -> str:
-    """``body.max_new_tokens: Input should be a finite number; ...``: where and what, never the value."""
+def _declares_json(content_type: str) -> bool:
+    """As FastAPI (strict content type, its default) decides whether to parse a body as JSON."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def validation_message(exc: RequestValidationError, limit: int = 5, content_type: str | None = None) -> str:
+    """``body.max_new_tokens: Input should be a finite number; ...``: where and what, never the value.
+
+    Two whole-body mistakes get a sentence of their own, because the field-level text ("body.47:
+    JSON decode error", "body: Input should be a valid dictionary") does not say what to change: a
+    body that is not JSON, and JSON sent without saying so (curl's ``-d`` sends form data).
+    """
+    errors = exc.errors()
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            position = (err.get("loc") or ("body", "?"))[-1]
+            reason = (err.get("ctx") or {}).get("error", "JSON decode error")
+            return f"the request body is not valid JSON ({reason} at character {position}); send one JSON object"
+    if content_type is not None and not _declares_json(content_type) and any(
+            tuple(err.get("loc", ())) == ("body",) for err in errors):
+        return (f"the request body must be a JSON object sent with `Content-Type: application/json`; this request "
+                f"{'said ' + repr(content_type) if content_type else 'sent none'} (curl's -d sends form data unless given -H 'Content-Type: application/json')")
     parts = []
-    for err in exc.errors()[:limit]:
+    for err in errors[:limit]:
         where = ".".join(str(p) for p in err.get("loc", ())) or "request"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
@@ -57,8 +78,9 @@ def install(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(FleetError(ErrorCode.INVALID_INPUT, validation_message(exc)))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = validation_message(exc, content_type=request.headers.get("content-type", ""))
+        return error_response(FleetError(ErrorCode.INVALID_INPUT, message))
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:

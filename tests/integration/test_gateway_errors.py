@@ -164,3 +164,24 @@ def test_a_redis_outage_is_a_coded_503_and_healthz_never_waits_behind_the_dlq(tm
                 os.kill(server.pid, signal.SIGCONT)
             gw.process.kill()
             gw.process.wait(10)
+
+
+def test_json_sent_as_form_data_is_told_to_say_content_type_json(client: TestClient) -> None:
+    """curl's -d without a header sends form data: the README's own example once failed this way
+    with "body: Input should be a valid dictionary", which does not say what to change."""
+    body = json.dumps(CLASSIFY).encode()
+    r = client.post("/v1/tasks", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "INVALID_INPUT"
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+    assert "x-www-form-urlencoded" in r.json()["error"]["message"]
+    r = client.post("/v1/tasks", content=body, headers={"Content-Type": ""})  # none at all: FastAPI is strict too
+    assert r.status_code == 422 and "sent none" in r.json()["error"]["message"]
+    assert client.post("/v1/tasks", content=body, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 202
+
+
+def test_a_body_that_is_not_json_says_so_and_where(client: TestClient) -> None:
+    r = client.post("/v1/tasks", content=b'{"task_type": "classification", "text": "x"', headers={"Content-Type": "application/json"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 422 and message.startswith("the request body is not valid JSON") and "character 43" in message  # 0-based: the end of the 43 bytes
+    r = client.post("/v1/tasks", content=b"[]", headers={"Content-Type": "application/json"})  # JSON, wrong shape
+    assert r.status_code == 422 and "Content-Type" not in r.json()["error"]["message"]
