@@ -19,10 +19,10 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from kombu.utils.uuid import uuid
 
@@ -31,26 +31,70 @@ from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority
 
 
-def read_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(custom_id, request) pairs from JSONL or CSV; a line without custom_id gets its line number."""
+class Line(NamedTuple):
+    """One input line: its custom_id, the request, or why it cannot be one (never submitted)."""
+
+    custom_id: str
+    request: dict[str, Any] | FleetError
+    number: int
+
+
+def _csv_request(row: dict[str, str | None]) -> dict[str, Any]:
+    data: dict[str, Any] = {k: v for k, v in row.items() if v not in (None, "")}
+    if "labels" in data:
+        data["labels"] = data["labels"].split("|")
+    for key, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float)):
+        if key in data:
+            try:
+                data[key] = kind(data[key])
+            except ValueError:
+                raise FleetError(ErrorCode.INVALID_INPUT, f"{key}: {data[key]!r} is not a number") from None
+    return data
+
+
+def read_lines(path: Path) -> Iterator[Line]:
+    """The file's requests from JSONL or CSV; a line without custom_id gets its line number as one.
+    A line that is not a JSON object (or a CSV row with a bad number) comes back as its error, so
+    it is reported with the others instead of stopping the whole file."""
     with path.open(newline="") as f:
         if path.suffix.lower() == ".csv":
             for n, row in enumerate(csv.DictReader(f), 1):
-                data: dict[str, Any] = {k: v for k, v in row.items() if v not in (None, "")}
-                if "labels" in data:
-                    data["labels"] = data["labels"].split("|")
-                for key in ("max_new_tokens",):
-                    if key in data:
-                        data[key] = int(data[key])
-                for key in ("temperature", "top_p"):
-                    if key in data:
-                        data[key] = float(data[key])
-                yield str(data.pop("custom_id", n)), data
+                custom_id = str(row.pop("custom_id", None) or n)
+                try:
+                    yield Line(custom_id, _csv_request(row), n)
+                except FleetError as exc:
+                    yield Line(custom_id, FleetError(exc.code, f"row {n}: {exc.message}"), n)
             return
         for n, line in enumerate(f, 1):
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 data = json.loads(line)
-                yield str(data.pop("custom_id", n)), data
+            except json.JSONDecodeError as exc:
+                yield Line(str(n), FleetError(ErrorCode.INVALID_INPUT, f"line {n} is not JSON ({exc.msg} at column "
+                                              f"{exc.colno}); each line must be one JSON object"), n)
+                continue
+            if not isinstance(data, dict):
+                yield Line(str(n), FleetError(ErrorCode.INVALID_INPUT, f"line {n} is a JSON {type(data).__name__}, "
+                                              "not an object with custom_id and the request's fields"), n)
+                continue
+            custom_id = data.pop("custom_id", None)
+            yield Line(str(n) if custom_id is None else str(custom_id), data, n)
+
+
+def duplicate_ids(lines: Iterable[Line]) -> FleetError | None:
+    """custom_id names a line's result: two lines with one id would share a task and one answer
+    (the other silently lost), and a resumed run could not tell them apart. As OpenAI's Batch API
+    does, such a file is refused whole, before anything is submitted."""
+    seen: dict[str, list[int]] = {}
+    for line in lines:
+        seen.setdefault(line.custom_id, []).append(line.number)
+    repeated = {cid: numbers for cid, numbers in seen.items() if len(numbers) > 1}
+    if not repeated:
+        return None
+    shown = "; ".join(f"{cid!r} on lines {', '.join(map(str, numbers))}" for cid, numbers in list(repeated.items())[:5])
+    more = f" (and {len(repeated) - 5} more)" if len(repeated) > 5 else ""
+    return FleetError(ErrorCode.INVALID_INPUT, f"custom_id must be unique in the file: {shown}{more}; nothing was submitted")
 
 
 @dataclass
@@ -147,7 +191,10 @@ def run_backfill(
     journal = Journal(output.with_suffix(".journal")).load()
     done = _done_ids(output, errors)
     lines = list(read_lines(source))
-    todo = [(cid, req) for cid, req in lines if cid not in done]
+    duplicated = duplicate_ids(lines)
+    if duplicated is not None:
+        raise duplicated
+    todo = [(line.custom_id, line.request) for line in lines if line.custom_id not in done]
     counts: Counter[str] = Counter()
     progress = Progress(total=len(lines))
     progress.tick(len(lines) - len(todo), force=True)
@@ -199,6 +246,8 @@ def run_backfill(
             part = []
             for cid, req in fresh[start : start + chunk]:
                 try:
+                    if isinstance(req, FleetError):  # not a request at all (not JSON, say)
+                        raise req
                     part.append((cid, client.build(_bulk(req))))
                 except FleetError as exc:  # a bad line is reported, never submitted
                     err.write(json.dumps({"custom_id": cid, "task_id": None, "status": "failed", "error": exc.to_dict()}) + "\n")

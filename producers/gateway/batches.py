@@ -121,6 +121,14 @@ class Store:
         return found
 
 
+class InvalidBatch(Exception):
+    """The input file as a whole cannot run (OpenAI's batch ``failed`` status, with ``errors``)."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(f"{len(errors)} line(s) refused")
+        self.errors = errors
+
+
 def new_batch(store: Store, tenant: str, input_file_id: str, endpoint: str, window: str,
               metadata: dict[str, str] | None) -> dict[str, Any]:
     store.file(tenant, input_file_id)  # NOT_FOUND unless this tenant uploaded it
@@ -209,6 +217,10 @@ class Runner:
         threading.Thread(target=self._renew, args=(batch_id, me, done), daemon=True).start()
         try:
             self._run_leased(tenant, batch_id)
+        except InvalidBatch as exc:  # nothing was submitted; the errors name the lines
+            batch = self.store.batch(tenant, batch_id)
+            batch.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": exc.errors[:100]})
+            self.store.save(tenant, batch)
         except Exception:  # noqa: BLE001 - a batch that breaks is marked failed, the gateway lives on
             log.exception("batch %s failed", batch_id)
             batch = self.store.batch(tenant, batch_id)
@@ -273,6 +285,8 @@ class Runner:
         not a valid request goes straight to the error file with INVALID_INPUT. Returns the lines."""
         raw = self.store.file_path(tenant, batch["input_file_id"]).read_text().splitlines()
         total = 0
+        first_line: dict[str, int] = {}
+        duplicates: list[dict[str, Any]] = []
         with source.open("w") as good, errors.open("w") as bad:
             for number, line in enumerate(raw, 1):
                 if not line.strip():
@@ -282,6 +296,12 @@ class Runner:
                 try:
                     entry = json.loads(line)
                     custom_id = str(entry.get("custom_id") or custom_id)
+                    if custom_id in first_line:  # two answers under one id: refused whole, as OpenAI does
+                        duplicates.append({"code": "duplicate_custom_id", "line": number, "message": (
+                            f"custom_id {custom_id!r} is also on line {first_line[custom_id]}; each request's "
+                            "custom_id must be unique in the batch")})
+                        continue
+                    first_line[custom_id] = number
                     if entry.get("url", batch["endpoint"]) != batch["endpoint"]:
                         raise FleetError(ErrorCode.INVALID_INPUT, f"url: {entry.get('url')!r} differs from the batch's "
                                          f"endpoint {batch['endpoint']}")
@@ -295,6 +315,8 @@ class Runner:
                                         f"({{custom_id, method, url, body}}): {exc}")
                     bad.write(json.dumps({"custom_id": custom_id, "task_id": None, "status": "failed",
                                           "error": error.to_dict()}) + "\n")
+        if duplicates:
+            raise InvalidBatch(duplicates)
         return total
 
     def _finalize(self, tenant: str, batch: dict[str, Any], out: Path, errors: Path) -> None:

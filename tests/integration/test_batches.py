@@ -90,6 +90,18 @@ def test_a_batch_of_200_lines_runs_to_completion_with_counts_and_files(gateway: 
     assert "max_tokens" in errors["req-200"]["error"]["message"]
 
 
+def test_a_batch_that_repeats_a_custom_id_fails_whole_naming_the_lines(gateway: tuple[Gateway, Any]) -> None:
+    """Two lines under one custom_id would share one answer; as OpenAI does, the batch fails validation."""
+    client = _client(gateway, "repeater")
+    lines = [_line(0), _line(1), _line(0)]
+    uploaded = client.files.create(file=("dups.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = _wait(client, batch.id, ("failed", "completed"), timeout=120)
+    assert batch.status == "failed" and batch.output_file_id is None
+    (error,) = batch.errors.data
+    assert (error.code, error.line) == ("duplicate_custom_id", 3) and "line 1" in error.message
+
+
 def test_a_cancelled_batch_stops_submitting_and_keeps_what_finished(gateway: tuple[Gateway, Any]) -> None:
     client = _client(gateway, "canceller")
     uploaded = client.files.create(file=("big.jsonl", "\n".join(_line(n, max_tokens=48) for n in range(400)).encode()),
