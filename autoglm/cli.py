@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shared.errors import FleetError, invalid_input
+from shared.errors import ErrorCode, FleetError, invalid_input
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -101,7 +101,7 @@ def _cmd_models_eval(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     model = settings.model(args.name) if args.name else settings.models[0]
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
+    rows = _labelled_rows(Path(args.data))
     labels = args.labels.split(",") if args.labels else sorted({row["label"] for row in rows})
     family = Family(Path(args.data).stem, labels, [(row["text"], row["label"], "report") for row in rows])
     paths = {"served": prepared_path(settings, model)}
@@ -113,6 +113,24 @@ def _cmd_models_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"model": model.name, "weights": kind, "examples": len(rows), "labels": labels,
                           "template": args.template, "accuracy": round(score, 4)}))
     return 0
+
+
+def _labelled_rows(path: Path) -> list[dict[str, str]]:
+    """``{"text", "label"}`` per line; INVALID_INPUT naming the first line that is not one."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"{path}: line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("label"), str):
+            raise FleetError(ErrorCode.INVALID_INPUT, f'{path}: line {number} is not {{"text": "...", "label": "..."}}')
+        rows.append(row)
+    if not rows:
+        raise FleetError(ErrorCode.INVALID_INPUT, f"{path}: no labelled lines")
+    return rows
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
@@ -321,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FleetError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except TimeoutError as exc:  # a wait for a result ran out: the task may still finish
+        print(f"error TIMEOUT: {exc}; `autoglm result <id>` looks again later", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file named on the command line: missing, unreadable, a folder
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
 
 

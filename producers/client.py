@@ -82,6 +82,9 @@ class TaskHandle:
                     break
                 except CeleryTimeoutError:  # the next get reads the stored state again first
                     if left is not None and left <= RECHECK_S:
+                        # stop listening now: a later result() subscribes again, and a subscription left
+                        # to the object's __del__ runs at interpreter exit, when redis-py cannot unsubscribe
+                        self._result.backend.remove_pending_result(self._result)
                         raise TimeoutError(f"task {self.id} not finished after {timeout}s (status {self.status()})") from None
         except BROKER_ERRORS as exc:
             raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {self.id}'s result: {exc}") from exc

@@ -168,6 +168,21 @@ def test_autoglm_trace_prints_a_tasks_timeline(fleet: Fleet, monkeypatch: pytest
     assert handle.id in out and "waiting in Redis" in out and "model (smollm2-135m, batch of" in out
 
 
+def test_a_wait_that_runs_out_is_a_one_line_timeout_and_the_task_can_be_read_later(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from autoglm.cli import main
+
+    monkeypatch.setenv("REDIS_URL", fleet.client.redis_url)
+    assert main(["trace", "no-such-task", "--timeout", "1"]) == 1
+    assert "error TIMEOUT: task no-such-task not finished after 1.0s" in capsys.readouterr().err
+    handle = fleet.client.submit_generate("Count to twenty.", max_new_tokens=16)
+    with pytest.raises(TimeoutError):
+        handle.result(timeout=0.01)
+    backend = fleet.client.app.backend
+    assert handle.id not in backend._pending_results.concrete  # no subscription left behind by the timeout
+    assert handle.result(timeout=300).usage.completion_tokens >= 1  # waiting again subscribes again
+
+
 def test_a_result_stored_without_its_publish_still_reaches_a_waiting_caller(fleet: Fleet) -> None:
     """Celery subscribes when a caller starts waiting and reads the state once; a state stored in
     between publishes to nobody. TaskHandle.result reads the stored state again every RECHECK_S,

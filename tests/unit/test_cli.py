@@ -1,0 +1,28 @@
+"""The command line answers a mistake in one line with a code and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autoglm.cli import main
+
+
+def test_a_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "eval", str(tmp_path / "nope.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: No such file or directory: {tmp_path / 'nope.jsonl'}\n"
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ('{"text": "Great"}\n', 'line 1 is not {"text": "...", "label": "..."}'),
+    ('{"text": "Great", "label": "positive"}\nnot json\n', "line 2 is not JSON"),
+    ("\n\n", "no labelled lines"),
+])
+def test_models_eval_names_the_line_that_is_not_a_labelled_example(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, says: str) -> None:
+    data = tmp_path / "mine.jsonl"
+    data.write_text(content)
+    assert main(["models", "eval", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error INVALID_INPUT: ") and says in err and "Traceback" not in err
