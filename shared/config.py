@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from platformdirs import user_cache_dir
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -22,7 +23,7 @@ from pydantic_settings import (
 )
 
 from shared import plugins, templates
-from shared.errors import ErrorCode
+from shared.errors import ErrorCode, FleetError
 from shared.pipelines import PipelineConfig
 from shared.schemas import Priority, TaskType
 
@@ -614,9 +615,21 @@ def config_path() -> Path:
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
-    """Load and validate the config; raises pydantic.ValidationError naming the bad field."""
+    """Load and validate the config; raises pydantic.ValidationError naming the bad field, or
+    FleetError(INVALID_INPUT) when the named file is missing or is not YAML (pydantic-settings
+    would read a missing file as empty and report "models: Field required", and let a YAML parse
+    error out as a traceback)."""
+    yaml_file = Path(path) if path else config_path()
+    if (path or os.environ.get("AUTOGLM_CONFIG")) and not yaml_file.is_file():
+        raise FleetError(ErrorCode.INVALID_INPUT, f"config file {yaml_file} does not exist "
+                         f"({'AUTOGLM_CONFIG' if not path else 'the path given'}); the default is {DEFAULT_CONFIG_PATH}")
     token = _yaml_path.set(Path(path) if path else None)
     try:
         return Settings(**overrides)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise FleetError(ErrorCode.INVALID_INPUT, f"config file {yaml_file} is not valid YAML: {problem}{where}") from None
     finally:
         _yaml_path.reset(token)

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from shared.config import load_settings
+from shared.errors import FleetError
 from shared.schemas import Priority, TaskType
 
 
@@ -61,6 +62,17 @@ def test_bad_config_names_the_field(tmp_path: Path, yaml_text: str, complaint: s
     path.write_text(yaml_text)
     with pytest.raises(ValidationError, match=complaint):
         load_settings(path)
+
+
+def test_a_config_file_that_is_missing_or_not_yaml_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not "models: Field required" (a missing file read as empty) nor a YAML parser traceback."""
+    monkeypatch.setenv("AUTOGLM_CONFIG", str(tmp_path / "fleet.yaml"))
+    with pytest.raises(FleetError, match=r"config file .*fleet.yaml does not exist \(AUTOGLM_CONFIG\)"):
+        load_settings()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("batching:\n  max_batch_size: [\n")
+    with pytest.raises(FleetError, match=r"broken.yaml is not valid YAML: .* at line 3, column 1"):
+        load_settings(broken)
 
 
 def test_batch_sizes_and_consumers_follow_the_worker_device() -> None:
