@@ -236,6 +236,11 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     elif args.dlq_command == "requeue":
         ids = dlq.requeue(client.app, set(args.task_ids) or None)
         print(f"requeued {len(ids)}: {' '.join(ids)}")
+        missing = sorted(set(args.task_ids) - set(ids))
+        if missing:  # a typo, or requeued already: say so rather than exit 0 on nothing done
+            print(f"not requeued (not in the dead-letter queue, or a malformed message that cannot run): "
+                  f"{' '.join(missing)}", file=sys.stderr)
+            return 1
     else:
         print(f"purged {dlq.purge()}")
     return 0

@@ -183,6 +183,15 @@ def test_a_wait_that_runs_out_is_a_one_line_timeout_and_the_task_can_be_read_lat
     assert handle.result(timeout=300).usage.completion_tokens >= 1  # waiting again subscribes again
 
 
+def test_requeueing_an_id_that_is_not_dead_lettered_says_so_and_fails(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from autoglm.cli import main
+
+    monkeypatch.setenv("REDIS_URL", fleet.client.redis_url)
+    assert main(["dlq", "requeue", "no-such-task"]) == 1
+    assert "not requeued (not in the dead-letter queue" in capsys.readouterr().err
+
+
 def test_a_result_stored_without_its_publish_still_reaches_a_waiting_caller(fleet: Fleet) -> None:
     """Celery subscribes when a caller starts waiting and reads the state once; a state stored in
     between publishes to nobody. TaskHandle.result reads the stored state again every RECHECK_S,
