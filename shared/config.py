@@ -281,6 +281,7 @@ class BatchingOverride(_Section):
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] | None = None
     max_batch_size_by_task: dict[str, Annotated[int, Field(ge=1, le=1024)]] | None = None
     max_batch_tokens: Annotated[int, Field(ge=16)] | None = None
+    max_request_tokens: Annotated[int, Field(ge=16)] | None = None
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] | None = None
     continuous: ContinuousConfig | None = None
 
@@ -294,6 +295,12 @@ class BatchingConfig(_Section):
         "interactive request waits behind a running bulk batch (bench/RESULTS.md).",
     )
     max_batch_tokens: Annotated[int, Field(ge=16)] = 8192
+    max_request_tokens: Annotated[int, Field(ge=16)] = Field(
+        default=65536,
+        description="Padded tokens one request may cost to run (rows x longest row: a default-method "
+        "classification scores a row per multi-token label and a channel row per label, each as long as "
+        "its text). Larger requests are refused with PROMPT_TOO_LONG before they reach the model: one "
+        "request of 32 labels and a 1,400-token text (115,000 tokens) held a 2-core worker for minutes.")
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] = 20.0
     continuous: ContinuousConfig = ContinuousConfig()
     by_device: dict[Literal["cpu", "cuda"], BatchingOverride] = Field(

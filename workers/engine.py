@@ -114,6 +114,10 @@ Prepared = PreparedGenerate | PreparedClassify | PreparedTask
 Row = tuple[list[int], list[tuple[int, int, int]]]  # token ids, [(position, target token, slot)]
 # Scored positions per LM-head call: bounds memory to SCORE_CHUNK x vocab floats.
 SCORE_CHUNK = 1024
+# Padded tokens per scoring forward pass. A batch within the batcher's token budget is one pass; a
+# single request bigger than that (many multi-token labels x a long text) is scored in several, so
+# its attention memory stays bounded (one such request took 7 GB in one pass on a CPU).
+MAX_FORWARD_TOKENS = 16384
 # A model without a chat template classifies with this plain prompt when no template is given.
 PLAIN_TEMPLATE = 'Text: "{text}"\nCategory ({labels}):'
 # Texts that say nothing: the model's label preference after them is its bias, not evidence.
@@ -258,6 +262,34 @@ class Preparer:
         return PreparedClassify(request, template, prompt_ids, label_ids, channel, plain)
 
 
+def too_costly(prepared: Prepared, limit: int) -> str:
+    """PROMPT_TOO_LONG's message for a request that costs more than ``limit`` padded tokens: what it
+    costs, why, and what to change."""
+    rows = getattr(prepared, "rows", 1)
+    message = (f"this request costs {prepared.cost_tokens:,} padded tokens to run ({rows} rows x "
+               f"{prepared.cost_tokens // max(rows, 1):,} tokens), over this worker's limit of {limit:,} "
+               "(batching.max_request_tokens)")
+    if isinstance(prepared, PreparedClassify) and prepared.template is None:
+        message += ("; without a prompt_template a classification scores a row per label and per multi-token "
+                    "label, each as long as the text: use fewer or shorter labels, a shorter text, or a prompt_template")
+    return message
+
+
+def _groups(rows: list[Row], budget: int) -> list[list[Row]]:
+    """Consecutive rows, as few groups as keep each group's rows x longest row within ``budget``
+    (a row longer than the budget is a group of its own)."""
+    groups: list[list[Row]] = [[]]
+    width = 0
+    for row in rows:
+        wider = max(width, len(row[0]))
+        if groups[-1] and (len(groups[-1]) + 1) * wider > budget:
+            groups.append([])
+            wider = len(row[0])
+        groups[-1].append(row)
+        width = wider
+    return groups
+
+
 class Engine:
     """A causal LM loaded with the real ``from_pretrained`` path (GPTQ folders included)."""
 
@@ -393,24 +425,28 @@ class Engine:
 
     def _score(self, rows: list[Row], slots: int) -> torch.Tensor:
         """Sum the log-probabilities of every row's (position, target) pairs into their slots, in
-        one forward pass. Rows are right-padded; only the hidden states at scored positions go
-        through the LM head, in chunks, so memory stays O(chunk x vocab)."""
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        seq_index, positions, targets, slot_of = [], [], [], []
-        for r, (ids, scored) in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attention[r, : len(ids)] = 1
-            for position, target, slot in scored:
-                seq_index.append(r)
-                positions.append(position)
-                targets.append(target)
-                slot_of.append(slot)
-        hidden = self.model.get_decoder()(
-            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
-        ).last_hidden_state
-        picked = hidden[torch.tensor(seq_index), torch.tensor(positions)]
+        one forward pass (more when the rows exceed MAX_FORWARD_TOKENS). Rows are right-padded; only
+        the hidden states at scored positions go through the LM head, in chunks, so memory stays
+        O(chunk x vocab)."""
+        picked_parts, targets, slot_of = [], [], []
+        for group in _groups(rows, MAX_FORWARD_TOKENS):
+            width = max(len(ids) for ids, _ in group)
+            input_ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(group), width), dtype=torch.long)
+            seq_index, positions = [], []
+            for r, (ids, scored) in enumerate(group):
+                input_ids[r, : len(ids)] = torch.tensor(ids)
+                attention[r, : len(ids)] = 1
+                for position, target, slot in scored:
+                    seq_index.append(r)
+                    positions.append(position)
+                    targets.append(target)
+                    slot_of.append(slot)
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+            ).last_hidden_state
+            picked_parts.append(hidden[torch.tensor(seq_index), torch.tensor(positions)])
+        picked = torch.cat(picked_parts)
         wanted = torch.tensor(targets, device=picked.device)
         head = self.model.get_output_embeddings()
         pieces = []

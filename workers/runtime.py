@@ -18,7 +18,7 @@ from shared.telemetry import trace_headers
 from workers import backends, metrics, processors
 from workers.batcher import BatchInfo
 from workers.cache import ResultCache
-from workers.engine import Answer, Prepared
+from workers.engine import Answer, Prepared, too_costly
 from workers.engine_client import EngineClient
 from workers.ledger import Ledger
 from workers.lifecycle import EngineCoreProcess, child_env
@@ -80,6 +80,9 @@ class Runtime:
         """Send one request to the engine core and wait for its batch. Priority is the queue's own
         (config ``queues.<name>.priority``: lower is served first), the one representation of it."""
         request = prepared.request
+        limit = self.settings.batching.max_request_tokens
+        if prepared.cost_tokens > limit:  # refused here: it would hold the model for every other request
+            raise FleetError(ErrorCode.PROMPT_TOO_LONG, too_costly(prepared, limit))
         priority = self.settings.queues[request.priority].priority
         answer, info = self.engine.infer(preparer.name, prepared, priority, trace_headers().get("traceparent", ""), task_id)
         kind = str(request.task_type)

@@ -123,6 +123,18 @@ def test_malformed_request_fails_alone_with_invalid_input(fleet: Fleet) -> None:
     assert max(r.batch_size for r in mates) > 1
 
 
+def test_a_request_that_would_hold_the_model_for_minutes_is_refused_with_what_to_change(fleet: Fleet) -> None:
+    """32 multi-token labels x a 1,400-token text: 64 scoring rows, ~112,000 padded tokens (it held a
+    2-core worker for minutes and 7 GB). Refused before the model, PROMPT_TOO_LONG, and the worker serves on."""
+    labels = [f"category {i} with a rather long descriptive name here" for i in range(32)]
+    handle = fleet.client.submit_classify("This is a fairly long text about many things. " * 150, labels)
+    with pytest.raises(FleetError) as refused:
+        handle.result(timeout=300)
+    assert refused.value.code == ErrorCode.PROMPT_TOO_LONG and not refused.value.retryable
+    assert "batching.max_request_tokens" in refused.value.message and "fewer or shorter labels" in refused.value.message
+    assert fleet.client.classify("Great film!", ["positive", "negative"], timeout=300).output.label  # type: ignore[union-attr]
+
+
 def test_producer_refuses_bad_requests_before_enqueue(fleet: Fleet) -> None:
     with pytest.raises(FleetError) as caught:
         fleet.client.submit_generate("hi", max_new_tokens=0)

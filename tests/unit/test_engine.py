@@ -217,3 +217,32 @@ def test_many_labels_batch_like_one_at_a_time(engine: Engine) -> None:
         assert batched == pytest.approx(one, abs=1e-4)
     # chat: a row per multi-token label (all 20), channel: a row per label, plain: 19 multi-token after " "
     assert items[2].channel is None and items[2].plain is None and items[0].rows == 20 + 20 + 19  # type: ignore[union-attr]
+
+
+def test_rows_past_the_forward_budget_are_scored_in_several_passes_with_the_same_answers(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request bigger than one forward pass should hold (32 long labels x a long text took 7 GB in
+    one pass on a CPU) is split into passes of at most MAX_FORWARD_TOKENS padded tokens."""
+    from workers import engine as engine_module
+
+    requests = [ClassifyRequest(text="The striker scored twice in the second half", labels=[f"topic number {i}" for i in range(12)]),
+                ClassifyRequest(text="I lost my card", labels=["yes", "no"])]
+    items = [engine.prepare(r) for r in requests]
+    one_pass = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
+    passes = []
+    real_decoder = engine.model.get_decoder()
+    monkeypatch.setattr(engine.model, "get_decoder", lambda: lambda **kw: passes.append(kw["input_ids"].shape) or real_decoder(**kw))
+    monkeypatch.setattr(engine_module, "MAX_FORWARD_TOKENS", 200)
+    split = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
+    assert len(passes) > 2 and all(rows * width <= 200 or rows == 1 for rows, width in passes), passes
+    for whole, parts in zip(one_pass, split, strict=True):
+        assert parts == pytest.approx(whole, abs=1e-4)
+
+
+def test_grouping_keeps_row_order_and_gives_an_oversized_row_its_own_pass() -> None:
+    from workers.engine import _groups
+
+    rows = [([1] * n, []) for n in (10, 10, 10, 50, 5, 5)]
+    groups = _groups(rows, budget=40)  # type: ignore[arg-type]
+    assert [[len(ids) for ids, _ in g] for g in groups] == [[10, 10, 10], [50], [5, 5]]
+    assert [row for g in groups for row in g] == rows
