@@ -295,12 +295,14 @@ class BatchingConfig(_Section):
         "interactive request waits behind a running bulk batch (bench/RESULTS.md).",
     )
     max_batch_tokens: Annotated[int, Field(ge=16)] = 8192
-    max_request_tokens: Annotated[int, Field(ge=16)] = Field(
-        default=65536,
+    max_request_tokens: Annotated[int, Field(ge=16)] | None = Field(
+        default=None,
         description="Padded tokens one request may cost to run (rows x longest row: a default-method "
         "classification scores a row per multi-token label and a channel row per label, each as long as "
-        "its text). Larger requests are refused with PROMPT_TOO_LONG before they reach the model: one "
-        "request of 32 labels and a 1,400-token text (115,000 tokens) held a 2-core worker for minutes.")
+        "its text); None = max_batch_tokens, so every request fits one batch. Larger requests are refused "
+        "with PROMPT_TOO_LONG before they reach the model: on 2 CPU cores the 135M model scores ~300 "
+        "padded tokens/s, so a request of 32 labels and a 1,400-token text (112,000 tokens) held the worker "
+        "for over 5 minutes, and 8,192 tokens take ~24 s.")
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] = 20.0
     continuous: ContinuousConfig = ContinuousConfig()
     by_device: dict[Literal["cpu", "cuda"], BatchingOverride] = Field(
@@ -523,6 +525,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.cache_dir / "models"
+
+    @property
+    def max_request_tokens(self) -> int:
+        """What one request may cost (batching.max_request_tokens, by default the batch budget)."""
+        return self.batching.max_request_tokens or self.batching.max_batch_tokens
 
     @property
     def worker_concurrency(self) -> int:

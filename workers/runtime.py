@@ -80,7 +80,7 @@ class Runtime:
         """Send one request to the engine core and wait for its batch. Priority is the queue's own
         (config ``queues.<name>.priority``: lower is served first), the one representation of it."""
         request = prepared.request
-        limit = self.settings.batching.max_request_tokens
+        limit = self.settings.max_request_tokens
         if prepared.cost_tokens > limit:  # refused here: it would hold the model for every other request
             raise FleetError(ErrorCode.PROMPT_TOO_LONG, too_costly(prepared, limit))
         priority = self.settings.queues[request.priority].priority

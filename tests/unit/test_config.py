@@ -84,6 +84,9 @@ def test_batch_sizes_and_consumers_follow_the_worker_device() -> None:
     assert cuda.max_batch_size(TaskType.CLASSIFICATION) == 32 == cuda.max_batch_size(TaskType.TEXT_GENERATION)
     assert cuda.batching.max_batch_tokens == 16384 and cuda.worker_concurrency == 32
     assert cuda.batching.max_wait_ms == settings.batching.max_wait_ms  # unset fields keep the general value
+    # one request may cost what one batch may, unless set (then per device too)
+    assert (cpu.max_request_tokens, cuda.max_request_tokens) == (8192, 16384)
+    assert load_settings(batching={"max_request_tokens": 40000}).on_device("cuda").max_request_tokens == 40000
     assert load_settings(worker={"device": "cpu"}).worker_consumers == 2
     assert load_settings(worker={"device": "cuda"}).worker_consumers == 4
     assert load_settings(worker={"device": "cuda", "consumers": 1}).worker_consumers == 1
