@@ -82,14 +82,19 @@ def read_lines(path: Path) -> Iterator[Line]:
             yield Line(str(n) if custom_id is None else str(custom_id), data, n)
 
 
+def repeated_ids(ids: Iterable[tuple[str, int]]) -> dict[str, list[int]]:
+    """The custom_ids of (custom_id, line number) pairs that are on more than one line, with their lines."""
+    seen: dict[str, list[int]] = {}
+    for custom_id, number in ids:
+        seen.setdefault(custom_id, []).append(number)
+    return {cid: numbers for cid, numbers in seen.items() if len(numbers) > 1}
+
+
 def duplicate_ids(lines: Iterable[Line]) -> FleetError | None:
     """custom_id names a line's result: two lines with one id would share a task and one answer
     (the other silently lost), and a resumed run could not tell them apart. As OpenAI's Batch API
     does, such a file is refused whole, before anything is submitted."""
-    seen: dict[str, list[int]] = {}
-    for line in lines:
-        seen.setdefault(line.custom_id, []).append(line.number)
-    repeated = {cid: numbers for cid, numbers in seen.items() if len(numbers) > 1}
+    repeated = repeated_ids((line.custom_id, line.number) for line in lines)
     if not repeated:
         return None
     shown = "; ".join(f"{cid!r} on lines {', '.join(map(str, numbers))}" for cid, numbers in list(repeated.items())[:5])

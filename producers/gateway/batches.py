@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producers.backfill import run_backfill
+from producers.backfill import repeated_ids, run_backfill
 from producers.client import FleetClient
 from shared.errors import ErrorCode, FleetError, invalid_input
 
@@ -285,8 +285,7 @@ class Runner:
         not a valid request goes straight to the error file with INVALID_INPUT. Returns the lines."""
         raw = self.store.file_path(tenant, batch["input_file_id"]).read_text().splitlines()
         total = 0
-        first_line: dict[str, int] = {}
-        duplicates: list[dict[str, Any]] = []
+        ids: list[tuple[str, int]] = []
         with source.open("w") as good, errors.open("w") as bad:
             for number, line in enumerate(raw, 1):
                 if not line.strip():
@@ -296,12 +295,7 @@ class Runner:
                 try:
                     entry = json.loads(line)
                     custom_id = str(entry.get("custom_id") or custom_id)
-                    if custom_id in first_line:  # two answers under one id: refused whole, as OpenAI does
-                        duplicates.append({"code": "duplicate_custom_id", "line": number, "message": (
-                            f"custom_id {custom_id!r} is also on line {first_line[custom_id]}; each request's "
-                            "custom_id must be unique in the batch")})
-                        continue
-                    first_line[custom_id] = number
+                    ids.append((custom_id, number))
                     if entry.get("url", batch["endpoint"]) != batch["endpoint"]:
                         raise FleetError(ErrorCode.INVALID_INPUT, f"url: {entry.get('url')!r} differs from the batch's "
                                          f"endpoint {batch['endpoint']}")
@@ -315,8 +309,12 @@ class Runner:
                                         f"({{custom_id, method, url, body}}): {exc}")
                     bad.write(json.dumps({"custom_id": custom_id, "task_id": None, "status": "failed",
                                           "error": error.to_dict()}) + "\n")
-        if duplicates:
-            raise InvalidBatch(duplicates)
+        duplicates = [{"code": "duplicate_custom_id", "line": number, "message": (
+                          f"custom_id {custom_id!r} is also on line {numbers[0]}; each request's custom_id must be "
+                          "unique in the batch")}
+                      for custom_id, numbers in repeated_ids(ids).items() for number in numbers[1:]]
+        if duplicates:  # two answers under one id: the batch is refused whole, as OpenAI does
+            raise InvalidBatch(sorted(duplicates, key=lambda error: error["line"]))
         return total
 
     def _finalize(self, tenant: str, batch: dict[str, Any], out: Path, errors: Path) -> None:
