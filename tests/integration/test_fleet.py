@@ -187,11 +187,14 @@ def test_a_wait_that_runs_out_is_a_one_line_timeout_and_the_task_can_be_read_lat
     monkeypatch.setenv("REDIS_URL", fleet.client.redis_url)
     assert main(["trace", "no-such-task", "--timeout", "1"]) == 1
     assert "error TIMEOUT: task no-such-task not finished after 1.0s" in capsys.readouterr().err
-    handle = fleet.client.submit_generate("Count to twenty.", max_new_tokens=16)
+    task_id = f"not-yet-published-{time.time_ns()}"  # nothing can answer it before it is published below
+    handle = fleet.client.handle(task_id)
     with pytest.raises(TimeoutError):
         handle.result(timeout=0.01)
     backend = fleet.client.app.backend
     assert handle.id not in backend._pending_results.concrete  # no subscription left behind by the timeout
+    fleet.client.submit_many([{"task_type": "text_generation", "prompt": "Count to twenty.", "max_new_tokens": 16}],
+                             task_ids=[task_id])
     assert handle.result(timeout=300).usage.completion_tokens >= 1  # waiting again subscribes again
 
 
