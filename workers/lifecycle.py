@@ -44,8 +44,10 @@ def child_env(settings: Settings) -> dict[str, str]:
 # idle pool threads from 300,000 to 100 turns, and each of the many short parallel regions of a CPU
 # forward pass then waits for sleeping threads: classification batches took 236 ms instead of 160
 # on 2 cores (fleet_vs_limit 0.68; bench/RESULTS.md). ACTIVE raises the throttled spin to 1,000
-# (enough here), and GOMP_SPINCOUNT keeps the unthrottled one at its default instead of ACTIVE's
-# 30 billion (an idle core would spin a core away). The caller's own settings win.
+# (the most libgomp allows; still 1.3-1.6x slower than one pool on a slower box, RESULTS.md
+# "2026-12-02, evening": the real fix is one pool), and GOMP_SPINCOUNT keeps the unthrottled one at
+# its default instead of ACTIVE's 30 billion (an idle core would spin a core away). The caller's own
+# settings win.
 OPENMP_WAIT = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 
