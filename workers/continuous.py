@@ -3,9 +3,9 @@ the step they finish.
 
 Why: a static batch ends when its longest row ends, and a request that arrives meanwhile waits
 for all of it; with lengths of 8-256 tokens most of a static batch's rows sit finished while the
-longest one decodes. transformers' ``ContinuousBatchingManager`` (paged KV cache, chunked prefill,
-its own generation thread; the same scheduler as ``generate_batch``) schedules every step; this
-module is the engine core's admission control around it:
+longest one decodes. transformers' ``ContinuousBatchingManager`` (paged KV cache, chunked prefill;
+the same scheduler as ``generate_batch``) schedules every step; this module is the engine core's
+admission control around it, and runs its steps in the engine core's own loop (``_Steps``, below):
 
 - **priority**: requests wait here, most urgent first; bulk may fill ``max_rows`` rows, and
   ``interactive_reserve`` more rows are kept for interactive requests, so an interactive request
@@ -95,7 +95,7 @@ class ContinuousGenerator:
             auto_switch_to_flash=False,
         )
         self.manager = engine.model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
-        self.manager.start()
+        self._steps = _Steps(self.manager)
         self._waiting: list[tuple[int, int, _Row]] = []
         self._active: dict[str, _Row] = {}
         self._order = itertools.count()
@@ -120,8 +120,20 @@ class ContinuousGenerator:
             bool(self._waiting and self._waiting[0][0] <= self.most_urgent)
 
     def step(self) -> None:
-        """Admit what fits, then hand out what the manager produced since the last call."""
+        """Admit what fits, run one decoding step (prefill chunks included) for the running rows,
+        and hand out what it produced."""
         self._admit()
+        if self._active:
+            try:
+                self._steps.run()
+            except Exception as exc:  # the manager is broken: its rows go to static batches
+                log.exception("continuous batching for %s failed; its rows and every later one run in static "
+                              "batches", self.engine.name)
+                self._steps.failed = exc
+                for request_id, row in list(self._active.items()):
+                    del self._active[request_id]
+                    self._end_spans(row, None)
+                    self._to_static(row)
         while (output := self.manager.get_result(timeout=0)) is not None:
             self._on_output(output)
 
@@ -145,12 +157,11 @@ class ContinuousGenerator:
 
     def close(self) -> None:
         """Finish what was admitted and waiting (a SIGTERM drains), then stop the manager."""
-        while self.busy and self.manager.is_running():
+        while self.busy and self._steps.failed is None:
             self.step()
-            time.sleep(0.005)
-        self.manager.stop(block=True, timeout=30)
         for _, _, row in self._waiting:
             self._to_static(row)
+        self._waiting.clear()
 
     # -- internals -----------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -160,7 +171,7 @@ class ContinuousGenerator:
             if len(self._active) >= limit + (self.config.interactive_reserve if priority <= self.most_urgent else 0):
                 return
             heapq.heappop(self._waiting)
-            if not self.manager.is_running():
+            if self._steps.failed is not None:
                 self._to_static(row)
                 continue
             if self.faults:
@@ -260,6 +271,45 @@ class ContinuousGenerator:
             model.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
         model.end()
         batch.end()
+
+
+class _Steps:
+    """The manager's generation loop, one step per call, in the calling thread.
+
+    Why not the manager's own thread (``manager.start()``): a second thread running torch has an
+    OpenMP pool of its own, and once libgomp manages more pool threads than CPUs it throttles every
+    pool's spin-wait to at most 1,000 turns; each short parallel region of a CPU forward pass then
+    waits for sleeping threads. With the thread running (idle, even) the engine core's
+    classification batches took 411-555 ms against 331-414 ms in-process (2-core AMD EPYC,
+    bench/RESULTS.md "2026-12-02, evening"). One thread also means one forward pass at a time
+    without a lock handoff, as in vLLM V1's engine-core busy loop.
+
+    The body is transformers' ``_generation_loop_body`` (5.24, pinned in pyproject.toml) minus its
+    0.1 s wait for requests: the engine core's loop decides when to step. In async mode (CUDA
+    graphs) the first step is not followed by an update, as in the manager's own bootstrap.
+    """
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+        self.processor = manager._create_batch_processor()
+        manager.batch_processor = self.processor  # where the manager's own methods look for it
+        manager.current_batch = 0
+        self._bootstrapped = not self.processor.use_async_batching
+        self.failed: Exception | None = None
+
+    def run(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+        import torch
+
+        with torch.inference_mode():
+            if not self.processor.prepare_next_batch():
+                return  # nothing to schedule (every row finished or was cancelled)
+            self.manager._generation_step()
+            self.manager.current_batch += 1
+            if self._bootstrapped:
+                self.processor.update_batch()
+            self._bootstrapped = True
 
 
 def _chain(source: Future, target: Future) -> None:

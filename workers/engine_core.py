@@ -8,8 +8,9 @@ ZMQ socket; this process only collates, runs the model and replies. No Celery, n
 
 One thread here (serve): it takes in the requests that arrived, runs the next batch and sends its
 replies, in turn, so the model never waits for the GIL behind frame handling. Greedy generation is
-the exception: it runs continuously batched (workers/continuous.py), in transformers' own
-generation thread, and this loop admits rows to it and hands out its answers and tokens.
+the exception: it runs continuously batched (workers/continuous.py), and each turn of this loop
+admits rows, runs one decoding step for the running rows and hands out their tokens and answers
+(one thread for every forward pass, so one OpenMP pool on a CPU: see ``_Steps`` there).
 
 Started by a consumer (workers/engine_client.py) as ``python -m workers.engine_core ADDRESS PARENT_PID``;
 it dies with its parent (PR_SET_PDEATHSIG), and the parent restarts it if it dies alone.
@@ -237,10 +238,9 @@ class EngineCore:
                 self.batcher.execute(batch)  # its futures resolve here: send_back runs in this thread
                 self.streams.flush()
                 continue
-            # While rows generate in the manager's thread, look back every couple of milliseconds
-            # for its tokens and answers (a turn costs microseconds and never touches the model).
-            timeout_ms = 200 if wait_s is None else max(1, int(wait_s * 1000) + 1)
-            router.poll(min(timeout_ms, 2) if generating else timeout_ms)
+            if generating:
+                continue  # rows are decoding: the next turn runs their next step (it just took in what arrived)
+            router.poll(200 if wait_s is None else max(1, int(wait_s * 1000) + 1))
         take_in()
         for generator in self.continuous.values():
             generator.close()  # finish the admitted and waiting rows

@@ -39,15 +39,15 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-# The core runs torch from two threads (its serve loop, and continuous batching's generation thread),
-# so libgomp keeps two thread pools; with more pool threads than CPUs it throttles the spin-wait of
-# idle pool threads from 300,000 to 100 turns, and each of the many short parallel regions of a CPU
-# forward pass then waits for sleeping threads: classification batches took 236 ms instead of 160
-# on 2 cores (fleet_vs_limit 0.68; bench/RESULTS.md). ACTIVE raises the throttled spin to 1,000
-# (the most libgomp allows; still 1.3-1.6x slower than one pool on a slower box, RESULTS.md
-# "2026-12-02, evening": the real fix is one pool), and GOMP_SPINCOUNT keeps the unthrottled one at
-# its default instead of ACTIVE's 30 billion (an idle core would spin a core away). The caller's own
-# settings win.
+# Every forward pass in the core runs in its serve loop's thread (continuous batching is stepped
+# there too, workers/continuous.py), so libgomp keeps one thread pool. Were a second thread to run
+# torch (a plugin's own thread, say), libgomp would count more pool threads than CPUs and throttle
+# every pool's spin-wait from 300,000 to 100 turns; each of the many short parallel regions of a CPU
+# forward pass then waits for sleeping threads (classification batches 236 ms instead of 160 on 2
+# cores; bench/RESULTS.md). ACTIVE makes that throttled spin 1,000 (the most libgomp allows; still
+# 1.3-1.6x slower than one pool, RESULTS.md "2026-12-02, evening"), and GOMP_SPINCOUNT keeps the
+# unthrottled spin at its default instead of ACTIVE's 30 billion (an idle core would spin a core
+# away). A safety net, then; the caller's own settings win.
 OPENMP_WAIT = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 

@@ -3,6 +3,7 @@ tiny random-weight Llama of test_engine (plumbing only: the answers are compared
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -144,3 +145,39 @@ def test_cancelled_rows_leave_the_batch_and_fail_with_cancelled(engine: Engine, 
         drive(g, [after])
     finally:
         g.close()
+
+
+def test_every_forward_pass_runs_in_the_thread_that_steps_it(engine: Engine, sink: Sink) -> None:  # noqa: F811
+    # One thread running torch keeps one OpenMP pool: a second one throttled every pool's spin-wait
+    # and slowed the core's classification batches by 10-50 % on a CPU (bench/RESULTS.md).
+    threads_before = threading.active_count()
+    callers: set[int] = set()
+    probe = engine.model.register_forward_hook(lambda *_: callers.add(threading.get_ident()))
+    g = generator(engine, sink)
+    try:
+        assert threading.active_count() == threads_before, "continuous batching started a thread of its own"
+        futures = [submit(g, gen(engine, p, max_new_tokens=4), t) for p, t in zip(PROMPTS, "abcd", strict=True)]
+        drive(g, futures)
+    finally:
+        g.close()
+        probe.remove()
+    assert callers == {threading.get_ident()}
+
+
+def test_a_failing_step_sends_its_rows_and_later_ones_to_static_batches(engine: Engine, sink: Sink) -> None:  # noqa: F811
+    static: list[str] = []
+    g = generator(engine, sink, static=static)
+    try:
+        first = submit(g, gen(engine, PROMPTS[0], max_new_tokens=5), "first")
+
+        def broken() -> bool:
+            raise RuntimeError("paged cache corrupted")
+
+        g._steps.processor.prepare_next_batch = broken
+        g.step()
+        later = submit(g, gen(engine, PROMPTS[1], max_new_tokens=5), "later")
+        drive(g, [first, later])
+    finally:
+        g.close()
+    assert static == ["first", "later"]
+    assert first.result()[0].output.text == engine.generate([gen(engine, PROMPTS[0], max_new_tokens=5)])[0].output.text

@@ -19,8 +19,8 @@ def _started_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> dict[s
 
 
 def test_the_core_keeps_its_openmp_threads_spinning_between_parallel_regions(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Two threads run torch in the core (serve loop, continuous batching): libgomp would throttle
-    # its spin-wait to 100 turns and a CPU forward pass got ~50 % slower (bench/RESULTS.md).
+    # Should a second thread in the core run torch, libgomp would throttle its spin-wait to 100
+    # turns and a CPU forward pass got ~50 % slower (bench/RESULTS.md); ACTIVE bounds the damage.
     env = _started_env(monkeypatch, {"REDIS_URL": "redis://x"})
     assert env["OMP_WAIT_POLICY"] == "ACTIVE"
     assert env["GOMP_SPINCOUNT"] == "300000"  # bounded: an idle core does not spin forever

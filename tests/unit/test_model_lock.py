@@ -1,5 +1,7 @@
-"""The engine runs one forward pass at a time: continuous batching's thread and classification
-batches share the model (interleaved unguarded, later classifications came out wrong)."""
+"""The engine runs one forward pass at a time: any thread that calls the model waits for the one
+using it (when continuous batching ran in a thread of its own, interleaved forward passes made later
+classifications come out wrong; it now steps in the engine core's loop, and the lock still guards
+the model against any other caller)."""
 
 from __future__ import annotations
 
