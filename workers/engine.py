@@ -304,9 +304,9 @@ class Engine:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device),
                                                           trust_remote_code=config.trust_remote_code)
         self.model.eval()
-        # One forward pass at a time: continuous batching runs the model in transformers' own thread
-        # beside classification batches in the engine core's; the two interleaved unguarded gave
-        # wrong classifications for the rest of the process (seen: 3/10 clear reviews right).
+        # One forward pass at a time, whichever thread calls: when continuous batching ran in its own
+        # thread beside classification batches, the two interleaved unguarded gave wrong
+        # classifications for the rest of the process (seen: 3/10 clear reviews right).
         self.model_lock = threading.RLock()
         self.model.register_forward_pre_hook(lambda *_: (self.model_lock.acquire(), None)[1])  # None: inputs unchanged
         self.model.register_forward_hook(lambda *_: self.model_lock.release(), always_call=True)
