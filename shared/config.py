@@ -350,16 +350,16 @@ class BrokerConfig(_Section):
     result_expires_s: Annotated[int, Field(ge=60)] = 86_400
     cache_ttl_s: Annotated[int, Field(ge=1)] = Field(default=3_600, description="Result cache entries live this long.")
     visibility_timeout_s: Annotated[int, Field(ge=2)] = Field(
-        default=30,
+        default=15,
         description="An unacked message whose worker stopped renewing it (the worker died) is redelivered "
         "this long after the last renewal. Workers renew what they hold every heartbeat_s, so a long "
         "task is never redelivered while its worker lives.",
     )
     heartbeat_s: Annotated[float, Field(gt=0)] = Field(
-        default=10.0, description="How often a worker renews the visibility of the messages it holds."
+        default=5.0, description="How often a worker renews the visibility of the messages it holds."
     )
     restore_interval_s: Annotated[int, Field(ge=1)] = Field(
-        default=5, description="How often workers sweep for messages past visibility_timeout."
+        default=3, description="How often workers sweep for messages past visibility_timeout."
     )
     max_deliveries: Annotated[int, Field(ge=1)] = Field(
         default=3, description="A message delivered more often than this (it keeps killing workers) goes to the DLQ."
