@@ -26,6 +26,7 @@ from workers.models import float_dir, resolve_source, served_dir
 BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 QA_QUICK = 8  # one generation batch
+ROWS_QUICK = 24  # classification rows per model in a smoke run (the test suite's time; its figures are not reported)
 
 
 def tensor_sizes(folder: Path) -> dict[str, tuple[int, int]]:
@@ -43,9 +44,9 @@ def tensor_sizes(folder: Path) -> dict[str, tuple[int, int]]:
 def quality(engine: Engine, quick: bool) -> dict[str, Any]:
     """Report-split accuracy per family (default method; full mode adds the old default template
     and each family's task-worded template) and QA accuracy. Quick mode (a smoke run, its figures
-    are not reported) takes sentiment and the first QA_QUICK questions only."""
+    are not reported) takes the first ROWS_QUICK sentiment rows and QA_QUICK questions only."""
     only = {"sentiment"} if quick else None
-    out: dict[str, Any] = {"default": classification_report(engine, "report", None, only)}
+    out: dict[str, Any] = {"default": classification_report(engine, "report", None, only, first=ROWS_QUICK if quick else None)}
     if not quick:
         out["old_template"] = classification_report(engine, "report", OLD_DEFAULT_TEMPLATE)
         out["task_template"] = classification_report(engine, "report", TASK_TEMPLATES)  # type: ignore[arg-type]

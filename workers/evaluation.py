@@ -88,10 +88,12 @@ def sentiment_examples() -> list[tuple[str, str]]:
     return families()[0].examples()
 
 
-def accuracy(engine: Engine, family: Family, split: Split, template: str | None = None, batch_size: int = 16) -> float:
+def accuracy(engine: Engine, family: Family, split: Split, template: str | None = None, batch_size: int = 16,
+             first: int | None = None) -> float:
     """Share of ``family``'s ``split`` rows labelled right. ``template`` None: the model's default
-    method (what a request without ``prompt_template`` gets)."""
-    examples = family.examples(split)
+    method (what a request without ``prompt_template`` gets); ``first``: only that many rows (a
+    smoke run; gates and reports always use all)."""
+    examples = family.examples(split)[:first]
     correct = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -103,13 +105,16 @@ def accuracy(engine: Engine, family: Family, split: Split, template: str | None 
 
 
 def classification_report(
-    engine: Engine, split: Split, template: str | None | dict[str, str | None] = None, only: set[str] | None = None
+    engine: Engine, split: Split, template: str | None | dict[str, str | None] = None, only: set[str] | None = None,
+    first: int | None = None,
 ) -> dict[str, float]:
     """Accuracy per family and ``overall`` (the families' mean: each task counts the same).
-    ``template``: one for every family, or one per family name; ``only``: a subset of families."""
+    ``template``: one for every family, or one per family name; ``only``: a subset of families;
+    ``first``: that many rows of each (a smoke run)."""
     chosen = [family for family in families() if only is None or family.name in only]
     per_family = template if isinstance(template, dict) else {family.name: template for family in chosen}
-    scores = {family.name: round(accuracy(engine, family, split, per_family[family.name]), 4) for family in chosen}
+    scores = {family.name: round(accuracy(engine, family, split, per_family[family.name], first=first), 4)
+              for family in chosen}
     scores["overall"] = round(sum(scores.values()) / len(scores), 4)
     return scores
 
