@@ -109,7 +109,6 @@ def run_continuous(engine: Any, items: list[Any], arrivals: list[float], config:
         warm = generator.submit(items[0], 1, "warm", trace.INVALID_SPAN_CONTEXT)
         while not warm.done():
             generator.step()
-            time.sleep(0.002)
         first.clear()
         start = recorder.start = time.perf_counter()
         futures: list[Future] = []
@@ -121,8 +120,9 @@ def run_continuous(engine: Any, items: list[Any], arrivals: list[float], config:
                 future = generator.submit(items[i], 1, f"t{i}", trace.INVALID_SPAN_CONTEXT)
                 future.add_done_callback(lambda _f, i=i: done.__setitem__(i, time.perf_counter() - start))
                 futures.append(future)
-            generator.step()
-            time.sleep(0.002)
+            generator.step()  # one decoding step while rows run, as the engine core's loop does
+            if not generator.busy:
+                time.sleep(0.002)
         elapsed = time.perf_counter() - start
         tokens = sum(f.result()[0].usage.completion_tokens for f in futures)
         first_list = [first.get(f"t{i}", done[i]) for i in range(len(items))]
