@@ -68,39 +68,39 @@ class Remote:
 
 
 @pytest.fixture(scope="module")
-def remote(prepared_models: None, redis_url: str, settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:  # noqa: ANN001
+def remote(fleet: Fleet, redis_url: str, settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:  # noqa: ANN001
     tmp = tmp_path_factory.mktemp("openai-backend")
     stub = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     stub_url = f"http://127.0.0.1:{stub.server_address[1]}"
-    with fleet_on(redis_url, worker={"consumers": 1}) as second:  # the remote side: a real fleet + its gateway
-        env, config = gateway_env(second, tmp)
-        gateway = start_gateway({**env, "AUTOGLM_GATEWAY__RATE_LIMITS": json.dumps(BIG_LIMITS)}, tmp)
-        token = issue(config, "upstream-worker", Role.USER)
-        real = settings.models[0].name
+    # the remote side: the session's real fleet, behind a gateway of its own
+    env, config = gateway_env(fleet, tmp)
+    gateway = start_gateway({**env, "AUTOGLM_GATEWAY__RATE_LIMITS": json.dumps(BIG_LIMITS)}, tmp)
+    token = issue(config, "upstream-worker", Role.USER)
+    real = settings.models[0].name
 
-        def openai_model(name: str, base_url: str, **extra: object) -> dict:
-            options = {"base_url": base_url, "api_key_env": "REMOTE_TOKEN", "remote_model": real, "timeout_s": 120}
-            return {"name": name, "model_name": real, "backend": "openai", "task_type": ["text_generation", "classification"],
-                    "options": {**options, **extra.pop("options", {})}, **extra}  # type: ignore[dict-item]
+    def openai_model(name: str, base_url: str, **extra: object) -> dict:
+        options = {"base_url": base_url, "api_key_env": "REMOTE_TOKEN", "remote_model": real, "timeout_s": 120}
+        return {"name": name, "model_name": real, "backend": "openai", "task_type": ["text_generation", "classification"],
+                "options": {**options, **extra.pop("options", {})}, **extra}  # type: ignore[dict-item]
 
-        models = [
-            openai_model("remote", f"{gateway.url}/v1", options={"classification": "autoglm"}),
-            openai_model("chatty", f"{stub_url}/chatty/v1"),
-            openai_model("limited", f"{stub_url}/limited/v1"),
-            openai_model("down", f"{stub_url}/down/v1", fallbacks=["remote"]),
-            openai_model("slow", f"{stub_url}/slow/v1", options={"timeout_s": 0.3}),
-        ]
-        policies = {"RATE_LIMITED": {"action": "retry", "attempts": 2, "backoff_initial_s": 0.01, "backoff_max_s": 5.0},
-                    "ENGINE_TRANSIENT": {"action": "retry", "attempts": 2, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
-                    "MODEL_UNAVAILABLE": {"action": "fallback"}}
-        try:
-            with fleet_on(redis_url, env={"REMOTE_TOKEN": token}, models=models, policies=policies,
-                          worker={"consumers": 1}) as local:
-                yield Remote(local, Scripted.calls)
-        finally:
-            gateway.stop()
-            stub.shutdown()
+    models = [
+        openai_model("remote", f"{gateway.url}/v1", options={"classification": "autoglm"}),
+        openai_model("chatty", f"{stub_url}/chatty/v1"),
+        openai_model("limited", f"{stub_url}/limited/v1"),
+        openai_model("down", f"{stub_url}/down/v1", fallbacks=["remote"]),
+        openai_model("slow", f"{stub_url}/slow/v1", options={"timeout_s": 0.3}),
+    ]
+    policies = {"RATE_LIMITED": {"action": "retry", "attempts": 2, "backoff_initial_s": 0.01, "backoff_max_s": 5.0},
+                "ENGINE_TRANSIENT": {"action": "retry", "attempts": 2, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
+                "MODEL_UNAVAILABLE": {"action": "fallback"}}
+    try:
+        with fleet_on(redis_url, env={"REMOTE_TOKEN": token}, models=models, policies=policies,
+                      worker={"consumers": 1}) as local:
+            yield Remote(local, Scripted.calls)
+    finally:
+        gateway.stop()
+        stub.shutdown()
 
 
 def test_generation_is_answered_by_the_remote_server(remote: Remote) -> None:
