@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from autoglm.fleet import WorkerProcess
 from producers.client import FleetClient
-from autoglm.fleet import WorkerProcess, running_worker
 from shared.broker import broker_url
 from shared.config import Settings, load_settings
 
@@ -86,8 +86,13 @@ def fleet_on(redis_url: str, env: dict[str, str] | None = None, workers: list[di
     settings = load_settings(redis_url=redis_url, **overrides)
     client = FleetClient(redis_url, settings)
     with contextlib.ExitStack() as stack:
-        started = [stack.enter_context(running_worker(client.app, redis_url, env={**_env({**overrides, **own}), **(env or {})}))
-                   for own in (workers or [{}])]
+        started = []
+        for own in workers or [{}]:  # all start at once (their imports and model loads overlap), then all must be ready
+            worker = WorkerProcess(redis_url, env={**_env({**overrides, **own}), **(env or {})})
+            stack.callback(worker.stop)
+            started.append(worker)
+        for worker in started:
+            worker.wait_ready(client.app)
         yield Fleet(client, started[0], settings, started)
     client.close()
 
