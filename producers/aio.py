@@ -15,8 +15,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.exceptions import RedisError
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
 
 from producers.client import FleetClient, Request
 from producers.outcome import READY, decode_outcome
@@ -24,7 +24,6 @@ from shared import streams
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority, TaskResult, TaskType
-
 
 
 class AsyncTaskHandle:

@@ -22,6 +22,7 @@ import redis
 from shared.config import Settings
 from shared.schemas import Priority
 
+
 def key(settings: Settings, model: str) -> str:
     return f"autoglm:serving:{settings.queue_name(Priority.INTERACTIVE, model)}"
 

@@ -18,8 +18,7 @@ from pydantic import BaseModel, ValidationError
 from shared import plugins
 from shared.errors import ErrorCode, FleetError, invalid_input
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK
-from shared.schemas import (ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, TaskRequestBase,
-                            TaskType)
+from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, TaskRequestBase, TaskType
 
 
 @dataclass(frozen=True)

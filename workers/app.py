@@ -21,9 +21,9 @@ from typing import Any
 from celery import Celery, signals
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
+from shared import task_types
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError
-from shared import task_types
 from shared.pipelines import STEP_TASK
 from shared.queues import WEBHOOK_TASK, make_celery
 from shared.schemas import Priority

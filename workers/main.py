@@ -15,9 +15,9 @@ import shutil
 import sys
 import tempfile
 
-from shared.broker import broker_url
 from pydantic import ValidationError
 
+from shared.broker import broker_url
 from shared.config import Settings, load_settings
 from shared.errors import invalid_input
 from shared.telemetry import setup_logging

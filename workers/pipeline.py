@@ -9,7 +9,8 @@ later steps failed with the same error), with the step's name added to the messa
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from shared.errors import FleetError
 from shared.pipelines import PIPELINE, PipelineRequest, step_request

@@ -15,11 +15,10 @@ A request arrives already validated and tokenized; the core rebuilds it without 
 
 from __future__ import annotations
 
-
 import msgpack
 
-from shared.errors import FleetError, as_fleet_error
 from shared import task_types
+from shared.errors import FleetError, as_fleet_error
 from shared.schemas import ClassifyRequest, GenerateRequest, Usage
 from workers.batcher import BatchInfo
 from workers.engine import Answer, Channel, Plain, Prepared, PreparedClassify, PreparedGenerate, PreparedTask

@@ -28,8 +28,8 @@ from workers.engine import Answer
 from workers.engine_client import EngineLost
 from workers.middleware import Job
 from workers.parsing import parse_request
-from workers.task_types import handler as task_handler
 from workers.runtime import Runtime
+from workers.task_types import handler as task_handler
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shared.errors import CATALOG, ErrorCode, FleetError
 from shared.queues import CLASSIFY_TASK, GENERATE_TASK

@@ -17,7 +17,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from producers.auth import Role, issue
 from producers.gateway import create_app

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared.errors import ErrorCode, FleetError
 from shared.queues import CLASSIFY_TASK
-from tests.integration.conftest import Fleet, free_port, fleet_on
+from tests.integration.conftest import Fleet, fleet_on, free_port
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

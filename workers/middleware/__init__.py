@@ -24,5 +24,14 @@ def default_chain() -> list[Middleware]:
     return [Telemetry(), Webhooks(), DeadLettering(), Redelivery(), Deadlines(), ResultCaching()]
 
 
-__all__ = ["Job", "Middleware", "default_chain", "Telemetry", "DeadLettering", "Redelivery", "Deadlines",
-           "ResultCaching", "Webhooks"]
+__all__ = [
+    "DeadLettering",
+    "Deadlines",
+    "Job",
+    "Middleware",
+    "Redelivery",
+    "ResultCaching",
+    "Telemetry",
+    "Webhooks",
+    "default_chain",
+]
