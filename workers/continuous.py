@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from opentelemetry import trace
 
 from shared.config import ContinuousConfig
@@ -126,10 +127,9 @@ class ContinuousGenerator:
         if self._active:
             try:
                 self._steps.run()
-            except Exception as exc:  # the manager is broken: its rows go to static batches
+            except Exception:  # the manager is broken (_Steps.failed): its rows go to static batches
                 log.exception("continuous batching for %s failed; its rows and every later one run in static "
                               "batches", self.engine.name)
-                self._steps.failed = exc
                 for request_id, row in list(self._active.items()):
                     del self._active[request_id]
                     self._end_spans(row, None)
@@ -162,6 +162,7 @@ class ContinuousGenerator:
         for _, _, row in self._waiting:
             self._to_static(row)
         self._waiting.clear()
+        self._steps.close()
 
     # -- internals -----------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -298,18 +299,27 @@ class _Steps:
         self.failed: Exception | None = None
 
     def run(self) -> None:
-        if self.failed is not None:
-            raise self.failed
-        import torch
+        """One step; an exception is kept in ``failed`` (the caller sends later rows elsewhere) and raised."""
+        try:
+            with torch.inference_mode():
+                if not self.processor.prepare_next_batch():
+                    return  # nothing to schedule (every row finished or was cancelled)
+                self.manager._generation_step()
+                self.manager.current_batch += 1
+                if self._bootstrapped:
+                    self.processor.update_batch()
+                self._bootstrapped = True
+        except Exception as exc:
+            self.failed = exc
+            raise
 
-        with torch.inference_mode():
-            if not self.processor.prepare_next_batch():
-                return  # nothing to schedule (every row finished or was cancelled)
-            self.manager._generation_step()
-            self.manager.current_batch += 1
-            if self._bootstrapped:
-                self.processor.update_batch()
-            self._bootstrapped = True
+    def close(self) -> None:
+        """What the manager's ``stop()`` undoes after its thread (which never ran here): the model's
+        own attention implementation back, the paged cache released."""
+        if self.manager._original_attn_impl is not None:
+            self.manager.model.set_attn_implementation(self.manager._original_attn_impl)
+            self.manager._original_attn_impl = None
+        self.manager.batch_processor = self.processor = None
 
 
 def _chain(source: Future, target: Future) -> None:
