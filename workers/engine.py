@@ -152,6 +152,11 @@ def join_labels(labels: list[str]) -> str:
     return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
 
 
+def capitalized(label: str) -> str:
+    """A label as the first word of an answer: 'not spam' -> 'Not spam'; 'iPhone' and 'USA' stay."""
+    return label if label[1:2].isupper() else label[:1].upper() + label[1:]
+
+
 def render_prompt(template: str, text: str, labels: list[str], context: int) -> str:
     """The classification prompt, never via str.format (a caller's format spec could ask for
     gigabytes; shared/templates.py): INVALID_INPUT for a bad template, PROMPT_TOO_LONG when it
@@ -214,6 +219,7 @@ class Preparer:
         worded per task (docs/quantization.md, "Classification method")."""
         if template is not None:
             return self.tokenizer(render_prompt(template, text, labels, self.context))["input_ids"]
+        labels = self.chat_labels(labels)
         user = render_prompt(self.config.classification_instruction, text, labels, self.context)
         chat = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
@@ -230,10 +236,16 @@ class Preparer:
         ids = [self.tokenizer(before + label + after, add_special_tokens=False)["input_ids"] for label in labels]
         return Channel(self.tokenizer(text, add_special_tokens=False)["input_ids"], ids)
 
+    def chat_labels(self, labels: list[str]) -> list[str]:
+        """The labels as the chat method shows and scores them (``classification_capitalize``)."""
+        return [capitalized(label) for label in labels] if self.config.classification_capitalize else labels
+
     def label_ids(self, labels: list[str], template: str | None) -> list[list[int]]:
         """Each label's tokens as they would follow the prompt: after a space in running text, at
         the start of the assistant's turn in the chat method."""
         prefix = "" if template is None else " "
+        if template is None:
+            labels = self.chat_labels(labels)
         return [self.tokenizer(prefix + label, add_special_tokens=False)["input_ids"] for label in labels]
 
     def _prepare_classify(self, request: ClassifyRequest) -> PreparedClassify:

@@ -81,10 +81,21 @@ def resolve_source(spec: str | None) -> Source:
     return Source(path)
 
 
+def classification_method(model: ModelConfig) -> dict[str, Any]:
+    """The settings that decide what a classification without a template scores: the quantization
+    gate is measured with them, so an artifact and its float scores belong to one method."""
+    return model.model_dump(include={"classification_template", "classification_instruction",
+                                     "classification_channel", "classification_calibration",
+                                     "classification_capitalize", "classification_plain",
+                                     "classification_weights"})
+
+
 def artifact_fingerprint(model: ModelConfig, source: Source) -> str:
-    # `measure` changes what prepare reports, not the artifact: excluded, so caches stay valid
+    # `measure` changes what prepare reports, not the artifact: excluded, so caches stay valid.
+    # The classification method is in: prepare chose which attempt to keep by measuring with it.
     return _digest({"source": source.fingerprint,
-                    "quantize": model.quantize.model_dump(exclude_none=True, exclude={"measure"})})
+                    "quantize": model.quantize.model_dump(exclude_none=True, exclude={"measure"}),
+                    "method": classification_method(model)})
 
 
 def float_dir(settings: Settings, model: ModelConfig, source: Source) -> Path:

@@ -23,7 +23,16 @@ from typing import Any
 
 from shared.config import ModelConfig, QuantizeConfig, Settings
 from shared.errors import ErrorCode, FleetError
-from workers.models import MANIFEST, Source, float_dir, read_manifest, resolve_source, served_dir, shared_artifact
+from workers.models import (
+    MANIFEST,
+    Source,
+    classification_method,
+    float_dir,
+    read_manifest,
+    resolve_source,
+    served_dir,
+    shared_artifact,
+)
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
@@ -192,10 +201,7 @@ def float_baseline(settings: Settings, model: ModelConfig, float_path: Path, rep
     a re-prepare (or another quantize config) does not measure the same float model again."""
     from workers.evaluation import data_fingerprint
 
-    fields = model.model_dump(include={"classification_template", "classification_instruction",
-                                       "classification_channel", "classification_calibration",
-                                       "classification_plain", "classification_weights"})
-    key = hashlib.sha256(json.dumps([data_fingerprint(), fields], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([data_fingerprint(), classification_method(model)], sort_keys=True).encode()).hexdigest()[:16]
     cache = float_path / f"autoglm-eval-{key}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -291,6 +297,7 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         "source": model.source,
         "quantize": quantize.model_dump(),
         "chosen": chosen["settings"],
+        "classification_method": classification_method(model),
         "loss_vs_float": chosen["loss_vs_float"],
         "qa_loss_vs_float": chosen["qa_loss_vs_float"],
         "float": float_scores,
