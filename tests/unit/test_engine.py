@@ -184,7 +184,7 @@ def test_default_method_weighs_chat_answer_channel_and_plain_prompt(engine: Engi
     assert item.template is None and item.channel is not None  # type: ignore[union-attr]
     assert item.label_ids[0][0] == item.label_ids[1][0]  # type: ignore[union-attr]
     chat = engine.tokenizer.decode(item.prompt_ids)  # type: ignore[union-attr]
-    assert "Card lost or stolen, Card payment declined or Check balance" in chat and chat.rstrip().endswith("assistant")
+    assert "card lost or stolen, card payment declined or check balance" in chat and chat.rstrip().endswith("assistant")
     direct = torch.tensor([_logprob_of(engine, item.prompt_ids, ids) for ids in item.label_ids])  # type: ignore[union-attr]
     channel = torch.tensor([_logprob_of(engine, prefix, item.channel.text_ids)  # type: ignore[union-attr]
                             for prefix in item.channel.prefix_ids])  # type: ignore[union-attr]
@@ -197,20 +197,21 @@ def test_default_method_weighs_chat_answer_channel_and_plain_prompt(engine: Engi
 
 
 def test_the_chat_expert_reads_labels_capitalised_and_answers_in_the_callers_spelling(engine: Engine) -> None:
-    """An answer starts a sentence: the chat expert lists and scores 'Spam' / 'Not spam' (a 135M
-    model reads lower-case labels there badly, docs/quantization.md), the result says 'not spam'."""
+    """With classification_capitalize an answer starts a sentence: the chat expert lists and scores
+    'Spam' / 'Not spam' (a 135M model reads lower-case labels there badly, docs/quantization.md),
+    the result still says 'not spam'. Off by default: the label set is shown as the caller spelled it."""
     request = ClassifyRequest(text="WIN a free cruise, reply now", labels=["spam", "not spam"])
-    item = engine.prepare(request)
-    assert "Spam or Not spam" in engine.tokenizer.decode(item.prompt_ids)  # type: ignore[union-attr]
-    assert [engine.tokenizer.decode(ids) for ids in item.label_ids] == ["Spam", "Not spam"]  # type: ignore[union-attr]
-    output = engine.classify([item])[0].output  # type: ignore[list-item]
-    assert set(output.scores) == {"spam", "not spam"} and output.label in output.scores  # type: ignore[union-attr]
+    assert "spam or not spam" in engine.tokenizer.decode(engine.prepare(request).prompt_ids)  # type: ignore[union-attr]
     saved = engine.config
-    engine.config = engine.preparer.config = saved.model_copy(update={"classification_capitalize": False})
+    engine.config = engine.preparer.config = saved.model_copy(update={"classification_capitalize": True})
     try:
-        assert "spam or not spam" in engine.tokenizer.decode(engine.prepare(request).prompt_ids)  # type: ignore[union-attr]
+        item = engine.prepare(request)
+        assert "Spam or Not spam" in engine.tokenizer.decode(item.prompt_ids)  # type: ignore[union-attr]
+        assert [engine.tokenizer.decode(ids) for ids in item.label_ids] == ["Spam", "Not spam"]  # type: ignore[union-attr]
+        output = engine.classify([item])[0].output  # type: ignore[list-item]
     finally:
         engine.config = engine.preparer.config = saved
+    assert set(output.scores) == {"spam", "not spam"} and output.label in output.scores  # type: ignore[union-attr]
     assert [capitalized(label) for label in ["iPhone", "USA", "not spam", "ñu"]] == ["iPhone", "USA", "Not spam", "Ñu"]
 
 
@@ -223,7 +224,7 @@ def test_many_labels_batch_like_one_at_a_time(engine: Engine) -> None:
         ClassifyRequest(text="I lost my card", labels=["yes", "no"]),
         ClassifyRequest(text="Great soup", labels=["positive", "negative"], prompt_template='Review: "{text}"\nSentiment:'),
     ]
-    saved = engine.config  # with the plain-prompt expert on (the default), so all three experts batch
+    saved = engine.config  # with the optional plain-prompt expert on, so all three experts batch
     engine.config = engine.preparer.config = saved.model_copy(update={"classification_plain": DEFAULT_PLAIN})
     try:
         items = [engine.prepare(r) for r in requests]
@@ -233,8 +234,8 @@ def test_many_labels_batch_like_one_at_a_time(engine: Engine) -> None:
         engine.config = engine.preparer.config = saved
     for one, batched in zip(alone, together, strict=True):
         assert batched == pytest.approx(one, abs=1e-4)
-    # a row per multi-token label for chat (19: "Sports" is one token) and plain (19 after " "), one per label for the channel
-    assert items[2].channel is None and items[2].plain is None and items[0].rows == 19 + 20 + 19  # type: ignore[union-attr]
+    # chat: a row per multi-token label (all 20), channel: a row per label, plain: 19 multi-token after " "
+    assert items[2].channel is None and items[2].plain is None and items[0].rows == 20 + 20 + 19  # type: ignore[union-attr]
 
 
 def test_rows_past_the_forward_budget_are_scored_in_several_passes_with_the_same_answers(
