@@ -33,7 +33,7 @@ def _prepare_all(settings: Settings) -> None:
 
 
 def run_demo(bulk: int = 64, as_json: bool = False, settings: Settings | None = None) -> dict[str, Any]:
-    from workers.evaluation import SENTIMENT_LABELS, SENTIMENT_TEMPLATE, sentiment_examples
+    from workers.evaluation import SENTIMENT_LABELS, sentiment_examples
 
     settings = settings or load_settings()
     _prepare_all(settings)
@@ -49,8 +49,8 @@ def run_demo(bulk: int = 64, as_json: bool = False, settings: Settings | None = 
                   f"{len(INTERACTIVE_PROMPTS)} interactive requests", flush=True)
             bulk_started = time.perf_counter()
             bulk_handles = client.submit_many(
-                {"task_type": "classification", "text": text, "labels": SENTIMENT_LABELS,
-                 "prompt_template": SENTIMENT_TEMPLATE, "priority": "bulk"}
+                # no prompt_template: the default method, what a caller gets for any label set
+                {"task_type": "classification", "text": text, "labels": SENTIMENT_LABELS, "priority": "bulk"}
                 for text, _ in bulk_items
             )
             answers, latencies, interactive = [], [], []
