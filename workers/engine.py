@@ -243,9 +243,7 @@ class Preparer:
     def label_ids(self, labels: list[str], template: str | None) -> list[list[int]]:
         """Each label's tokens as they would follow the prompt: after a space in running text, at
         the start of the assistant's turn in the chat method."""
-        prefix = "" if template is None else " "
-        if template is None:
-            labels = self.chat_labels(labels)
+        labels, prefix = (self.chat_labels(labels), "") if template is None else (labels, " ")
         return [self.tokenizer(prefix + label, add_special_tokens=False)["input_ids"] for label in labels]
 
     def _prepare_classify(self, request: ClassifyRequest) -> PreparedClassify:

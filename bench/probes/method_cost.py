@@ -12,6 +12,7 @@ import argparse
 import time
 
 from shared.config import DEFAULT_PLAIN, MESSAGE_CHANNEL, ExpertWeights, load_settings
+from shared.schemas import ClassifyRequest
 from workers.engine import Engine
 from workers.evaluation import families
 from workers.models import float_dir, resolve_source
@@ -31,8 +32,6 @@ def main() -> None:
     path = float_dir(settings, model, resolve_source(model.source))
     engines = {"default (chat + channel)": Engine(model, path, device="cpu"),
                "three experts": Engine(model.model_copy(update=THREE), path, device="cpu")}
-    from shared.schemas import ClassifyRequest
-
     family = families()[0]
     requests = [ClassifyRequest(text=text, labels=family.labels) for text, _ in family.examples()[: args.rows]]
     seconds = {name: 0.0 for name in engines}
