@@ -118,6 +118,11 @@ SCORE_CHUNK = 1024
 # single request bigger than that (many multi-token labels x a long text) is scored in several, so
 # its attention memory stays bounded (one such request took 7 GB in one pass on a CPU).
 MAX_FORWARD_TOKENS = 16384
+# On a CPU, padding is paid for in full: a batch's rows (prompts, label prefixes + texts of every
+# length) are sorted by length and scored in passes of at most this many padded tokens. On the
+# selection split, batches of 16: 1.75-1.89 padded tokens per real one as one pass, 1.16-1.25 sorted
+# in passes of 2,048 (bench/RESULTS.md, 2026-12-03 morning). A GPU is launch-bound at these sizes: one pass there.
+CPU_FORWARD_TOKENS = 2048
 # A model without a chat template classifies with this plain prompt when no template is given.
 PLAIN_TEMPLATE = 'Text: "{text}"\nCategory ({labels}):'
 # Texts that say nothing: the model's label preference after them is its bias, not evidence.
@@ -435,11 +440,15 @@ class Engine:
 
     def _score(self, rows: list[Row], slots: int) -> torch.Tensor:
         """Sum the log-probabilities of every row's (position, target) pairs into their slots, in
-        one forward pass (more when the rows exceed MAX_FORWARD_TOKENS). Rows are right-padded; only
+        one forward pass (more when the rows exceed MAX_FORWARD_TOKENS; on a CPU, sorted by length
+        in passes of CPU_FORWARD_TOKENS, so short rows are not padded to the longest). Rows are right-padded; only
         the hidden states at scored positions go through the LM head, in chunks, so memory stays
         O(chunk x vocab)."""
         picked_parts, targets, slot_of = [], [], []
-        for group in _groups(rows, MAX_FORWARD_TOKENS):
+        budget = MAX_FORWARD_TOKENS
+        if self.device.type == "cpu":
+            rows, budget = sorted(rows, key=lambda row: len(row[0])), min(budget, CPU_FORWARD_TOKENS)
+        for group in _groups(rows, budget):
             width = max(len(ids) for ids, _ in group)
             input_ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
             attention = torch.zeros((len(group), width), dtype=torch.long)
