@@ -32,25 +32,25 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "default.yaml"
 # The chat method's default user turn (chosen on the selection split of workers/data/eval; see
 # docs/quantization.md "Classification method").
 DEFAULT_INSTRUCTION = "Classify the text into one of these categories: {labels}.\n\nText: {text}"
-DEFAULT_CHANNEL = "The following text is about {label}.\n"
-# The three-expert method that reads spam on the float model (docs/quantization.md, 2026-12-03):
-# not the default, because a 4-bit artifact lost 7.6 points under it where it lost 1.4 under the default
-# (AMD EPYC, AVX2, 2 cores).
+# The default method's channel: reads spam / not spam where "about {label}." does not (AUC 0.64 vs
+# 0.51 on the float model; docs/quantization.md "Three experts").
 MESSAGE_CHANNEL = "The following message is {label}:\n"
+DEFAULT_CHANNEL = MESSAGE_CHANNEL
+# The channel of the two-expert method that was the default until 2026-12-03 (compared against).
+ABOUT_CHANNEL = "The following text is about {label}.\n"
 DEFAULT_PLAIN = 'Text: "{text}"\nCategory ({labels}):'
 
 
 class ExpertWeights(BaseModel):
     """How much each expert of the default classification method counts (log-probabilities,
-    normalised over the labels, weighted and added). docs/quantization.md has the selection-split
-    searches: with the plain expert on, 0.5 / 1 / 1 helped the float model and hurt the 4-bit one;
-    with capitalised labels and MESSAGE_CHANNEL, 1 / 0.5 / 0.25 reads spam on the float model."""
+    normalised over the labels, weighted and added). The defaults are the best of 63 weightings on
+    the selection split of the four evaluation families (docs/quantization.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
     chat: Annotated[float, Field(ge=0)] = 1.0
-    channel: Annotated[float, Field(ge=0)] = 1.0
-    plain: Annotated[float, Field(ge=0)] = 1.0
+    channel: Annotated[float, Field(ge=0)] = 0.5
+    plain: Annotated[float, Field(ge=0)] = 0.25
 _yaml_path: ContextVar[Path | None] = ContextVar("autoglm_yaml_path", default=None)
 
 
@@ -206,15 +206,15 @@ class ModelConfig(_Section):
         "scored as log P(text | prefix). null: the chat method alone.",
     )
     classification_capitalize: bool = Field(
-        default=False,
+        default=True,
         description="The chat expert lists and scores the labels capitalised, as an answer that starts "
         "a sentence ('Spam or Not spam' -> 'Not spam'); the result keeps the caller's spelling. A 135M "
         "model reads lower-case labels at the start of its turn badly (spam AUC 0.30 vs 0.76).",
     )
     classification_plain: str | None = Field(
-        default=None,
-        description="An optional third expert for the default method: a plain prompt ({text}, {labels}), "
-        f"the label scored after it (calibrated), e.g. {DEFAULT_PLAIN!r}. null (default): off.",
+        default=DEFAULT_PLAIN,
+        description="The default method's third expert: a plain prompt ({text}, {labels}), the label "
+        "scored after it (calibrated). null: off.",
     )
     classification_weights: ExpertWeights = Field(
         default=ExpertWeights(), description="Weights of the default method's experts (chat, channel, plain).")

@@ -92,10 +92,10 @@ def classification_method(model: ModelConfig) -> dict[str, Any]:
 
 def artifact_fingerprint(model: ModelConfig, source: Source) -> str:
     # `measure` changes what prepare reports, not the artifact: excluded, so caches stay valid.
-    # The classification method is not in it (yet): an artifact prepared under another method keeps
-    # the gate scores measured then (its manifest records the method since 2026-12-03).
+    # The classification method is in: prepare chose which attempt to keep by measuring with it.
     return _digest({"source": source.fingerprint,
-                    "quantize": model.quantize.model_dump(exclude_none=True, exclude={"measure"})})
+                    "quantize": model.quantize.model_dump(exclude_none=True, exclude={"measure"}),
+                    "method": classification_method(model)})
 
 
 def float_dir(settings: Settings, model: ModelConfig, source: Source) -> Path:

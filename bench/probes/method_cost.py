@@ -1,4 +1,4 @@
-"""Probe: what a classification costs per request, the default two experts vs the three-expert method.
+"""Probe: what a classification costs per request, the old two-expert default vs the three-expert default.
 
 Not a bench scenario (no fleet): one in-process Engine per method over the same float folder,
 classifying the same sentiment rows in batches of 5, alternated for ``--rounds`` rounds so machine
@@ -11,15 +11,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from shared.config import DEFAULT_PLAIN, MESSAGE_CHANNEL, ExpertWeights, load_settings
+from shared.config import ABOUT_CHANNEL, ExpertWeights, load_settings
 from shared.schemas import ClassifyRequest
 from workers.engine import Engine
 from workers.evaluation import families
 from workers.models import float_dir, resolve_source
 
-# The three-expert method that reads spam on the float model (docs/quantization.md, 2026-12-03).
-THREE = {"classification_capitalize": True, "classification_channel": MESSAGE_CHANNEL,
-         "classification_plain": DEFAULT_PLAIN, "classification_weights": ExpertWeights(chat=1.0, channel=0.5, plain=0.25)}
+# The two-expert method that was the default until 2026-12-03 (the default since is the three experts).
+TWO = {"classification_capitalize": False, "classification_channel": ABOUT_CHANNEL,
+       "classification_plain": None, "classification_weights": ExpertWeights(chat=1.0, channel=1.0, plain=1.0)}
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
     settings = load_settings()
     model = settings.models[0]
     path = float_dir(settings, model, resolve_source(model.source))
-    engines = {"default (chat + channel)": Engine(model, path, device="cpu"),
-               "three experts": Engine(model.model_copy(update=THREE), path, device="cpu")}
+    engines = {"two experts (old default)": Engine(model.model_copy(update=TWO), path, device="cpu"),
+               "three experts (default)": Engine(model, path, device="cpu")}
     family = families()[0]
     requests = [ClassifyRequest(text=text, labels=family.labels) for text, _ in family.examples()[: args.rows]]
     seconds = {name: 0.0 for name in engines}
@@ -46,8 +46,8 @@ def main() -> None:
     per = {name: s / (args.rounds * len(requests)) for name, s in seconds.items()}
     for name, s in per.items():
         print(f"{name:26s} {s * 1000:7.1f} ms per request")
-    default, three = per.values()
-    print(f"three experts / default: {three / default:.2f}x the time per request")
+    two, three = per.values()
+    print(f"three experts / two: {three / two:.2f}x the time per request")
 
 
 if __name__ == "__main__":

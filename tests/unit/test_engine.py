@@ -168,8 +168,8 @@ def _logprob_of(engine: Engine, prefix: list[int], continuation: list[int]) -> f
 
 
 def test_default_method_weighs_chat_answer_channel_and_plain_prompt(engine: Engine) -> None:
-    """Without a template, a label's score is P(label as the chat answer)^a x P(text | "about
-    <label>")^b x P(label after the plain prompt)^c, each normalised over the labels (a, b, c:
+    """Without a template, a label's score is P(label as the chat answer)^a x P(text | "The following
+    message is <label>:")^b x P(label after the plain prompt)^c, each normalised over the labels (a, b, c:
     classification_weights) - checked against one full forward pass per term."""
     labels = ["card lost or stolen", "card payment declined", "check balance"]  # two share "card"
     saved = engine.config
@@ -184,7 +184,7 @@ def test_default_method_weighs_chat_answer_channel_and_plain_prompt(engine: Engi
     assert item.template is None and item.channel is not None  # type: ignore[union-attr]
     assert item.label_ids[0][0] == item.label_ids[1][0]  # type: ignore[union-attr]
     chat = engine.tokenizer.decode(item.prompt_ids)  # type: ignore[union-attr]
-    assert "card lost or stolen, card payment declined or check balance" in chat and chat.rstrip().endswith("assistant")
+    assert "Card lost or stolen, Card payment declined or Check balance" in chat and chat.rstrip().endswith("assistant")
     direct = torch.tensor([_logprob_of(engine, item.prompt_ids, ids) for ids in item.label_ids])  # type: ignore[union-attr]
     channel = torch.tensor([_logprob_of(engine, prefix, item.channel.text_ids)  # type: ignore[union-attr]
                             for prefix in item.channel.prefix_ids])  # type: ignore[union-attr]
@@ -197,21 +197,20 @@ def test_default_method_weighs_chat_answer_channel_and_plain_prompt(engine: Engi
 
 
 def test_the_chat_expert_reads_labels_capitalised_and_answers_in_the_callers_spelling(engine: Engine) -> None:
-    """With classification_capitalize an answer starts a sentence: the chat expert lists and scores
-    'Spam' / 'Not spam' (a 135M model reads lower-case labels there badly, docs/quantization.md),
-    the result still says 'not spam'. Off by default: the label set is shown as the caller spelled it."""
+    """An answer starts a sentence: the chat expert lists and scores 'Spam' / 'Not spam' (a 135M
+    model reads lower-case labels there badly, docs/quantization.md), the result says 'not spam'."""
     request = ClassifyRequest(text="WIN a free cruise, reply now", labels=["spam", "not spam"])
-    assert "spam or not spam" in engine.tokenizer.decode(engine.prepare(request).prompt_ids)  # type: ignore[union-attr]
+    item = engine.prepare(request)
+    assert "Spam or Not spam" in engine.tokenizer.decode(item.prompt_ids)  # type: ignore[union-attr]
+    assert [engine.tokenizer.decode(ids) for ids in item.label_ids] == ["Spam", "Not spam"]  # type: ignore[union-attr]
+    output = engine.classify([item])[0].output  # type: ignore[list-item]
+    assert set(output.scores) == {"spam", "not spam"} and output.label in output.scores  # type: ignore[union-attr]
     saved = engine.config
-    engine.config = engine.preparer.config = saved.model_copy(update={"classification_capitalize": True})
+    engine.config = engine.preparer.config = saved.model_copy(update={"classification_capitalize": False})
     try:
-        item = engine.prepare(request)
-        assert "Spam or Not spam" in engine.tokenizer.decode(item.prompt_ids)  # type: ignore[union-attr]
-        assert [engine.tokenizer.decode(ids) for ids in item.label_ids] == ["Spam", "Not spam"]  # type: ignore[union-attr]
-        output = engine.classify([item])[0].output  # type: ignore[list-item]
+        assert "spam or not spam" in engine.tokenizer.decode(engine.prepare(request).prompt_ids)  # type: ignore[union-attr]
     finally:
         engine.config = engine.preparer.config = saved
-    assert set(output.scores) == {"spam", "not spam"} and output.label in output.scores  # type: ignore[union-attr]
     assert [capitalized(label) for label in ["iPhone", "USA", "not spam", "ñu"]] == ["iPhone", "USA", "Not spam", "Ñu"]
 
 
@@ -224,7 +223,7 @@ def test_many_labels_batch_like_one_at_a_time(engine: Engine) -> None:
         ClassifyRequest(text="I lost my card", labels=["yes", "no"]),
         ClassifyRequest(text="Great soup", labels=["positive", "negative"], prompt_template='Review: "{text}"\nSentiment:'),
     ]
-    saved = engine.config  # with the optional plain-prompt expert on, so all three experts batch
+    saved = engine.config  # with the plain-prompt expert on (the default), so all three experts batch
     engine.config = engine.preparer.config = saved.model_copy(update={"classification_plain": DEFAULT_PLAIN})
     try:
         items = [engine.prepare(r) for r in requests]
@@ -234,8 +233,8 @@ def test_many_labels_batch_like_one_at_a_time(engine: Engine) -> None:
         engine.config = engine.preparer.config = saved
     for one, batched in zip(alone, together, strict=True):
         assert batched == pytest.approx(one, abs=1e-4)
-    # chat: a row per multi-token label (all 20), channel: a row per label, plain: 19 multi-token after " "
-    assert items[2].channel is None and items[2].plain is None and items[0].rows == 20 + 20 + 19  # type: ignore[union-attr]
+    # a row per multi-token label for chat (19: "Sports" is one token) and plain (19 after " "), one per label for the channel
+    assert items[2].channel is None and items[2].plain is None and items[0].rows == 19 + 20 + 19  # type: ignore[union-attr]
 
 
 def test_rows_past_the_forward_budget_are_scored_in_several_passes_with_the_same_answers(
@@ -255,6 +254,28 @@ def test_rows_past_the_forward_budget_are_scored_in_several_passes_with_the_same
     split = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
     assert len(passes) > 2 and all(rows * width <= 200 or rows == 1 for rows, width in passes), passes
     for whole, parts in zip(one_pass, split, strict=True):
+        assert parts == pytest.approx(whole, abs=1e-4)
+
+
+def test_on_a_cpu_rows_are_scored_by_length_so_short_rows_are_not_padded_to_the_longest(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import engine as engine_module
+
+    long = ("An overlong, rambling account of a delivery that came late, damaged, and without the "
+            "parts the listing promised, followed by three weeks of unanswered emails to support.")
+    requests = [ClassifyRequest(text=text, labels=["positive", "negative"]) for text in ("Great.", long, "Bad.", "Fine.")]
+    items = [engine.prepare(r) for r in requests]
+    monkeypatch.setattr(engine_module, "CPU_FORWARD_TOKENS", 10**6)
+    one_pass = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
+    shapes: list[tuple[int, int]] = []
+    real_decoder = engine.model.get_decoder()
+    monkeypatch.setattr(engine.model, "get_decoder", lambda: lambda **kw: shapes.append(tuple(kw["input_ids"].shape)) or real_decoder(**kw))
+    monkeypatch.setattr(engine_module, "CPU_FORWARD_TOKENS", 300)
+    by_length = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
+    widths = [width for _, width in shapes]
+    assert len(shapes) > 1 and widths == sorted(widths), shapes  # short rows first, in their own passes
+    assert sum(rows * width for rows, width in shapes) < sum(r.rows for r in items) * max(widths)  # type: ignore[union-attr]
+    for whole, parts in zip(one_pass, by_length, strict=True):
         assert parts == pytest.approx(whole, abs=1e-4)
 
 

@@ -1,0 +1,144 @@
+"""Probe: score every classification expert once per evaluation row, then combine them offline.
+
+Choosing a method (which experts, which weights) or checking a quantized artifact against it
+would otherwise cost one full evaluation per combination. This runs the engine's own row
+building, content-free calibration and scoring (``Engine._score``), keeps each expert's
+log-softmax over the labels per row, and writes them to JSON; ``--weights`` then scores any
+weighting of them without touching the model. Weights (1, 1) over ``chat`` and ``about``
+(the default until 2026-12-03) and (1, 0.5, 0.25) over ``chatcap``, ``message``, ``plain`` (the
+default since) reproduce the engine's accuracy to the example.
+
+Experts: ``chat`` (labels as given), ``chatcap`` (labels listed and scored capitalised),
+``about`` (channel "The following text is about {label}."), ``message`` (channel "The following
+message is {label}:"), ``plain`` (label after ``Text: "{text}"\\nCategory ({labels}):``, calibrated).
+
+    python -m bench.probes.experts score MODEL_DIR out.json [--split selection]
+    python -m bench.probes.experts combine out.json [more.json ...] --weights chat=1,about=1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from shared.config import ABOUT_CHANNEL, DEFAULT_PLAIN, MESSAGE_CHANNEL, load_settings
+from shared.schemas import ClassifyRequest
+from workers.engine import Engine
+from workers.evaluation import families
+
+# Two passes cover the five experts: each config's chat, channel and plain parts are kept apart.
+PASSES = {
+    ("chat", "about", None): {"classification_capitalize": False, "classification_channel": ABOUT_CHANNEL,
+                              "classification_plain": None},
+    ("chatcap", "message", "plain"): {"classification_capitalize": True, "classification_channel": MESSAGE_CHANNEL,
+                                      "classification_plain": DEFAULT_PLAIN},
+}
+
+
+def expert_scores(engine: Engine, requests: list[ClassifyRequest]) -> list[dict[str, list[float]]]:
+    """Per request: each part's calibrated log-softmax over the labels (what ``Engine._classify`` weights)."""
+    items = [engine.prepare(r) for r in requests]
+    rows, spans, slot = [], [], 0
+    for item in items:
+        n = len(item.label_ids)
+        parts = {}
+        rows += engine._direct_rows(item.prompt_ids, item.label_ids, slot)
+        parts["direct"], slot = slice(slot, slot + n), slot + n
+        if item.channel is not None:
+            rows += engine._channel_rows(item.channel, slot)
+            parts["channel"], slot = slice(slot, slot + n), slot + n
+        if item.plain is not None:
+            rows += engine._direct_rows(item.plain.prompt_ids, item.plain.label_ids, slot)
+            parts["plain"], slot = slice(slot, slot + n), slot + n
+        spans.append(parts)
+    with torch.inference_mode():
+        per_slot = engine._score(rows, slot)
+        out = []
+        for item, parts in zip(items, spans, strict=True):
+            labels = item.request.labels
+            found = {}
+            direct = per_slot[parts["direct"]] - engine._label_prior(item.template, labels, item.label_ids)
+            found["direct"] = direct.log_softmax(0).tolist()
+            if "channel" in parts:
+                found["channel"] = per_slot[parts["channel"]].log_softmax(0).tolist()
+            if "plain" in parts:
+                plain = per_slot[parts["plain"]] - engine._label_prior(item.plain.template, labels, item.plain.label_ids)
+                found["plain"] = plain.log_softmax(0).tolist()
+            out.append(found)
+    return out
+
+
+def score(model_dir: Path, out: Path, split: str = "all", batch: int = 16) -> None:
+    settings = load_settings()
+    model = settings.models[0]
+    result: dict = {"model_dir": str(model_dir), "families": {}}
+    started = time.perf_counter()
+    for names, update in PASSES.items():
+        engine = Engine(model.model_copy(update=update), model_dir, device="cpu")
+        for family in families():
+            rows = [r for r in family.rows if split in ("all", r[2])]
+            record = result["families"].setdefault(family.name, {"labels": family.labels,
+                                                                 "gold": [r[1] for r in rows],
+                                                                 "split": [r[2] for r in rows], "experts": {}})
+            found: list[dict] = []
+            for start in range(0, len(rows), batch):
+                found += expert_scores(engine, [ClassifyRequest(text=t, labels=family.labels) for t, _, _ in rows[start:start + batch]])
+            for name, part in zip(names, ("direct", "channel", "plain"), strict=True):
+                if name is not None:
+                    record["experts"][name] = [f[part] for f in found]
+        print(f"pass {names}: {time.perf_counter() - started:.0f}s", flush=True)
+    out.write_text(json.dumps(result))
+
+
+def accuracy(record: dict, weights: dict[str, float], split: str) -> float:
+    experts = record["experts"]
+    hits = total = 0
+    for i, (gold, where) in enumerate(zip(record["gold"], record["split"], strict=True)):
+        if where != split:
+            continue
+        combined = torch.zeros(len(record["labels"]))
+        for name, w in weights.items():
+            if w:
+                combined += w * torch.tensor(experts[name][i])
+        hits += record["labels"][int(combined.argmax())] == gold
+        total += 1
+    return hits / total
+
+
+def table(result: dict, weights: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Accuracy per split and family, and the families' mean (as ``classification_report``)."""
+    out = {}
+    for split in ("selection", "report"):
+        if not any(split in rec["split"] for rec in result["families"].values()):
+            continue
+        row = {name: accuracy(rec, weights, split) for name, rec in result["families"].items()}
+        row["overall"] = sum(row.values()) / len(row)
+        out[split] = row
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score")
+    s.add_argument("model_dir", type=Path)
+    s.add_argument("out", type=Path)
+    s.add_argument("--split", choices=["all", "selection", "report"], default="all")
+    c = sub.add_parser("combine")
+    c.add_argument("files", type=Path, nargs="+")
+    c.add_argument("--weights", default="chat=1,about=1")
+    args = parser.parse_args()
+    if args.command == "score":
+        score(args.model_dir, args.out, args.split)
+        return
+    weights = {k: float(v) for k, v in (p.split("=") for p in args.weights.split(","))}
+    for path in args.files:
+        for split, row in table(json.loads(path.read_text()), weights).items():
+            print(f"{path.name:28s} {split:9s} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    main()
