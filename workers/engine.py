@@ -42,7 +42,7 @@ class PreparedGenerate:
 
 @dataclass(frozen=True)
 class Channel:
-    """The channel half of the default method: score log P(text | "about <label>") per label."""
+    """The channel expert of the default method: score log P(text | "<label> prefix") per label."""
 
     text_ids: list[int]
     prefix_ids: list[list[int]]  # one per label, in label order
@@ -511,8 +511,9 @@ class Engine:
         """Score every (request, label) pair in one forward pass; probabilities per label.
 
         Direct scores (calibrated unless the model says not) are the label's log-probability as
-        the answer; with a channel (the default method) the log-probability of the text after
-        "about <label>" is added, both normalised over the labels: a product of the two experts.
+        the answer; the default method adds the channel (log-probability of the text after "The
+        following message is <label>:") and the plain prompt's calibrated label score, each
+        normalised over the labels and weighted: a product of experts.
         """
         rows: list[Row] = []
         spans: list[tuple[slice, slice | None, slice | None]] = []
