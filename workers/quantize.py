@@ -219,6 +219,15 @@ def _losses(float_scores: dict[str, Any], scores: dict[str, Any]) -> tuple[float
     return round(float_scores["classification"]["overall"] - scores["classification"]["overall"], 4), qa_loss
 
 
+def _worst_family_loss(float_scores: dict[str, Any], scores: dict[str, Any]) -> float | None:
+    """The largest per-family accuracy loss (None when classification was not measured)."""
+    if scores["classification"] is None:
+        return None
+    found, base = scores["classification"], float_scores["classification"]
+    losses = [base[name] - found[name] for name in base if name != "overall" and name in found]
+    return round(max(losses, default=base["overall"] - found["overall"]), 4)
+
+
 def prepare(settings: Settings, model: ModelConfig, report: Report = print, force: bool = False) -> dict[str, Any]:
     """Idempotent: returns the manifest of the artifact workers will load, building it if needed.
 
@@ -261,16 +270,22 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
             dtype = quantize_gptq(float_path, folder, attempt, report)
             scores = measure(settings, model, folder, qa_floor=float_scores["qa"] - quantize.max_qa_loss_vs_float)
             loss, qa_loss = _losses(float_scores, scores)
+            worst = _worst_family_loss(float_scores, scores)
             passed = loss is not None and loss <= quantize.max_loss_vs_float + 1e-9 \
-                and qa_loss <= quantize.max_qa_loss_vs_float + 1e-9
+                and qa_loss <= quantize.max_qa_loss_vs_float + 1e-9 \
+                and (quantize.max_family_loss_vs_float is None or worst <= quantize.max_family_loss_vs_float + 1e-9)  # type: ignore[operator]
             record = {"settings": attempt.settings(), "scores": scores, "loss_vs_float": loss,
-                      "qa_loss_vs_float": qa_loss, "passed": passed, "quantized_in": dtype}
+                      "qa_loss_vs_float": qa_loss, "worst_family_loss_vs_float": worst, "passed": passed,
+                      "quantized_in": dtype}
             attempts.append(record)
             shown = "not measured (QA already missed)" if loss is None else f"{loss * 100:+.1f} pts"
-            report(f"attempt {index} {attempt.settings()}: classification loss {shown}, "
+            family = "" if worst is None else f" (worst family {worst * 100:+.1f})"
+            report(f"attempt {index} {attempt.settings()}: classification loss {shown}{family}, "
                    f"QA loss {qa_loss * 100:+.1f} pts -> {'keep' if passed else 'miss'}")
             known = 1.0 if loss is None else loss  # an unmeasured attempt ranks below any measured one
             badness = max(known - quantize.max_loss_vs_float, 0) + max(qa_loss - quantize.max_qa_loss_vs_float, 0) + known / 100
+            if quantize.max_family_loss_vs_float is not None:
+                badness += max((1.0 if worst is None else worst) - quantize.max_family_loss_vs_float, 0)
             if best is None or badness < best[0]:
                 if best is not None:
                     shutil.rmtree(best[1], ignore_errors=True)

@@ -75,6 +75,25 @@ def test_a_miss_tries_the_alternatives_in_order_and_keeps_the_first_that_passes(
     assert json.loads((served_dir(settings, model) / "weights").read_text())["bits"] == 8
 
 
+def test_a_family_limit_refuses_an_attempt_whose_mean_hides_one_lost_family(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Off by default; set, an attempt that keeps the mean but loses one family past it is a miss."""
+    settings, model, tried = setup
+    base = {"sentiment": 0.9, "topic": 0.9, "overall": 0.9}
+    monkeypatch.setattr(quantize, "float_baseline", lambda *a: {"classification": base, "qa": 0.7})
+    topic_lost = {"classification": {"sentiment": 0.96, "topic": 0.82, "overall": 0.89}, "qa": 0.7}  # mean -1, topic -8
+    even = {"classification": {"sentiment": 0.89, "topic": 0.89, "overall": 0.89}, "qa": 0.7}
+    script(monkeypatch, [topic_lost])
+    shipped = quantize.prepare(settings, model, report=lambda m: None)  # no family limit: the mean decides
+    assert shipped["chosen"] == tried[0] and shipped["attempts"][0]["worst_family_loss_vs_float"] == pytest.approx(0.08)
+
+    limited = model.model_copy(update={"quantize": model.quantize.model_copy(update={"max_family_loss_vs_float": 0.05})})
+    tried.clear()
+    script(monkeypatch, [topic_lost, even])
+    manifest = quantize.prepare(settings, limited, report=lambda m: None, force=True)
+    assert [a["passed"] for a in manifest["attempts"]] == [False, True]
+    assert manifest["chosen"] == tried[1]
+
+
 def test_nothing_ships_when_every_attempt_misses(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     settings, model, tried = setup
     script(monkeypatch, [scores(0.70), scores(0.75), scores(0.72)])
