@@ -33,7 +33,7 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "default.yaml"
 # docs/quantization.md "Classification method").
 DEFAULT_INSTRUCTION = "Classify the text into one of these categories: {labels}.\n\nText: {text}"
 # The default method's channel: reads spam / not spam where "about {label}." does not (AUC 0.64 vs
-# 0.51 on the float model; docs/quantization.md "Three experts").
+# 0.51 on the float model; docs/quantization.md "A three-expert method that reads spam").
 MESSAGE_CHANNEL = "The following message is {label}:\n"
 DEFAULT_CHANNEL = MESSAGE_CHANNEL
 # The channel of the two-expert method that was the default until 2026-12-03 (compared against).
