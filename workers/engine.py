@@ -121,7 +121,8 @@ MAX_FORWARD_TOKENS = 16384
 # On a CPU, padding is paid for in full: a batch's rows (prompts, label prefixes + texts of every
 # length) are sorted by length and scored in passes of at most this many padded tokens. On the
 # selection split, batches of 16: 1.75-1.89 padded tokens per real one as one pass, 1.16-1.25 sorted
-# in passes of 2,048 (bench/RESULTS.md, 2026-12-03 morning). A GPU is launch-bound at these sizes: one pass there.
+# in passes of 2,048: 1.79x faster per request (bench/RESULTS.md, 2026-12-03 morning). A GPU is
+# launch-bound at these sizes: one pass there.
 CPU_FORWARD_TOKENS = 2048
 # A model without a chat template classifies with this plain prompt when no template is given.
 PLAIN_TEMPLATE = 'Text: "{text}"\nCategory ({labels}):'
