@@ -507,15 +507,12 @@ class Engine:
         with self.model_lock:  # the decoder is called directly here, not through the hooked forward
             return self._classify(items)
 
-    @torch.inference_mode()
-    def _classify(self, items: list[PreparedClassify]) -> list[Answer]:
-        """Score every (request, label) pair in one forward pass; probabilities per label.
-
-        Direct scores (calibrated unless the model says not) are the label's log-probability as
-        the answer; the default method adds the channel (log-probability of the text after "The
-        following message is <label>:") and the plain prompt's calibrated label score, each
-        normalised over the labels and weighted: a product of experts.
-        """
+    def _expert_scores(self, items: list[PreparedClassify]) -> list[dict[str, torch.Tensor]]:
+        """Per request, each expert's log-probabilities normalised over its labels, from one
+        forward pass for the whole batch: ``direct`` (the label as the chat answer, or after the
+        caller's template; calibrated unless the model says not), and with the default method
+        ``channel`` (log P(text | "The following message is <label>:")) and ``plain`` (the label
+        after the plain prompt, calibrated). bench/probes/experts.py weighs them offline."""
         rows: list[Row] = []
         spans: list[tuple[slice, slice | None, slice | None]] = []
         slot = 0
@@ -533,23 +530,40 @@ class Engine:
             spans.append((direct, channel, plain))
         per_slot = self._score(rows, slot)
         calibrate = self.config.classification_calibration == "content_free"
-        weights = self.config.classification_weights
-        answers = []
+        found = []
         for item, (direct, channel, plain) in zip(items, spans, strict=True):
             labels = item.request.labels
             scores = per_slot[direct]
             if calibrate:
                 scores = scores - self._label_prior(item.template, labels, item.label_ids)
-            combined = scores.log_softmax(dim=0)
-            if channel is not None or plain is not None:  # the default method: weighted experts
-                combined = combined * weights.chat
+            experts = {"direct": scores.log_softmax(dim=0)}
             if channel is not None:
-                combined = combined + weights.channel * per_slot[channel].log_softmax(dim=0)
+                experts["channel"] = per_slot[channel].log_softmax(dim=0)
             if plain is not None:
                 plain_scores = per_slot[plain]
                 if calibrate:
                     plain_scores = plain_scores - self._label_prior(item.plain.template, labels, item.plain.label_ids)  # type: ignore[union-attr]
-                combined = combined + weights.plain * plain_scores.log_softmax(dim=0)
+                experts["plain"] = plain_scores.log_softmax(dim=0)
+            found.append(experts)
+        return found
+
+    @torch.inference_mode()
+    def _classify(self, items: list[PreparedClassify]) -> list[Answer]:
+        """Score every (request, label) pair in one forward pass; probabilities per label.
+
+        A template request is its direct score alone; the default method weighs its experts
+        (``classification_weights``) and adds them: a product of experts.
+        """
+        weights = self.config.classification_weights
+        answers = []
+        for item, experts in zip(items, self._expert_scores(items), strict=True):
+            labels = item.request.labels
+            combined = experts["direct"]
+            if len(experts) > 1:  # the default method: weighted experts
+                combined = combined * weights.chat
+                for name in ("channel", "plain"):
+                    if name in experts:
+                        combined = combined + getattr(weights, name) * experts[name]
             probs = combined.softmax(dim=0).tolist()
             best = max(range(len(labels)), key=probs.__getitem__)
             answers.append(

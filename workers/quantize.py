@@ -212,20 +212,16 @@ def float_baseline(settings: Settings, model: ModelConfig, float_path: Path, rep
     return scores
 
 
-def _losses(float_scores: dict[str, Any], scores: dict[str, Any]) -> tuple[float | None, float]:
+def _losses(float_scores: dict[str, Any], scores: dict[str, Any]) -> tuple[float | None, float | None, float]:
+    """Classification loss (families' mean), the worst single family's loss, and QA loss; the
+    first two are None when classification was not measured."""
     qa_loss = round(float_scores["qa"] - scores["qa"], 4)
     if scores["classification"] is None:
-        return None, qa_loss
-    return round(float_scores["classification"]["overall"] - scores["classification"]["overall"], 4), qa_loss
-
-
-def _worst_family_loss(float_scores: dict[str, Any], scores: dict[str, Any]) -> float | None:
-    """The largest per-family accuracy loss (None when classification was not measured)."""
-    if scores["classification"] is None:
-        return None
+        return None, None, qa_loss
     found, base = scores["classification"], float_scores["classification"]
-    losses = [base[name] - found[name] for name in base if name != "overall" and name in found]
-    return round(max(losses, default=base["overall"] - found["overall"]), 4)
+    mean = base["overall"] - found["overall"]
+    worst = max((base[name] - found[name] for name in base if name != "overall" and name in found), default=mean)
+    return round(mean, 4), round(worst, 4), qa_loss
 
 
 def prepare(settings: Settings, model: ModelConfig, report: Report = print, force: bool = False) -> dict[str, Any]:
@@ -269,11 +265,11 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
             folder = target.with_name(f"{target.name}.attempt{index}")
             dtype = quantize_gptq(float_path, folder, attempt, report)
             scores = measure(settings, model, folder, qa_floor=float_scores["qa"] - quantize.max_qa_loss_vs_float)
-            loss, qa_loss = _losses(float_scores, scores)
-            worst = _worst_family_loss(float_scores, scores)
-            passed = loss is not None and loss <= quantize.max_loss_vs_float + 1e-9 \
+            loss, worst, qa_loss = _losses(float_scores, scores)
+            family_limit = quantize.max_family_loss_vs_float
+            passed = loss is not None and worst is not None and loss <= quantize.max_loss_vs_float + 1e-9 \
                 and qa_loss <= quantize.max_qa_loss_vs_float + 1e-9 \
-                and (quantize.max_family_loss_vs_float is None or worst <= quantize.max_family_loss_vs_float + 1e-9)  # type: ignore[operator]
+                and (family_limit is None or worst <= family_limit + 1e-9)
             record = {"settings": attempt.settings(), "scores": scores, "loss_vs_float": loss,
                       "qa_loss_vs_float": qa_loss, "worst_family_loss_vs_float": worst, "passed": passed,
                       "quantized_in": dtype}
@@ -284,8 +280,8 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
                    f"QA loss {qa_loss * 100:+.1f} pts -> {'keep' if passed else 'miss'}")
             known = 1.0 if loss is None else loss  # an unmeasured attempt ranks below any measured one
             badness = max(known - quantize.max_loss_vs_float, 0) + max(qa_loss - quantize.max_qa_loss_vs_float, 0) + known / 100
-            if quantize.max_family_loss_vs_float is not None:
-                badness += max((1.0 if worst is None else worst) - quantize.max_family_loss_vs_float, 0)
+            if family_limit is not None:
+                badness += max((1.0 if worst is None else worst) - family_limit, 0)
             if best is None or badness < best[0]:
                 if best is not None:
                     shutil.rmtree(best[1], ignore_errors=True)
@@ -302,7 +298,11 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
                 f"{model.name}: no quantization attempt kept the float model's quality (best lost "
                 f"{'unmeasured' if chosen['loss_vs_float'] is None else format(chosen['loss_vs_float'] * 100, '.1f')} pts of classification accuracy, limit "
                 f"{quantize.max_loss_vs_float * 100:.1f}; {chosen['qa_loss_vs_float'] * 100:.1f} pts of QA, limit "
-                f"{quantize.max_qa_loss_vs_float * 100:.1f}); add quantize.alternatives (more bits, other "
+                f"{quantize.max_qa_loss_vs_float * 100:.1f}"
+                + ("" if quantize.max_family_loss_vs_float is None or chosen["worst_family_loss_vs_float"] is None else
+                   f"; {chosen['worst_family_loss_vs_float'] * 100:.1f} pts on its worst family, limit "
+                   f"{quantize.max_family_loss_vs_float * 100:.1f}")
+                + "); add quantize.alternatives (more bits, other "
                 "calibration) or raise the limits, then prepare again",
             )
         _publish(best[1], target)

@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from shared.config import ABOUT_CHANNEL, DEFAULT_PLAIN, MESSAGE_CHANNEL, load_settings
+from bench.probes.method_cost import TWO
+from shared.config import DEFAULT_PLAIN, MESSAGE_CHANNEL, load_settings
 from shared.schemas import ClassifyRequest
 from workers.engine import Engine
 from workers.evaluation import families
 
 # Two passes cover the five experts: each config's chat, channel and plain parts are kept apart.
 PASSES = {
-    ("chat", "about", None): {"classification_capitalize": False, "classification_channel": ABOUT_CHANNEL,
-                              "classification_plain": None},
+    ("chat", "about", None): TWO,  # the two-expert default before 2026-12-03 (its weights play no part here)
     ("chatcap", "message", "plain"): {"classification_capitalize": True, "classification_channel": MESSAGE_CHANNEL,
                                       "classification_plain": DEFAULT_PLAIN},
 }
@@ -40,35 +40,9 @@ PASSES = {
 
 def expert_scores(engine: Engine, requests: list[ClassifyRequest]) -> list[dict[str, list[float]]]:
     """Per request: each part's calibrated log-softmax over the labels (what ``Engine._classify`` weights)."""
-    items = [engine.prepare(r) for r in requests]
-    rows, spans, slot = [], [], 0
-    for item in items:
-        n = len(item.label_ids)
-        parts = {}
-        rows += engine._direct_rows(item.prompt_ids, item.label_ids, slot)
-        parts["direct"], slot = slice(slot, slot + n), slot + n
-        if item.channel is not None:
-            rows += engine._channel_rows(item.channel, slot)
-            parts["channel"], slot = slice(slot, slot + n), slot + n
-        if item.plain is not None:
-            rows += engine._direct_rows(item.plain.prompt_ids, item.plain.label_ids, slot)
-            parts["plain"], slot = slice(slot, slot + n), slot + n
-        spans.append(parts)
     with torch.inference_mode():
-        per_slot = engine._score(rows, slot)
-        out = []
-        for item, parts in zip(items, spans, strict=True):
-            labels = item.request.labels
-            found = {}
-            direct = per_slot[parts["direct"]] - engine._label_prior(item.template, labels, item.label_ids)
-            found["direct"] = direct.log_softmax(0).tolist()
-            if "channel" in parts:
-                found["channel"] = per_slot[parts["channel"]].log_softmax(0).tolist()
-            if "plain" in parts:
-                plain = per_slot[parts["plain"]] - engine._label_prior(item.plain.template, labels, item.plain.label_ids)
-                found["plain"] = plain.log_softmax(0).tolist()
-            out.append(found)
-    return out
+        found = engine._expert_scores([engine.prepare(r) for r in requests])  # type: ignore[arg-type]
+    return [{part: scores.tolist() for part, scores in experts.items()} for experts in found]
 
 
 def score(model_dir: Path, out: Path, split: str = "all", batch: int = 16) -> None:
