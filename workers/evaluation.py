@@ -8,7 +8,10 @@ row tagged ``selection`` or ``report``:
 - *report* rows are only ever reported. Splits are fixed in the files (stratified by label, in
   order of each text's SHA-1), so no later choice can move a row from one side to the other. The
   sentiment rows written before the split existed (the old 60 + 64 reviews, which earlier prompts
-  were tuned on) are all on the selection side.
+  were tuned on) are all on the selection side. The rows appended on 2026-12-03 (40 sentiment, 50
+  topic, 48 intent, 48 spam) are all on the report side: written after every setting had been
+  chosen, so that a family's report part has ~100 rows and one row moves it by ~1 point, not ~2
+  (with ~50, #12's 3-point bar was one row wide: smaller than what 8-bit rounding alone moves).
 
 A small factual QA set (``qa.jsonl``) checks that quantization keeps generation's knowledge.
 """
