@@ -195,6 +195,12 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Activation dtype; auto = float16 on CUDA, float32 on CPU."
     )
+    cpu_weight_cache: bool = Field(
+        default=True,
+        description="On a CPU, keep each GPTQ layer's dequantized weight after its first use where gptqmodel's "
+        "kernel would dequantize it on every call (TorchLinear: 8-bit; 4-bit has its own kernel and is untouched). "
+        "Same outputs, ~6x faster 8-bit decoding, a float copy of those weights in memory.",
+    )
     max_context_tokens: Annotated[int, Field(ge=16)] = 2048
     classification_template: str | None = Field(
         default=None,

@@ -7,6 +7,7 @@ per-row settings, label scoring), not what the answers mean. Quality is tested i
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -286,3 +287,20 @@ def test_grouping_keeps_row_order_and_gives_an_oversized_row_its_own_pass() -> N
     groups = _groups(rows, budget=40)  # type: ignore[arg-type]
     assert [[len(ids) for ids, _ in g] for g in groups] == [[10, 10, 10], [50], [5, 5]]
     assert [row for g in groups for row in g] == rows
+
+
+def test_gptq_weight_cache_switch_is_on_only_while_a_cpu_model_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gptqmodel's TorchLinear reads GPTQ_TORCH_CACHE_WEIGHTS when a layer is built; the engine sets
+    it for that call only, and leaves whatever the process had before as it was."""
+    from workers.engine import GPTQ_CACHE_ENV, _gptq_weight_cache
+
+    monkeypatch.delenv(GPTQ_CACHE_ENV, raising=False)
+    with _gptq_weight_cache(True):
+        assert os.environ[GPTQ_CACHE_ENV] == "1"
+    assert GPTQ_CACHE_ENV not in os.environ
+    with _gptq_weight_cache(False):
+        assert GPTQ_CACHE_ENV not in os.environ
+    monkeypatch.setenv(GPTQ_CACHE_ENV, "0")
+    with _gptq_weight_cache(True):
+        assert os.environ[GPTQ_CACHE_ENV] == "1"
+    assert os.environ[GPTQ_CACHE_ENV] == "0"
