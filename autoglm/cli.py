@@ -84,7 +84,8 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
             print(f"  served as is, accuracy not measured (quantize.measure: false), {manifest['bytes_served'] / 1e6:.0f} MB")
         elif manifest:
             print(f"  quantized with {manifest.get('chosen')}: accuracy float {manifest['accuracy_float']:.1%} "
-                  f"served {manifest['accuracy_served']:.1%} (loss {manifest.get('loss_vs_float', 0) * 100:+.1f} pts, "
+                  f"served {manifest['accuracy_served']:.1%} (loss {manifest.get('loss_vs_float', 0) * 100:+.1f} pts, worst "
+                  f"family {(manifest.get('worst_family_loss_vs_float') or 0) * 100:+.1f}, "
                   f"selection split), {manifest['bytes_served'] / 1e6:.0f} MB, prepared on "
                   f"{manifest.get('machine', {}).get('cpu', 'unknown machine')}"
                   + (f", quantized in {manifest['quantized_in']}" if manifest.get("quantized_in") else ""))

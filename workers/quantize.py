@@ -315,6 +315,7 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         "classification_method": classification_method(model),
         "loss_vs_float": chosen["loss_vs_float"],
         "qa_loss_vs_float": chosen["qa_loss_vs_float"],
+        "worst_family_loss_vs_float": chosen.get("worst_family_loss_vs_float", 0.0),
         "float": float_scores,
         "served": chosen["scores"],
         "attempts": attempts,
@@ -333,7 +334,8 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         report(
             f"{model.name}: kept {chosen['settings']}; selection-split accuracy float "
             f"{manifest['accuracy_float']:.1%} vs served {manifest['accuracy_served']:.1%} "
-            f"(loss {chosen['loss_vs_float'] * 100:+.1f} pts), QA float {float_scores['qa']:.0%} vs served "
+            f"(loss {chosen['loss_vs_float'] * 100:+.1f} pts, worst family "
+            f"{manifest['worst_family_loss_vs_float'] * 100:+.1f}), QA float {float_scores['qa']:.0%} vs served "
             f"{chosen['scores']['qa']:.0%}; size {manifest['bytes_float'] / 1e6:.0f} MB -> {manifest['bytes_served'] / 1e6:.0f} MB"
         )
     (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
