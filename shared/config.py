@@ -199,7 +199,7 @@ class ModelConfig(_Section):
         default=True,
         description="On a CPU, keep each GPTQ layer's dequantized weight after its first use where gptqmodel's "
         "kernel would dequantize it on every call (TorchLinear: 8-bit; 4-bit has its own kernel and is untouched). "
-        "Same outputs, ~6x faster 8-bit decoding, a float copy of those weights in memory.",
+        "Same outputs, 5.5x faster 8-bit generation (2-core EPYC), a float copy of those weights in memory.",
     )
     max_context_tokens: Annotated[int, Field(ge=16)] = 2048
     classification_template: str | None = Field(
