@@ -15,7 +15,9 @@ from tests.integration.conftest import Fleet, cli_env
 from tests.integration.test_gateway import Gateway, gateway_env, start_gateway
 
 pytestmark = pytest.mark.integration
-CAPITALS = ["France", "Japan", "Italy", "Spain", "Germany", "Egypt", "Canada", "Peru"]
+CAPITAL_OF = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
+              "Egypt": "Cairo", "Canada": "Ottawa", "Peru": "Lima"}
+CAPITALS = list(CAPITAL_OF)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,11 @@ def test_a_batch_of_200_lines_runs_to_completion_with_counts_and_files(gateway: 
         assert line["error"] is None and line["response"]["status_code"] == 200
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
         assert body["usage"]["completion_tokens"] >= 1
-    paris = next(o for o in output if o["custom_id"] == "req-0")["response"]["body"]["choices"][0]["message"]["content"]
-    assert "Paris" in paris
+    # A real model answered: most lines name the capital they asked for. (Not one chosen line: the
+    # float model answers "L'Alma, la" to req-0 in 6 tokens; it names 31 of 48 such capitals, 8-bit 36.)
+    named = sum(CAPITAL_OF[CAPITALS[int(o["custom_id"][4:]) % len(CAPITALS)]]
+                in o["response"]["body"]["choices"][0]["message"]["content"] for o in output)
+    assert named >= len(output) // 2, f"{named} of {len(output)} answers name the capital they asked for"
 
     errors = {e["custom_id"]: e for e in map(json.loads, client.files.content(batch.error_file_id).text.splitlines())}
     assert set(errors) == {"req-200", "req-201", "line-203"}
