@@ -45,12 +45,14 @@ def expert_scores(engine: Engine, requests: list[ClassifyRequest]) -> list[dict[
     return [{part: scores.tolist() for part, scores in experts.items()} for experts in found]
 
 
-def score(model_dir: Path, out: Path, split: str = "all", batch: int = 16) -> None:
+def score(model_dir: Path, out: Path, split: str = "all", batch: int = 16, current_only: bool = False) -> None:
+    """``current_only``: the default method's three experts alone (half the time)."""
     settings = load_settings()
     model = settings.models[0]
     result: dict = {"model_dir": str(model_dir), "families": {}}
     started = time.perf_counter()
-    for names, update in PASSES.items():
+    passes = {k: v for k, v in PASSES.items() if not current_only or "chatcap" in k}
+    for names, update in passes.items():
         engine = Engine(model.model_copy(update=update), model_dir, device="cpu")
         for family in families():
             rows = [r for r in family.rows if split in ("all", r[2])]
@@ -67,7 +69,15 @@ def score(model_dir: Path, out: Path, split: str = "all", batch: int = 16) -> No
     out.write_text(json.dumps(result))
 
 
-def accuracy(record: dict, weights: dict[str, float], split: str) -> float:
+def _certainty(scores: torch.Tensor) -> torch.Tensor:
+    """1 - normalised entropy of one expert's distribution over the labels (0: uniform, 1: sure)."""
+    entropy = -(scores.exp() * scores).sum()
+    return 1 - entropy / torch.log(torch.tensor(float(len(scores))))
+
+
+def accuracy(record: dict, weights: dict[str, float], split: str, mode: str = "product") -> float:
+    """``product``: weighted sum of the experts' log-probabilities (the engine's method);
+    ``certainty``: each weight also scaled by that expert's certainty on the row."""
     experts = record["experts"]
     hits = total = 0
     for i, (gold, where) in enumerate(zip(record["gold"], record["split"], strict=True)):
@@ -76,19 +86,52 @@ def accuracy(record: dict, weights: dict[str, float], split: str) -> float:
         combined = torch.zeros(len(record["labels"]))
         for name, w in weights.items():
             if w:
-                combined += w * torch.tensor(experts[name][i])
+                scores = torch.tensor(experts[name][i])
+                combined += w * (_certainty(scores) if mode == "certainty" else 1.0) * scores
         hits += record["labels"][int(combined.argmax())] == gold
         total += 1
     return hits / total
 
 
-def table(result: dict, weights: dict[str, float]) -> dict[str, dict[str, float]]:
+GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+THREE = ("chatcap", "message", "plain")
+
+
+SHIPPED = {"chatcap": 1.0, "message": 0.5, "plain": 0.25}  # the default's weights (shared/config.py)
+
+
+def choose(results: list[dict], split: str = "selection") -> list[tuple]:
+    """Rank every weighting of the three experts (``GRID`` each, both modes): first the worst
+    (artifact, family) margin against the float model's best method found for that family (each
+    expert alone, and the shipped weighting: #12 measures a default against the best prompt
+    found), then the mean accuracy over artifacts and families. ``results[0]`` is the float
+    model's scores, the rest quantized artifacts'. Only ``split`` rows are read."""
+    import itertools
+
+    float_result = results[0]["families"]
+    found = [{e: 1.0} for e in THREE] + [SHIPPED]
+    reference = {f: max(accuracy(rec, w, split) for w in found) for f, rec in float_result.items()}
+    ranked = []
+    for mode in ("product", "certainty"):
+        for combo in itertools.product(GRID, repeat=len(THREE)):
+            if not any(combo):
+                continue
+            weights = dict(zip(THREE, combo, strict=True))
+            accs = [(f, accuracy(rec, weights, split, mode)) for r in results for f, rec in r["families"].items()]
+            worst = min(a - reference[f] for f, a in accs)
+            mean = sum(a for _, a in accs) / len(accs)
+            ranked.append((round(worst, 4), round(mean, 4), mode, weights))
+    ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    return ranked
+
+
+def table(result: dict, weights: dict[str, float], mode: str = "product") -> dict[str, dict[str, float]]:
     """Accuracy per split and family, and the families' mean (as ``classification_report``)."""
     out = {}
     for split in ("selection", "report"):
         if not any(split in rec["split"] for rec in result["families"].values()):
             continue
-        row = {name: accuracy(rec, weights, split) for name, rec in result["families"].items()}
+        row = {name: accuracy(rec, weights, split, mode) for name, rec in result["families"].items()}
         row["overall"] = sum(row.values()) / len(row)
         out[split] = row
     return out
@@ -101,16 +144,25 @@ def main() -> None:
     s.add_argument("model_dir", type=Path)
     s.add_argument("out", type=Path)
     s.add_argument("--split", choices=["all", "selection", "report"], default="all")
+    s.add_argument("--current-only", action="store_true", help="the default method's three experts alone")
     c = sub.add_parser("combine")
     c.add_argument("files", type=Path, nargs="+")
     c.add_argument("--weights", default="chat=1,about=1")
+    c.add_argument("--mode", choices=["product", "certainty"], default="product")
+    ch = sub.add_parser("choose", help="rank weightings on the selection split (float file first)")
+    ch.add_argument("files", type=Path, nargs="+")
+    ch.add_argument("--top", type=int, default=10)
     args = parser.parse_args()
     if args.command == "score":
-        score(args.model_dir, args.out, args.split)
+        score(args.model_dir, args.out, args.split, current_only=args.current_only)
+        return
+    if args.command == "choose":
+        for worst, mean, mode, weights in choose([json.loads(p.read_text()) for p in args.files])[: args.top]:
+            print(f"worst margin {worst:+.3f}  mean {mean:.3f}  {mode:9s} {weights}")
         return
     weights = {k: float(v) for k, v in (p.split("=") for p in args.weights.split(","))}
     for path in args.files:
-        for split, row in table(json.loads(path.read_text()), weights).items():
+        for split, row in table(json.loads(path.read_text()), weights, args.mode).items():
             print(f"{path.name:28s} {split:9s} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
 
 

@@ -17,7 +17,7 @@ def test_default_config_declares_the_bundled_model_for_both_tasks() -> None:
     model = settings.default_model(TaskType.CLASSIFICATION)
     assert model.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert set(model.task_type) == {TaskType.TEXT_GENERATION, TaskType.CLASSIFICATION}
-    assert model.quantize.method == "gptq" and model.quantize.bits == 4
+    assert model.quantize.method == "gptq" and model.quantize.bits == 8
     assert settings.queue_name(Priority.INTERACTIVE) == "interactive.smollm2-135m"
     assert settings.max_batch_size(TaskType.TEXT_GENERATION) == settings.batching.max_batch_size == 8
     assert settings.max_batch_size(TaskType.CLASSIFICATION) == 5
