@@ -1,0 +1,35 @@
+"""The evaluation data's identity: prepare caches the float model's scores under it."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers import evaluation
+from workers.evaluation import Family, data_fingerprint, families
+
+
+def _with_rows(monkeypatch: pytest.MonkeyPatch, change) -> str:  # type: ignore[no-untyped-def]
+    """The fingerprint after ``change`` rewrote the first family's rows."""
+    first, *rest = families()
+    changed = Family(first.name, first.labels, change(list(first.rows)))
+    monkeypatch.setattr(evaluation, "families", lambda: (changed, *rest))
+    return data_fingerprint()
+
+
+def test_every_family_has_selection_and_at_least_100_report_rows() -> None:
+    for family in families():
+        assert family.examples("selection") and len(family.examples("report")) >= 100, family.name
+
+
+def test_new_report_rows_keep_the_cached_float_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = data_fingerprint()
+    assert _with_rows(monkeypatch, lambda rows: rows + [("A new held-out row.", rows[0][1], "report")]) == before
+
+
+def test_a_changed_selection_row_invalidates_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = data_fingerprint()
+    def relabel(rows):  # type: ignore[no-untyped-def]
+        text, label, _ = next(r for r in rows if r[2] == "selection")
+        other = next(r[1] for r in rows if r[1] != label)
+        return [(t, other if t == text else g, s) for t, g, s in rows]
+    assert _with_rows(monkeypatch, relabel) != before
