@@ -58,6 +58,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _refuse_mixed_precision(dynamic: dict[str, dict[str, int]] | None) -> None:
+    """Mixed precision is refused before a prepare spends minutes on an artifact no worker can
+    load: transformers' GPTQ loader (optimum 2.3, ``_replace_by_quant_layers``) builds every
+    quantized layer at the one ``bits`` (a 4/8-bit checkpoint failed with a qweight size mismatch,
+    ../shared/FACTS.md)."""
+    if dynamic:
+        raise ValueError("dynamic (per-module bits) makes an artifact that workers cannot load: transformers' "
+                         "GPTQ loader builds every layer at `bits`; use one bit width, and `alternatives` to try another")
+
+
 class QuantizeSettings(_Section):
     """The GPTQ settings one attempt uses; an entry of ``alternatives`` overrides some of them."""
 
@@ -68,15 +78,19 @@ class QuantizeSettings(_Section):
         default=None, description="Hessian dampening (GPTQModel default when unset)."
     )
     dynamic: dict[str, dict[str, int]] | None = Field(
-        default=None,
-        description="GPTQModel per-module overrides, e.g. {'+:.*down_proj.*': {'bits': 8}} (mixed precision).",
-    )
+        default=None, description="Refused when set: per-module bits do not load through transformers (_refuse_mixed_precision).")
     calibration: str | None = Field(
         default=None,
         description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",
     )
     calibration_samples: Annotated[int, Field(ge=8, le=4096)] | None = None
     calibration_format: Literal["plain", "chat"] | None = None
+
+    @field_validator("dynamic")
+    @classmethod
+    def _one_bit_width(cls, value: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:
+        _refuse_mixed_precision(value)
+        return value
 
 
 class QuantizeConfig(_Section):
@@ -101,9 +115,7 @@ class QuantizeConfig(_Section):
         default=None, description="Hessian dampening (GPTQModel default when unset)."
     )
     dynamic: dict[str, dict[str, int]] | None = Field(
-        default=None,
-        description="GPTQModel per-module overrides, e.g. {'+:.*down_proj.*': {'bits': 8}} (mixed precision).",
-    )
+        default=None, description="Refused when set: per-module bits do not load through transformers (_refuse_mixed_precision).")
     calibration: str = Field(
         default="docstrings",
         description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",
@@ -139,6 +151,12 @@ class QuantizeConfig(_Section):
     time_budget_s: Annotated[float, Field(ge=0.0)] = Field(
         default=600.0, description="No further alternative is started after this long (a fresh setup stays bounded)."
     )
+
+    @field_validator("dynamic")
+    @classmethod
+    def _one_bit_width(cls, value: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:
+        _refuse_mixed_precision(value)
+        return value
 
     def attempts(self) -> list[QuantizeConfig]:
         """The settings to try, in order: these, then each alternative applied over them."""

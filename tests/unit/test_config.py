@@ -55,6 +55,14 @@ def test_a_yaml_file_of_ones_own(tmp_path: Path) -> None:
             "models:\n  - {name: a, model_name: m, source: s, task_type: summarise}\n",
             "task_type",
         ),
+        (  # mixed precision: an artifact no worker could load (transformers builds one bit width)
+            "models:\n  - {name: a, model_name: m, source: s, quantize: {dynamic: {'+:.*down_proj.*': {bits: 8}}}}\n",
+            "dynamic .*workers cannot load",
+        ),
+        (
+            "models:\n  - {name: a, model_name: m, source: s, quantize: {alternatives: [{dynamic: {'+:.*': {bits: 8}}}]}}\n",
+            "dynamic .*workers cannot load",
+        ),
     ],
 )
 def test_bad_config_names_the_field(tmp_path: Path, yaml_text: str, complaint: str) -> None:
