@@ -180,6 +180,10 @@ def table(summary: dict[str, Any]) -> str:
         qa_gap = (summary["qa_float"] - summary["qa_gptq"]) * 100
         lines.append(f"| QA float / gptq | {summary['qa_float']:.3f} / {summary['qa_gptq']:.3f} | gap <= 10 pts | "
                      f"{'yes' if qa_gap <= 10 else 'NO'} |")
+    for family, row in (summary.get("quant_family_bar") or {}).items():
+        shown = " / ".join(f"{row[name]:.3f}" for name in row if name not in ("best_float", "best_method", "met"))
+        lines.append(f"| {family}: default float / gptq vs float's best ({row['best_method']}, report split) | {shown} vs "
+                     f"{row['best_float']:.3f} | within 3 pts | {'yes' if row['met'] else 'NO'} |")
     lines.append("")
     for key, value in summary.items():
         if isinstance(value, dict):

@@ -54,6 +54,26 @@ def quality(engine: Engine, quick: bool) -> dict[str, Any]:
     return out
 
 
+METHODS = ("default", "old_template", "task_template")  # what full mode measures per family
+
+
+def family_bar(variants: dict[str, dict[str, Any]], within: float = 0.03) -> dict[str, dict[str, Any]] | None:
+    """#12's acceptance, per family: the default method, for the float model and for every other
+    variant (the shipped artifact), within ``within`` of the float model's best method measured
+    here on the report split. None in quick mode (one method, one family)."""
+    base = variants["float"]["report_split"]
+    if not all(m in base for m in METHODS):
+        return None
+    bar = {}
+    for family in (f for f in base["default"] if f != "overall"):
+        method, best = max(((m, base[m][family]) for m in METHODS), key=lambda found: found[1])
+        row: dict[str, Any] = {"best_float": best, "best_method": method}
+        row.update({name: v["report_split"]["default"][family] for name, v in variants.items()})
+        row["met"] = all(row[name] >= best - within - 1e-9 for name in variants)
+        bar[family] = row
+    return bar
+
+
 def _tokens_per_s(engine: Engine, batch: int, new_tokens: int) -> float:
     items = [engine.prepare(GenerateRequest(prompt=p, max_new_tokens=new_tokens)) for p in prompts(batch)]
     engine.generate(items[:1])
@@ -94,6 +114,7 @@ def run(settings: Settings, quick: bool, new_tokens: int) -> dict[str, Any]:
         "quant_variants": rows,
         "quant_prepared_on": manifest.get("machine"),
         "quant_selection_loss_vs_float": manifest.get("loss_vs_float"),
+        "quant_family_bar": family_bar(rows),
         "gptq_weight_bytes_ratio": rows["gptq (shipped)"]["bytes_ratio_vs_fp16"],
         "accuracy_float": rows["float"]["report_split"]["default"]["overall"],
         "accuracy_gptq": served["default"]["overall"],
