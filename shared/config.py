@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from platformdirs import user_cache_dir
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -58,7 +58,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _refuse_mixed_precision(dynamic: dict[str, dict[str, int]] | None) -> None:
+def _refuse_mixed_precision(dynamic: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:
     """Mixed precision is refused before a prepare spends minutes on an artifact no worker can
     load: transformers' GPTQ loader (optimum 2.3, ``_replace_by_quant_layers``) builds every
     quantized layer at the one ``bits`` (a 4/8-bit checkpoint failed with a qweight size mismatch,
@@ -66,6 +66,15 @@ def _refuse_mixed_precision(dynamic: dict[str, dict[str, int]] | None) -> None:
     if dynamic:
         raise ValueError("dynamic (per-module bits) makes an artifact that workers cannot load: transformers' "
                          "GPTQ loader builds every layer at `bits`; use one bit width, and `alternatives` to try another")
+    return dynamic
+
+
+# GPTQModel's per-module overrides, as both QuantizeSettings and QuantizeConfig accept them: refused.
+Dynamic = Annotated[
+    dict[str, dict[str, int]] | None,
+    AfterValidator(_refuse_mixed_precision),
+    Field(description="Refused when set: per-module bits do not load through transformers (_refuse_mixed_precision)."),
+]
 
 
 class QuantizeSettings(_Section):
@@ -77,20 +86,13 @@ class QuantizeSettings(_Section):
     damp_percent: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
         default=None, description="Hessian dampening (GPTQModel default when unset)."
     )
-    dynamic: dict[str, dict[str, int]] | None = Field(
-        default=None, description="Refused when set: per-module bits do not load through transformers (_refuse_mixed_precision).")
+    dynamic: Dynamic = None
     calibration: str | None = Field(
         default=None,
         description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",
     )
     calibration_samples: Annotated[int, Field(ge=8, le=4096)] | None = None
     calibration_format: Literal["plain", "chat"] | None = None
-
-    @field_validator("dynamic")
-    @classmethod
-    def _one_bit_width(cls, value: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:
-        _refuse_mixed_precision(value)
-        return value
 
 
 class QuantizeConfig(_Section):
@@ -114,8 +116,7 @@ class QuantizeConfig(_Section):
     damp_percent: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
         default=None, description="Hessian dampening (GPTQModel default when unset)."
     )
-    dynamic: dict[str, dict[str, int]] | None = Field(
-        default=None, description="Refused when set: per-module bits do not load through transformers (_refuse_mixed_precision).")
+    dynamic: Dynamic = None
     calibration: str = Field(
         default="docstrings",
         description="Built-in calibration set name, or a path to a .txt file (one sample per paragraph).",
@@ -151,12 +152,6 @@ class QuantizeConfig(_Section):
     time_budget_s: Annotated[float, Field(ge=0.0)] = Field(
         default=600.0, description="No further alternative is started after this long (a fresh setup stays bounded)."
     )
-
-    @field_validator("dynamic")
-    @classmethod
-    def _one_bit_width(cls, value: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:
-        _refuse_mixed_precision(value)
-        return value
 
     def attempts(self) -> list[QuantizeConfig]:
         """The settings to try, in order: these, then each alternative applied over them."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.probes.method_cost import TWO
-from shared.config import DEFAULT_PLAIN, MESSAGE_CHANNEL, load_settings
+from shared.config import DEFAULT_PLAIN, MESSAGE_CHANNEL, ExpertWeights, load_settings
 from shared.schemas import ClassifyRequest
 from workers.engine import Engine
 from workers.evaluation import families
@@ -95,9 +95,8 @@ def accuracy(record: dict, weights: dict[str, float], split: str, mode: str = "p
 
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 THREE = ("chatcap", "message", "plain")
-
-
-SHIPPED = {"chatcap": 1.0, "message": 0.5, "plain": 0.25}  # the default's weights (shared/config.py)
+_DEFAULT = ExpertWeights()
+SHIPPED = {"chatcap": _DEFAULT.chat, "message": _DEFAULT.channel, "plain": _DEFAULT.plain}  # the default method's weights
 
 
 def choose(results: list[dict], split: str = "selection") -> list[tuple]:
