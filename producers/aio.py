@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from producers.client import FleetClient, Request
 from producers.outcome import READY, decode_outcome
-from shared import streams
+from shared import streams, webhooks
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority, TaskResult, TaskType
@@ -75,11 +75,15 @@ class AsyncFleetClient:
 
     # -- submitting ----------------------------------------------------------------------------
     async def submit(self, request: Request | dict[str, Any]) -> AsyncTaskHandle:
-        # Validation errors surface here, before any I/O; a callback_url's SSRF check resolves its
-        # host (DNS), so that request is validated off the event loop.
+        # Validation errors surface here, before any I/O. A callback_url's SSRF check resolves its host
+        # on the DNS executor of its own, bounded by webhooks.dns_timeout_s (shared/webhooks.py): a name
+        # that never answers costs this caller that long and no other caller anything.
         callback = request.get("callback_url") if isinstance(request, dict) else getattr(request, "callback_url", None)
-        built = await asyncio.to_thread(self._sync.build, request) if callback else self._sync.build(request)
-        handle = await asyncio.to_thread(self._sync.submit, built)
+        built = self._sync.build(request, resolve_callback=False)
+        if callback:
+            hooks = self.settings.webhooks
+            await webhooks.resolve_async(str(callback), hooks.allowed_hosts, hooks.dns_timeout_s)
+        handle = await asyncio.to_thread(self._sync.submit, built, False)
         return AsyncTaskHandle(self, handle.id)
 
     async def submit_generate(self, prompt: str | None = None, **params: Any) -> AsyncTaskHandle:

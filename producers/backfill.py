@@ -31,6 +31,9 @@ from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority
 
 
+THROTTLE_POLL_S = 0.5  # how often a backfill with nothing in flight looks at a queue too deep to add to
+
+
 class Line(NamedTuple):
     """One input line: its custom_id, the request, or why it cannot be one (never submitted)."""
 
@@ -144,7 +147,8 @@ def _end_torn_line(path: Path) -> None:
 
 
 def _bulk(request: dict[str, Any]) -> dict[str, Any]:
-    return {"priority": Priority.BULK, **request}
+    """A backfill is bulk work, whatever a line says: a line cannot put itself on the interactive queue."""
+    return {**request, "priority": Priority.BULK}
 
 
 def _done_ids(*paths: Path) -> set[str]:
@@ -245,6 +249,9 @@ def run_backfill(
         # 2. New lines, a chunk at a time, never more than `window` in flight, never flooding Redis.
         for start in range(0, len(fresh), chunk):
             while not stop() and (len(in_flight) + chunk > window or client.queue_depth(*bulk_queues) > max_queue_depth):
+                if not in_flight:  # the queue is deep with others' work: wait for it, without spinning
+                    time.sleep(THROTTLE_POLL_S)
+                    continue
                 settle(block=not any(h.ready() for h in in_flight.values()))
             if stop():
                 break

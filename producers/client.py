@@ -159,7 +159,7 @@ class FleetClient:
         self.registry = Registry(redis_client(url, outage_s=0, timeout_s=0.5), self.settings)
 
     # -- building requests ---------------------------------------------------------------------
-    def _check(self, request: Request) -> Request:
+    def _check(self, request: Request, resolve_callback: bool = True) -> Request:
         if request.model is not None and request.model not in self._models:
             # Not configured at all: the caller's mistake (422), unlike MODEL_UNAVAILABLE (503),
             # which is a configured model that no worker has loaded right now.
@@ -172,17 +172,18 @@ class FleetClient:
         if request.model is not None and request.model not in serving:
             raise FleetError(ErrorCode.INVALID_INPUT, f"model: {request.model!r} does not serve {request.task_type}; "
                              f"models that do: {serving}")
-        if request.callback_url is not None:  # SSRF guard: no loopback / link-local targets unless allowed
-            webhooks.check_url(request.callback_url, self.settings.webhooks.allowed_hosts)
+        if request.callback_url is not None and resolve_callback:  # SSRF guard: no loopback / link-local targets unless allowed
+            webhooks.resolve(request.callback_url, self.settings.webhooks.allowed_hosts, self.settings.webhooks.dns_timeout_s)
         return request
 
-    def build(self, data: Request | dict[str, Any]) -> Request:
-        """A validated request of any installed task type (shared/task_types.py)."""
+    def build(self, data: Request | dict[str, Any], resolve_callback: bool = True) -> Request:
+        """A validated request of any installed task type (shared/task_types.py). ``resolve_callback``
+        False: the caller has already checked the callback URL (the asyncio client does, off its loop)."""
         if isinstance(data, TaskRequestBase):
-            return self._check(data)
+            return self._check(data, resolve_callback)
         if not isinstance(data, dict):
             raise FleetError(ErrorCode.INVALID_INPUT, f"a request is an object, not {type(data).__name__}")
-        return self._check(task_types.parse(data))
+        return self._check(task_types.parse(data), resolve_callback)
 
     # -- publishing ----------------------------------------------------------------------------
     def _retrying(self) -> Retrying:
@@ -199,11 +200,11 @@ class FleetClient:
         """The queue for ``request``: its model's (or the task's default model's) at its priority;
         when no worker serves that model but one serves a model in its fallback chain, that model's
         queue (shared/registry.py)."""
-        return self._queue(request.task_type, request.model, request.priority)
+        return self._queue(request.task_type, request.model, request.priority, getattr(request, "tenant", None))
 
-    def _queue(self, task_type: str, model: str | None, priority: Priority) -> str:
+    def _queue(self, task_type: str, model: str | None, priority: Priority, tenant: str | None = None) -> str:
         model = self.settings.model_for(task_type, model)
-        fallbacks = self._models[model].fallbacks
+        fallbacks = [name for name in self._models[model].fallbacks if self.settings.may_use(tenant, name)]
         if fallbacks:
             try:
                 model = self.registry.route(model, fallbacks)
@@ -245,12 +246,12 @@ class FleetClient:
             f"{type(exc).__name__}: {exc}",
         )
 
-    def submit(self, request: Request | PipelineRequest | dict[str, Any]) -> TaskHandle:
+    def submit(self, request: Request | PipelineRequest | dict[str, Any], resolve_callback: bool = True) -> TaskHandle:
         """Validate and enqueue one request; returns once Redis has it (or raises BROKER_UNAVAILABLE).
         A pipeline (``task_type: pipeline``) is enqueued as a Celery chain of its steps."""
         if isinstance(request, PipelineRequest) or (isinstance(request, dict) and request.get("task_type") == PIPELINE):
             return self.submit_pipeline(request)
-        built, task_id = self.build(request), uuid()  # one id across attempts
+        built, task_id = self.build(request, resolve_callback), uuid()  # one id across attempts
         attributes = {"messaging.message.id": task_id, "autoglm.task_type": str(built.task_type),
                       "autoglm.priority": str(built.priority), "messaging.destination.name": self.route(built)}
         with tracer().start_as_current_span("autoglm.submit", kind=SpanKind.PRODUCER, attributes=attributes) as span:

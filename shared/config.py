@@ -451,12 +451,17 @@ class WebhookConfig(_Section):
     attempts: Annotated[int, Field(ge=1, le=20)] = 5
     backoff_initial_s: Annotated[float, Field(ge=0)] = 0.5
     backoff_max_s: Annotated[float, Field(ge=0)] = Field(
-        default=10.0, description="Retries wait in a consumer thread: keep the total short."
-    )
-    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+        default=10.0, description="Longest wait between attempts (in the deliverer, never a consumer thread).")
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=10.0, description="Total deadline of one attempt: connect, send and the whole answer (not per read).")
+    max_in_flight_per_tenant: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=8, description="Deliveries under way at once for one tenant, per worker; more wait for their turn.")
+    max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=256, description="Deliveries under way at once per worker, all tenants together.")
+    dns_timeout_s: Annotated[float, Field(gt=0, le=30)] = Field(
+        default=2.0, description="A callback host that does not resolve within this long is refused.")
     allowed_hosts: list[str] = Field(
-        default=[], description="Hosts or IPs that may be called back although loopback/link-local (SSRF guard)."
-    )
+        default=[], description="Hosts or IPs that may be called back although not public addresses (SSRF guard).")
 
 
 class StreamsConfig(_Section):
@@ -481,7 +486,19 @@ class GatewayConfig(_Section):
         Priority.INTERACTIVE: RateLimit(rate_per_s=5, burst=20),
         Priority.BULK: RateLimit(rate_per_s=200, burst=2000),
     }
+    control_rate: RateLimit = Field(
+        default=RateLimit(rate_per_s=20, burst=200),
+        description="Per tenant, every call that submits nothing: status polls and long-polls, cancels, file and "
+        "batch routes (each costs Redis round trips, and a cancel is broadcast to every worker).")
     max_wait_s: Annotated[float, Field(ge=0, le=300)] = 60.0
+    max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=8 * 1024 * 1024, description="Largest request body outside file uploads; refused (413) before it "
+        "is read, from Content-Length or as it streams in.")
+    max_file_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=200 * 1024 * 1024, description="Largest upload to POST /v1/files (OpenAI's own batch file limit).")
+    file_quota_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=2 * 1024 * 1024 * 1024, description="Bytes of files (uploads and batch outputs) one tenant may keep; "
+        "DELETE /v1/files/{id} frees them.")
     files_dir: Path | None = Field(
         default=None, description="Batch API files and batch state (per tenant); None: <cache_dir>/gateway. "
         "Gateway replicas that share it share batches.")
@@ -637,6 +654,13 @@ class Settings(BaseSettings):
     def webhook_queue(self) -> str:
         """Where deliveries wait for a consumer (after every model's queues)."""
         return f"{self.queues[Priority.BULK].name}.webhooks"
+
+    def may_use(self, tenant: str | None, model: str) -> bool:
+        """Whether ``tenant`` may be answered by ``model`` (``gateway.tenant_models``; requests without
+        a tenant, and tenants not listed, may use every model). Checked on the model that actually
+        answers, fallbacks included."""
+        allowed = self.gateway.tenant_models.get(tenant) if tenant is not None else None
+        return allowed is None or model in allowed
 
     def served_models(self) -> list[str]:
         """The models a worker loads: ``worker.models``, else every configured one."""

@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     NOT_FOUND = "NOT_FOUND"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
     INTERNAL = "INTERNAL"
 
 
@@ -85,6 +87,13 @@ CATALOG: dict[ErrorCode, ErrorSpec] = {
     ),
     ErrorCode.PERMISSION_DENIED: ErrorSpec("Your role does not allow this call.", False, 403),
     ErrorCode.NOT_FOUND: ErrorSpec("No such task for your tenant (or its result has expired).", False, 404),
+    ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(
+        "The request body is larger than this route accepts; send less (the message names the limit).", False, 413
+    ),
+    ErrorCode.QUOTA_EXCEEDED: ErrorSpec(
+        "Your tenant's storage quota is used up; delete files you no longer need (DELETE /v1/files/{id}).",
+        False, 413
+    ),
     ErrorCode.INTERNAL: ErrorSpec(
         "An unexpected error occurred in the fleet; report it with the task id.", False, 500
     ),
@@ -138,6 +147,8 @@ class Cancelled(FleetError): ...
 class Unauthenticated(FleetError): ...
 class PermissionDenied(FleetError): ...
 class NotFound(FleetError): ...
+class PayloadTooLarge(FleetError): ...
+class QuotaExceeded(FleetError): ...
 class Internal(FleetError): ...
 
 
@@ -155,6 +166,8 @@ _BY_CODE: dict[ErrorCode, type[FleetError]] = {
     ErrorCode.UNAUTHENTICATED: Unauthenticated,
     ErrorCode.PERMISSION_DENIED: PermissionDenied,
     ErrorCode.NOT_FOUND: NotFound,
+    ErrorCode.PAYLOAD_TOO_LARGE: PayloadTooLarge,
+    ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,
     ErrorCode.INTERNAL: Internal,
 }
 

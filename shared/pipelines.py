@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.errors import ErrorCode, FleetError
-from shared.schemas import Priority
+from shared.schemas import Priority, SubmittedAt
 
 PIPELINE = "pipeline"
 STEP_TASK = "autoglm.pipeline.step"
@@ -86,7 +86,7 @@ class PipelineRequest(_Strict):
     input: dict[str, Annotated[str, Field(max_length=MAX_RENDERED_CHARS)]] = {}
     model: str | None = None
     priority: Priority = Priority.INTERACTIVE
-    submitted_at: float = Field(default_factory=time.time)
+    submitted_at: SubmittedAt = Field(default_factory=time.time)
     deadline: float | None = None
 
 

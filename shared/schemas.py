@@ -12,12 +12,29 @@ import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared import templates
 
 MAX_TEXT_CHARS = 32_000
 MAX_LABELS = 32
+# A producer's clock may be a little ahead of the worker's, and a bulk message may wait in its queue
+# for days; a timestamp outside this window is not a clock reading (``submitted_at: -1.7e308`` made
+# every wait infinite, in results, webhooks and the worker's metrics for the rest of its life).
+SUBMITTED_AT_PAST_S = 30 * 86_400
+SUBMITTED_AT_FUTURE_S = 3_600
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
+
+
+def _clock_reading(value: float) -> float:
+    now = time.time()
+    if not now - SUBMITTED_AT_PAST_S <= value <= now + SUBMITTED_AT_FUTURE_S:
+        raise ValueError("must be an epoch time in seconds within the last 30 days (or leave it out: the "
+                         "producer's clock is used)")
+    return value
+
+
+SubmittedAt = Annotated[float, AfterValidator(_clock_reading)]
 
 
 class TaskType(StrEnum):
@@ -49,7 +66,8 @@ class TaskRequestBase(_Strict):
         default=None, description="Model alias from the config; None picks the default for the task."
     )
     priority: Priority = Priority.INTERACTIVE
-    submitted_at: float = Field(default_factory=time.time, description="Producer wall clock, epoch s.")
+    submitted_at: SubmittedAt = Field(default_factory=time.time, description="Producer wall clock, epoch s: within "
+                                "the last 30 days and at most an hour ahead of the reader's clock.")
     deadline: float | None = Field(
         default=None, description="Epoch seconds after which the request must not run."
     )
@@ -60,8 +78,14 @@ class TaskRequestBase(_Strict):
     cache: bool = Field(
         default=False,
         description="Answer from the result cache when an identical deterministic request was answered "
-        "before (generation needs temperature 0); the result says cached=true.",
+        "before (generation needs temperature 0) for the same tenant; the result says cached=true.",
     )
+    tenant: Annotated[str, Field(pattern=TENANT_PATTERN)] | None = Field(
+        default=None,
+        description="Who asked: the gateway sets it from the caller's token (a body's own value is replaced). "
+        "It keys the result cache, webhook concurrency, bulk fair share and model entitlement.",
+    )
+
 
     def cache_key(self, model: str) -> str | None:
         """Identity of a deterministic request on one model; None when it must not be cached."""

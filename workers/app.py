@@ -33,6 +33,7 @@ from workers.consumers import ConsumerGroup
 from workers.lifecycle import EngineCoreProcess
 from workers.presence import Presence
 from workers.runtime import Runtime, build_runtime
+from workers.webhooks import Deliverer
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class ConsumerProcess:
         self.ctx: Runtime | None = None
         self.group: ConsumerGroup | None = None
         self.presence: Presence | None = None
+        self.deliverer: Deliverer | None = None
         tasks.register(self.app, self.context)
         # Celery signals are process-wide; this process runs one app.
         signals.worker_init.connect(self._start, weak=False)
@@ -112,6 +114,8 @@ class ConsumerProcess:
         if self.ctx.engine.owner and settings.worker_consumers > 1:
             self.group = ConsumerGroup(self.ctx.engine.address, settings.worker_consumers, hostname,
                                        self.ctx.engine.core.env).start()  # type: ignore[union-attr]
+        if self.ctx.engine.owner:  # webhooks leave from one event loop per worker, never a task thread
+            self.deliverer = Deliverer(settings, settings.redis_url or "", hostname).start()
         if settings.worker.metrics_port and self.ctx.engine.owner:  # one /metrics per worker: the first consumer's
             metrics.serve(settings.worker.metrics_port, settings.redis_url or "", settings.all_queues())
 
@@ -120,6 +124,8 @@ class ConsumerProcess:
         setup_logging(self.settings.worker.loglevel, self.settings.worker.log_format)
 
     def _stop(self, **_: object) -> None:
+        if self.deliverer is not None:
+            self.deliverer.stop()
         if self.presence is not None:
             self.presence.stop()
         if self.group is not None:

@@ -10,6 +10,7 @@ now, across all workers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,6 +20,15 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
+
+
+
+def elapsed_s(start: float, end: float) -> float:
+    """``end - start`` in seconds, never negative, never inf/NaN: a histogram sum that once takes an
+    infinite value stays infinite for the life of the process."""
+    value = end - start
+    return value if math.isfinite(value) and value > 0 else 0.0
+
 
 TASKS = Counter("autoglm_tasks", "Tasks finished, by task type, outcome and error code", ["task_type", "outcome", "code"])
 QUEUE_WAIT = Histogram("autoglm_queue_wait_seconds", "Producer submit to worker pick-up", ["queue"],

@@ -43,7 +43,9 @@ class Runtime:
         """The model that answers, and the requested model's name when a fallback answers instead."""
         name = request.model
         if name is None:
-            candidates = [p for p in self.preparers.values() if request.task_type in p.config.task_type]
+            tenant = getattr(request, "tenant", None)
+            candidates = [p for p in self.preparers.values()
+                          if request.task_type in p.config.task_type and self.settings.may_use(tenant, p.name)]
             if not candidates:
                 raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"no loaded model serves {request.task_type}")
             return candidates[0], None
@@ -59,9 +61,8 @@ class Runtime:
             raise unavailable
         preparer = self.fallback_for(name, request)
         if preparer is None:
-            raise FleetError(
-                ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} and its fallbacks {self.settings.model(name).fallbacks} "
-                f"are not loaded on this worker (loaded: {sorted(self.preparers)})")
+            raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} and the fallbacks this request may use "
+                             "are not loaded on this worker")
         return preparer, name
 
     def fallback_for(self, name: str, request: Any) -> Any:
@@ -69,7 +70,10 @@ class Runtime:
         (None: none is, or the MODEL_UNAVAILABLE policy is not ``fallback``)."""
         if self.settings.policy(ErrorCode.MODEL_UNAVAILABLE).action != "fallback":
             return None
+        tenant = getattr(request, "tenant", None)
         for fallback in self.settings.model(name).fallbacks:
+            if not self.settings.may_use(tenant, fallback):
+                continue  # entitlement holds for the model that answers, not only the one asked for
             preparer = self.preparers.get(fallback)
             if preparer is not None and request.task_type in preparer.config.task_type:
                 log.info("model %s unavailable; falling back to %s", name, fallback)

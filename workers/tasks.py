@@ -22,7 +22,7 @@ from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.pipelines import STEP_TASK
 from shared.queues import WEBHOOK_TASK
 from shared.schemas import ClassifyOutput, GenerateOutput, TaskResult, Timings
-from workers import pipeline, webhooks
+from workers import metrics, pipeline, webhooks
 from workers.batcher import BatchInfo
 from workers.engine import Answer
 from workers.engine_client import EngineLost
@@ -39,6 +39,8 @@ def run_model(ctx: Runtime, engine: Any, request: Any, task_id: str = "") -> tup
     names the task's token stream and cancellation marker (shared/streams.py)."""
     processors = ctx.processors[engine.name]
     request = processors.before(request)
+    if getattr(request, "stream", False) and not processors.can_stream(request):
+        request = request.model_copy(update={"stream": False})  # the reader gets the processed text whole
     answer, info = ctx.infer(engine, task_handler(request.task_type).prepare(engine, request), task_id)
     return Answer(processors.after(request, answer.output), answer.usage), info
 
@@ -66,10 +68,10 @@ def answer(ctx: Runtime, job: Job) -> dict[str, Any]:
         else output.output.model_dump(mode="json"),
         usage=output.usage,
         timings=Timings(
-            queue_wait_ms=max(0.0, job.picked - submitted) * 1000.0,
+            queue_wait_ms=metrics.elapsed_s(submitted, job.picked) * 1000.0,
             batch_wait_ms=info.batch_wait_ms,
             inference_ms=info.inference_ms,
-            total_ms=max(0.0, (time.time() - submitted) * 1000.0),
+            total_ms=metrics.elapsed_s(submitted, time.time()) * 1000.0,
         ),
         batch_size=info.size,
         worker=job.task.request.hostname or "",
@@ -133,7 +135,9 @@ def register(app: Celery, context: Callable[[], Runtime]) -> list[str]:
 
     @app.task(name=WEBHOOK_TASK, bind=True, ignore_result=True)
     def webhook(self: Any, task_id: str, url: str, payload: dict[str, Any]) -> None:
-        webhooks.deliver(context(), task_id, url, payload)
+        """A delivery published by an earlier version as a Celery task: handed to the deliverer."""
+        ctx = context()
+        webhooks.enqueue(ctx.ledger.client, ctx.settings, task_id, url, payload, None)
 
     @app.task(name=STEP_TASK, bind=True, ignore_result=True)
     def pipeline_step(self: Any, state: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from opentelemetry.trace import SpanKind
 
 from producers import gateway as package
 from producers.aio import AsyncFleetClient
-from producers.gateway import errors
+from producers.client import FleetClient
+from producers.gateway import errors, limits
 from producers.gateway.batches import Runner, Store
 from producers.gateway.deps import check_model
 from producers.gateway.routes import admin, batches, health, openai, tasks
@@ -38,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.batch_store = Store(settings.gateway.files_dir or settings.cache_dir / "gateway")
         app.state.batch_runner = Runner(app.state.batch_store, fleet.sync, to_task=openai.batch_line_request,
                                         to_body=_batch_body, lease_s=settings.gateway.batch_lease_s,
-                                        check_model=lambda tenant, model, task: check_model(settings, tenant, model, task))
+                                        check_model=lambda tenant, model, task: check_model(settings, tenant, model, task),
+                                        new_client=lambda: FleetClient(fleet.sync.redis_url, settings))
         app.state.batch_runner.resume_all()  # batches a stopped gateway left running go on
         yield
         app.state.batch_runner.stop()
@@ -65,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                    "ms": round((time.perf_counter() - started) * 1000, 1)}))
         return response
 
+    limits.install(app, settings.gateway)  # outermost: nothing reads a body before it
     return app
 
 

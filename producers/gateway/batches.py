@@ -14,6 +14,7 @@ Disk layout, per tenant:  files/<tenant>/<file_id>  (+ .json: the file object)
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
@@ -60,15 +61,42 @@ class Store:
     def file_dir(self, tenant: str) -> Path:
         return self.root / "files" / self._checked(tenant)
 
-    def add_file(self, tenant: str, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
+    def usage(self, tenant: str) -> int:
+        """Bytes of files the tenant keeps (uploads and batch outputs)."""
+        return sum(f["bytes"] for f in self.files(tenant))
+
+    def add_file(self, tenant: str, filename: str, purpose: str, content: bytes | BinaryIO,
+                 quota: int | None = None) -> dict[str, Any]:
+        """Store a file (bytes, or a file object copied in chunks). ``quota``: QUOTA_EXCEEDED, nothing
+        kept, when the tenant's files would pass it (batch outputs are stored without one: a batch's
+        answers are never thrown away for space)."""
         file_id = f"file-{uuid.uuid4().hex}"
         folder = self.file_dir(tenant)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / file_id).write_bytes(content)
-        meta = {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+        used = self.usage(tenant) if quota is not None else 0
+        target = folder / file_id
+        size = 0
+        with target.open("wb") as out:
+            source = io.BytesIO(content) if isinstance(content, bytes) else content
+            while chunk := source.read(1 << 20):
+                size += len(chunk)
+                if quota is not None and used + size > quota:
+                    out.close()
+                    target.unlink(missing_ok=True)
+                    raise FleetError(ErrorCode.QUOTA_EXCEEDED, f"tenant {tenant} keeps {used:,} bytes of files; this one "
+                                     f"would pass its quota of {quota:,}; delete files (DELETE /v1/files/{{id}})")
+                out.write(chunk)
+        meta = {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()),
                 "filename": filename, "purpose": purpose, "status": "processed"}
         _write_json(folder / f"{file_id}.json", meta)
         return meta
+
+    def delete_file(self, tenant: str, file_id: str) -> dict[str, Any]:
+        self.file(tenant, file_id)  # NOT_FOUND unless it is this tenant's
+        folder = self.file_dir(tenant)
+        (folder / f"{file_id}.json").unlink(missing_ok=True)  # the file object first: it is gone to readers now
+        (folder / file_id).unlink(missing_ok=True)
+        return {"id": file_id, "object": "file", "deleted": True}
 
     def file(self, tenant: str, file_id: str) -> dict[str, Any]:
         path = self.file_dir(tenant) / f"{self._checked(file_id)}.json"
@@ -99,7 +127,14 @@ class Store:
         return batch
 
     def request_cancel(self, tenant: str, batch_id: str) -> None:
-        (self.batch_dir(tenant, batch_id) / "cancel").write_text(str(int(time.time())))
+        """Atomic, like every write here: a runner reading the marker never sees it half written."""
+        _write_json(self.batch_dir(tenant, batch_id) / "cancel", {"at": int(time.time())})
+
+    def cancelled_at(self, tenant: str, batch_id: str) -> int:
+        try:
+            return int(json.loads((self.batch_dir(tenant, batch_id) / "cancel").read_text())["at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return int(time.time())
 
     def cancel_requested(self, tenant: str, batch_id: str) -> bool:
         return (self.batch_dir(tenant, batch_id) / "cancel").exists()
@@ -146,20 +181,38 @@ def new_batch(store: Store, tenant: str, input_file_id: str, endpoint: str, wind
     return batch
 
 
-def fleet_request(endpoint: str, body: dict[str, Any], to_task: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-    """One input line's body as a fleet request (``to_task``: the chat completions mapping)."""
-    return to_task(body) if endpoint == "/v1/chat/completions" else body
+# Fields of a /v1/tasks body that are the gateway's to set, never the line's: a batch runs at bulk
+# priority whatever a body says (it must not reach the interactive queue, nor spend another
+# tenant's share there), on behalf of the batch's tenant, timed by the gateway's clock.
+GATEWAY_FIELDS = ("priority", "tenant", "submitted_at")
+
+
+def fleet_request(endpoint: str, body: Any, to_task: Callable[[dict[str, Any], str], dict[str, Any]],
+                  tenant: str) -> dict[str, Any]:
+    """One input line's body as a bulk fleet request of ``tenant`` (``to_task``: the chat completions mapping)."""
+    if not isinstance(body, dict):
+        raise FleetError(ErrorCode.INVALID_INPUT, f"body: a JSON object, not {type(body).__name__}")
+    if "custom_id" in body:
+        raise FleetError(ErrorCode.INVALID_INPUT, "body.custom_id: custom_id belongs on the line, next to body, not "
+                         "inside it")
+    if endpoint == "/v1/chat/completions":
+        return to_task(body, tenant)
+    return {**{k: v for k, v in body.items() if k not in GATEWAY_FIELDS}, "priority": "bulk", "tenant": tenant}
 
 
 class Runner:
     """Runs batches in threads of the gateway process, one per batch, and resumes unfinished ones."""
 
-    def __init__(self, store: Store, client: FleetClient, to_task: Callable[[dict[str, Any]], dict[str, Any]],
+    def __init__(self, store: Store, client: FleetClient, to_task: Callable[[dict[str, Any], str], dict[str, Any]],
                  to_body: Callable[[str, dict[str, Any]], dict[str, Any]], lease_s: float = 30.0,
-                 check_model: Callable[[str, str | None, str], None] | None = None) -> None:
+                 check_model: Callable[[str, str | None, str], None] | None = None,
+                 new_client: Callable[[], FleetClient] | None = None) -> None:
         """``lease_s``: a replica that stops renewing its batch's lease (it died) loses the batch to
-        another replica, or to its own restart, after this long."""
+        another replica, or to its own restart, after this long. ``new_client``: each batch thread
+        waits for results through a client of its own (Celery's result listener is not safe to share
+        between threads: celery#4363, #6335); None: share ``client`` (tests with one batch)."""
         self.store, self.client, self.to_task, self.to_body = store, client, to_task, to_body
+        self.new_client = new_client
         self.lease_s = lease_s
         self.check_model = check_model  # (tenant, model, task type): FleetError for a model the tenant may not use
         self.redis = client.registry.client
@@ -259,7 +312,12 @@ class Runner:
             return self._stopping.is_set() or self.store.cancel_requested(tenant, batch_id)
 
         if batch["status"] in ("in_progress", "cancelling"):
-            run_backfill(self.client, source, out, errors, on_settled=settled, cancelled=cancelled)
+            client = self.new_client() if self.new_client is not None else self.client
+            try:
+                run_backfill(client, source, out, errors, on_settled=settled, cancelled=cancelled)
+            finally:
+                if client is not self.client:
+                    client.close()
             if self._stopping.is_set() and not self.store.cancel_requested(tenant, batch_id):
                 self._save_counts(tenant, batch_id, counts)
                 return  # gateway shutdown: resumed by the next start
@@ -267,7 +325,7 @@ class Runner:
         batch["request_counts"] = counts
         was_cancelled = self.store.cancel_requested(tenant, batch_id)
         if was_cancelled:
-            batch["cancelling_at"] = int((self.store.batch_dir(tenant, batch_id) / "cancel").read_text())
+            batch["cancelling_at"] = self.store.cancelled_at(tenant, batch_id)
         batch.update(status="finalizing", finalizing_at=int(time.time()))
         self.store.save(tenant, batch)
         self._finalize(tenant, batch, out, errors)
@@ -281,9 +339,12 @@ class Runner:
         self.store.save(tenant, batch)
 
     def _convert(self, tenant: str, batch: dict[str, Any], source: Path, errors: Path) -> int:
-        """The uploaded file as backfill input lines (``custom_id`` + fleet request); a line that is
-        not a valid request goes straight to the error file with INVALID_INPUT. Returns the lines."""
-        raw = self.store.file_path(tenant, batch["input_file_id"]).read_text().splitlines()
+        """The uploaded file as backfill input lines (``custom_id`` + fleet request). Every non-blank
+        line yields exactly one line here: a valid request, or an INVALID_INPUT error line naming its
+        line number and its custom_id when it has one (never an invented id that could shadow a real
+        one). Nothing a line holds (not JSON, a 5,000-digit number, 3,000-deep nesting, a body of the
+        wrong shape) fails more than that line. Returns the lines."""
+        raw = self.store.file_path(tenant, batch["input_file_id"]).read_text(errors="replace").splitlines()
         total = 0
         ids: list[tuple[str, int]] = []
         with source.open("w") as good, errors.open("w") as bad:
@@ -291,23 +352,15 @@ class Runner:
                 if not line.strip():
                     continue
                 total += 1
-                custom_id = f"line-{number}"
+                custom_id: str | None = None
                 try:
-                    entry = json.loads(line)
-                    custom_id = str(entry.get("custom_id") or custom_id)
+                    custom_id, entry = self._line_entry(line, number)
                     ids.append((custom_id, number))
-                    if entry.get("url", batch["endpoint"]) != batch["endpoint"]:
-                        raise FleetError(ErrorCode.INVALID_INPUT, f"url: {entry.get('url')!r} differs from the batch's "
-                                         f"endpoint {batch['endpoint']}")
-                    request = fleet_request(batch["endpoint"], entry["body"], self.to_task)
-                    if self.check_model is not None:
-                        self.check_model(tenant, request.get("model"), str(request.get("task_type", "")))
-                    good.write(json.dumps({"custom_id": custom_id, **request}) + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValidationError, FleetError) as exc:
-                    error = exc if isinstance(exc, FleetError) else invalid_input(exc) if isinstance(exc, ValidationError) \
-                        else FleetError(ErrorCode.INVALID_INPUT, f"line {number}: not a batch request line "
-                                        f"({{custom_id, method, url, body}}): {exc}")
-                    bad.write(json.dumps({"custom_id": custom_id, "task_id": None, "status": "failed",
+                    good.write(json.dumps({**self._line_request(tenant, batch, entry), "custom_id": custom_id}) + "\n")
+                except (ValueError, RecursionError, KeyError, TypeError, AttributeError, ValidationError,
+                        FleetError) as exc:
+                    error = _line_error(exc, number)
+                    bad.write(json.dumps({"custom_id": custom_id, "line": number, "task_id": None, "status": "failed",
                                           "error": error.to_dict()}) + "\n")
         duplicates = [{"code": "duplicate_custom_id", "line": number, "message": (
                           f"custom_id {custom_id!r} is also on line {numbers[0]}; each request's custom_id must be "
@@ -316,6 +369,26 @@ class Runner:
         if duplicates:  # two answers under one id: the batch is refused whole, as OpenAI does
             raise InvalidBatch(sorted(duplicates, key=lambda error: error["line"]))
         return total
+
+    @staticmethod
+    def _line_entry(line: str, number: int) -> tuple[str, dict[str, Any]]:
+        entry = json.loads(line)
+        if not isinstance(entry, dict):
+            raise FleetError(ErrorCode.INVALID_INPUT, f"line {number} is a JSON {type(entry).__name__}, not an object "
+                             "{custom_id, method, url, body}")
+        custom_id = entry.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"line {number}: custom_id must be a non-empty string")
+        return custom_id, entry
+
+    def _line_request(self, tenant: str, batch: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+        if entry.get("url", batch["endpoint"]) != batch["endpoint"]:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"url: {entry.get('url')!r} differs from the batch's "
+                             f"endpoint {batch['endpoint']}")
+        request = fleet_request(batch["endpoint"], entry["body"], self.to_task, tenant)
+        if self.check_model is not None:
+            self.check_model(tenant, request.get("model"), str(request.get("task_type", "")))
+        return request
 
     def _finalize(self, tenant: str, batch: dict[str, Any], out: Path, errors: Path) -> None:
         """The backfill's result lines in OpenAI's output / error file format, as files of the tenant."""
@@ -328,7 +401,7 @@ class Runner:
         for line in _read(errors):
             code = line["error"]["code"]  # the backfill reports a wait that ran out as TIMEOUT
             error = FleetError(code if code in ErrorCode.__members__ else ErrorCode.DEADLINE_EXCEEDED, line["error"]["message"])
-            task_id = line.get("task_id") or line["custom_id"]
+            task_id = line.get("task_id") or line.get("custom_id") or f"line{line.get('line')}"
             bad_lines.append({"id": f"batch_req_{task_id}", "custom_id": line["custom_id"],
                               "response": {"status_code": error.http_status, "request_id": line.get("task_id"),
                                            "body": {"error": error.to_dict()}},
@@ -339,6 +412,24 @@ class Runner:
         if bad_lines:
             batch["error_file_id"] = self.store.add_file(tenant, f"{batch['id']}_error.jsonl", "batch_output",
                                                          _jsonl(bad_lines))["id"]
+
+
+def _line_error(exc: BaseException, number: int) -> FleetError:
+    """What one bad input line gets, whatever broke on it."""
+    if isinstance(exc, FleetError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return invalid_input(exc)
+    if isinstance(exc, RecursionError):
+        return FleetError(ErrorCode.INVALID_INPUT, f"line {number}: nested too deeply to read")
+    if isinstance(exc, json.JSONDecodeError):
+        return FleetError(ErrorCode.INVALID_INPUT, f"line {number} is not JSON ({exc.msg} at column {exc.colno}); "
+                          "each line must be one JSON object")
+    if isinstance(exc, KeyError):
+        return FleetError(ErrorCode.INVALID_INPUT, f"line {number}: {exc} is missing; a line is "
+                          "{custom_id, method, url, body}")
+    return FleetError(ErrorCode.INVALID_INPUT, f"line {number}: not a batch request line ({type(exc).__name__}: "
+                      f"{str(exc)[:200]})")
 
 
 def _read(path: Path) -> list[dict[str, Any]]:

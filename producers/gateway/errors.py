@@ -22,7 +22,7 @@ from shared.errors import ErrorCode, FleetError
 log = logging.getLogger(__name__)
 BROKER_RETRY_AFTER_S = 2
 STATUS_CODES = {400: ErrorCode.INVALID_INPUT, 401: ErrorCode.UNAUTHENTICATED, 403: ErrorCode.PERMISSION_DENIED,
-                404: ErrorCode.NOT_FOUND, 405: ErrorCode.INVALID_INPUT, 413: ErrorCode.INVALID_INPUT,
+                404: ErrorCode.NOT_FOUND, 405: ErrorCode.INVALID_INPUT, 413: ErrorCode.PAYLOAD_TOO_LARGE,
                 415: ErrorCode.INVALID_INPUT, 422: ErrorCode.INVALID_INPUT, 429: ErrorCode.RATE_LIMITED,
                 503: ErrorCode.BROKER_UNAVAILABLE}
 

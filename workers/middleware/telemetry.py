@@ -21,7 +21,7 @@ class Telemetry(Middleware):
         trace.get_current_span().set_attribute("autoglm.deliveries", job.deliveries)
         if not job.executed:
             return
-        queue_wait_s = max(0.0, job.picked - job.request.submitted_at)
+        queue_wait_s = metrics.elapsed_s(job.request.submitted_at, job.picked)
         trace.get_current_span().set_attributes({
             "autoglm.model": job.engine.name, "autoglm.queue_wait_ms": queue_wait_s * 1000.0,
             "autoglm.batch_wait_ms": job.info.batch_wait_ms, "autoglm.inference_ms": job.info.inference_ms,

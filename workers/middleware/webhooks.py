@@ -1,8 +1,9 @@
 """A request with a ``callback_url`` gets its outcome POSTed once the task is done (workers/webhooks.py).
 
-After the answer is recorded (this middleware sits outside the ledger's), a delivery task is
-published to the webhook queue; a redelivered message answered from the ledger publishes none, so
-a receiver is called once per task.
+After the answer is recorded (this middleware sits outside the ledger's), the delivery is appended
+to the tenant's webhook stream, where the worker's deliverer picks it up: the consumer thread never
+waits on a receiver. A redelivered message answered from the ledger appends none, so a receiver is
+called once per task.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from shared.errors import FleetError
-from shared.queues import WEBHOOK_TASK
 from workers.middleware.base import Job, Middleware
-from workers.webhooks import outcome, record
+from workers.webhooks import enqueue, outcome
 
 
 class Webhooks(Middleware):
@@ -20,9 +20,7 @@ class Webhooks(Middleware):
         url = getattr(job.request, "callback_url", None) if job.request is not None else None
         if not url:
             return
-        record(ctx, job.task_id, status="pending", attempts=0, url=url)
-        queue = ctx.settings.webhook_queue
-        job.task.app.send_task(WEBHOOK_TASK, args=[job.task_id, url, payload], queue=queue, routing_key=queue)
+        enqueue(ctx.ledger.client, ctx.settings, job.task_id, url, payload, getattr(job.request, "tenant", None))
 
     def after_success(self, ctx: Any, job: Job, result: dict[str, Any]) -> None:
         self._publish(ctx, job, outcome(job.task_id, result, None))

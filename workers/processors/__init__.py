@@ -38,6 +38,11 @@ class Processor:
     def after(self, request: Any, output: Any) -> Any:
         return output
 
+    def rewrites_output(self) -> bool:
+        """Whether ``after`` changes what the model said: then the text can only be published once
+        whole (a token stream would show what the processor removes)."""
+        return type(self).after is not Processor.after
+
 
 def build(config: ProcessorConfig) -> Processor:
     cls = plugins.load(plugins.PROCESSORS, config.name)
@@ -60,6 +65,11 @@ class Chain:
             if processor.applies(request):
                 request = processor.before(request)
         return request
+
+    def can_stream(self, request: Any) -> bool:
+        """False when a processor rewrites this request's output: its stream then carries the processed
+        text once, at the end, never the raw tokens (a ``redact`` would be bypassed)."""
+        return not any(p.applies(request) and p.rewrites_output() for p in self.by_type.get(str(request.task_type), []))
 
     def after(self, request: Any, output: Any) -> Any:
         for processor in reversed(self.by_type.get(str(request.task_type), [])):

@@ -10,17 +10,17 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from producers.gateway.batches import Runner, Store, new_batch
-from producers.gateway.deps import State, User, within_rate
+from producers.gateway.deps import Controlled, State, within_rate
 from producers.gateway.routes.tasks import ERRORS
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import Priority
 
 router = APIRouter(prefix="/v1", tags=["batches"], responses=ERRORS)
-MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's own limit for a batch input file
 
 
 class BatchCreate(BaseModel):
@@ -38,36 +38,42 @@ def _runner(request: Request) -> tuple[Store, Runner]:
 
 
 @router.post("/files")
-async def upload(request: Request, who: User, file: Annotated[UploadFile, File()],
+async def upload(request: Request, state: State, who: Controlled, file: Annotated[UploadFile, File()],
                  purpose: Annotated[str, Form()]) -> dict[str, Any]:
+    """The token was checked and the size bounded (``gateway.max_file_bytes``) before the upload was
+    read (gateway/limits.py); the file is copied in chunks against the tenant's quota."""
     if purpose != "batch":
         raise FleetError(ErrorCode.INVALID_INPUT, f"purpose: only 'batch' files are accepted, not {purpose!r}")
-    content = await file.read(MAX_FILE_BYTES + 1)
-    if len(content) > MAX_FILE_BYTES:
-        raise FleetError(ErrorCode.INVALID_INPUT, f"file: larger than {MAX_FILE_BYTES} bytes; split it")
     store, _ = _runner(request)
-    return await asyncio.to_thread(store.add_file, who.tenant, file.filename or "input.jsonl", purpose, content)
+    return await asyncio.to_thread(store.add_file, who.tenant, file.filename or "input.jsonl", purpose, file.file,
+                                   state.settings.gateway.file_quota_bytes)
+
+
+@router.delete("/files/{file_id}")
+async def delete_file(file_id: str, request: Request, who: Controlled) -> dict[str, Any]:
+    """As OpenAI's API: frees the tenant's quota. A batch already running keeps its own copy of the input."""
+    return await asyncio.to_thread(_runner(request)[0].delete_file, who.tenant, file_id)
 
 
 @router.get("/files")
-async def list_files(request: Request, who: User) -> dict[str, Any]:
+async def list_files(request: Request, who: Controlled) -> dict[str, Any]:
     store, _ = _runner(request)
     return {"object": "list", "data": await asyncio.to_thread(store.files, who.tenant)}
 
 
 @router.get("/files/{file_id}")
-async def file_info(file_id: str, request: Request, who: User) -> dict[str, Any]:
+async def file_info(file_id: str, request: Request, who: Controlled) -> dict[str, Any]:
     return _runner(request)[0].file(who.tenant, file_id)
 
 
 @router.get("/files/{file_id}/content")
-async def file_content(file_id: str, request: Request, who: User) -> Response:
+async def file_content(file_id: str, request: Request, who: Controlled) -> Response:
     path = _runner(request)[0].file_path(who.tenant, file_id)
-    return Response(await asyncio.to_thread(path.read_bytes), media_type="application/jsonl")
+    return FileResponse(path, media_type="application/jsonl")  # streamed from disk, never whole in memory
 
 
 @router.post("/batches")
-async def create_batch(body: BatchCreate, request: Request, state: State, who: User) -> dict[str, Any]:
+async def create_batch(body: BatchCreate, request: Request, state: State, who: Controlled) -> dict[str, Any]:
     await within_rate(state, who, Priority.BULK)
     store, runner = _runner(request)
     batch = await asyncio.to_thread(new_batch, store, who.tenant, body.input_file_id, body.endpoint,
@@ -77,17 +83,17 @@ async def create_batch(body: BatchCreate, request: Request, state: State, who: U
 
 
 @router.get("/batches")
-async def list_batches(request: Request, who: User, limit: int = 20) -> dict[str, Any]:
+async def list_batches(request: Request, who: Controlled, limit: int = 20) -> dict[str, Any]:
     batches = (await asyncio.to_thread(_runner(request)[0].batches, who.tenant))[: max(1, min(limit, 100))]
     return {"object": "list", "data": batches, "first_id": batches[0]["id"] if batches else None,
             "last_id": batches[-1]["id"] if batches else None, "has_more": False}
 
 
 @router.get("/batches/{batch_id}")
-async def get_batch(batch_id: str, request: Request, who: User) -> dict[str, Any]:
+async def get_batch(batch_id: str, request: Request, who: Controlled) -> dict[str, Any]:
     return _runner(request)[0].batch(who.tenant, batch_id)
 
 
 @router.post("/batches/{batch_id}/cancel")
-async def cancel_batch(batch_id: str, request: Request, who: User) -> dict[str, Any]:
+async def cancel_batch(batch_id: str, request: Request, who: Controlled) -> dict[str, Any]:
     return await asyncio.to_thread(_runner(request)[1].cancel, who.tenant, batch_id)

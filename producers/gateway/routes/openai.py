@@ -21,7 +21,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from producers.gateway.deps import State, User, check_model, remember_owner, visible_models, within_rate
+from producers.gateway.deps import Controlled, State, User, check_model, remember_owner, visible_models, within_rate
 from producers.gateway.routes.tasks import ERRORS
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import Priority, TaskResult
@@ -80,7 +80,7 @@ class ModelList(BaseModel):
 
 
 @router.get("/models", response_model=ModelList)
-async def models(state: State, who: User) -> ModelList:
+async def models(state: State, who: Controlled) -> ModelList:
     """The models this tenant may use (``gateway.tenant_models``), in OpenAI's list format (many
     OpenAI clients call this first); ``owned_by`` names the backend that answers for it."""
     started = int(state.started_at)
@@ -89,20 +89,20 @@ async def models(state: State, who: User) -> ModelList:
                            for m in state.settings.models if m.name in visible])
 
 
-def task_request(body: ChatCompletionRequest, priority: str = "interactive") -> dict[str, Any]:
-    """A chat completions request as the fleet's generation request."""
+def task_request(body: ChatCompletionRequest, tenant: str, priority: str = "interactive") -> dict[str, Any]:
+    """A chat completions request as the fleet's generation request, on behalf of ``tenant``."""
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     return {"task_type": "text_generation", "messages": [m.model_dump(exclude={"name"}) for m in body.messages],
             "model": body.model, "max_new_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-            "stop": stop, "priority": priority, "stream": body.stream}
+            "stop": stop, "priority": priority, "stream": body.stream, "tenant": tenant}
 
 
-def batch_line_request(body: dict[str, Any]) -> dict[str, Any]:
+def batch_line_request(body: dict[str, Any], tenant: str) -> dict[str, Any]:
     """A Batch API line's body (validated as here; raises pydantic's ValidationError) as a bulk request."""
     parsed = ChatCompletionRequest.model_validate(body)
     if parsed.stream:
         raise FleetError(ErrorCode.INVALID_INPUT, "stream: a batch line cannot stream; drop 'stream'")
-    return task_request(parsed, priority="bulk")
+    return task_request(parsed, tenant, priority="bulk")
 
 
 def completion(task_id: str, result: TaskResult) -> dict[str, Any]:
@@ -122,7 +122,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State, who: User)
     """Awaited up to gateway.max_wait_s, then DEADLINE_EXCEEDED (504) and the task is cancelled."""
     await within_rate(state, who, Priority.INTERACTIVE)
     check_model(state.settings, who.tenant, body.model, "text_generation", who.role)
-    handle = await state.fleet.submit(task_request(body))
+    handle = await state.fleet.submit(task_request(body, who.tenant))
     await remember_owner(state, handle.id, who)
     wait_s = state.settings.gateway.max_wait_s
     if body.stream:

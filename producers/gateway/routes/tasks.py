@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel
 
-from producers.gateway.deps import State, User, check_model, owned, remember_owner, within_rate
+from producers.gateway.deps import Controlled, State, User, check_model, owned, remember_owner, within_rate
 from shared import webhooks
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import TaskRequest, TaskResult
@@ -44,7 +45,8 @@ def status_url(task_id: str) -> str:
 async def submit(body: TaskRequest, response: Response, state: State, who: User) -> TaskStatus:
     await within_rate(state, who, body.priority)
     check_model(state.settings, who.tenant, body.model, str(body.task_type), who.role)
-    handle = await state.fleet.submit(body)
+    # Who asked, and when, are the gateway's to say: a body's own tenant or submitted_at is replaced.
+    handle = await state.fleet.submit(body.model_copy(update={"tenant": who.tenant, "submitted_at": time.time()}))
     await remember_owner(state, handle.id, who)
     response.headers["Location"] = status_url(handle.id)
     return TaskStatus(id=handle.id, status="PENDING", status_url=status_url(handle.id))
@@ -56,7 +58,7 @@ async def _callback(state: State, task_id: str) -> dict[str, str] | None:
 
 
 @router.get("/{task_id}", response_model=TaskStatus)
-async def status(task_id: str, state: State, who: User,
+async def status(task_id: str, state: State, who: Controlled,
                  wait: Annotated[float, Query(ge=0, le=300, allow_inf_nan=False,
                                               description="long-poll up to this many seconds")] = 0) -> TaskStatus:
     await owned(state, task_id, who)
@@ -77,7 +79,7 @@ async def status(task_id: str, state: State, who: User,
 
 
 @router.delete("/{task_id}", status_code=202, response_model=TaskStatus)
-async def cancel(task_id: str, state: State, who: User) -> TaskStatus:
+async def cancel(task_id: str, state: State, who: Controlled) -> TaskStatus:
     await owned(state, task_id, who)
     await state.fleet.cancel(task_id)
     return TaskStatus(id=task_id, status="CANCELLED", status_url=status_url(task_id))
