@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from producers.outcome import decode_outcome
-from shared import streams, task_types, webhooks
+from shared import fairqueue, streams, task_types, webhooks
 from shared.broker import redis_client
 from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError, invalid_input
@@ -227,7 +227,9 @@ class FleetClient:
             # request was a third of the enqueue cost.
             argsrepr=_summary(request),
             kwargsrepr="{}",
-            headers=headers if headers is not None else trace_headers(),
+            # The tenant's share of a bulk queue (shared/fairqueue.py) is chosen by this header.
+            headers={**(headers if headers is not None else trace_headers()),
+                     fairqueue.TENANT_HEADER: getattr(request, "tenant", None) or fairqueue.ANONYMOUS},
             # Without it Celery SUBSCRIBEs to the task's result channel as it publishes: one Redis
             # round trip per task that kombu's batch publishing cannot pipeline (a third of
             # submit_many's time). Waiting (handle.result) subscribes by itself and reads the
@@ -338,10 +340,7 @@ class FleetClient:
     def queue_depth(self, *queues: str) -> int:
         """Messages waiting in these queues, together (producers throttle on it)."""
         with self.app.connection_for_read() as conn:
-            pipe = conn.default_channel.client.pipeline(transaction=False)
-            for queue in queues:
-                pipe.llen(queue)
-            return sum(int(n) for n in pipe.execute())
+            return fairqueue.queue_depth(conn.default_channel.client, *queues)
 
     def handle(self, task_id: str) -> TaskHandle:
         return TaskHandle(self.app.AsyncResult(task_id))

@@ -679,6 +679,10 @@ class Settings(BaseSettings):
         ordered = sorted(self.queues, key=lambda p: self.queues[p].priority)
         return [(self.queue_name(p, m.name), p, m.name) for p in ordered for m in self.models]
 
+    def fair_queues(self) -> list[str]:
+        """Queues served round-robin between tenants (shared/fairqueue.py): every bulk queue."""
+        return [name for name, priority, _ in self.all_queues() if priority == Priority.BULK]
+
     def declared_queue_names(self) -> list[str]:
         """Every queue the fleet uses: the models' and the webhook deliveries'."""
         return [name for name, _, _ in self.all_queues()] + [self.webhook_queue]

@@ -38,6 +38,9 @@ def declared_queues(settings: Settings) -> list[Queue]:
 
 def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Celery:
     app = Celery(name, broker=redis_url, backend=redis_url)
+    # Bulk queues keep one list per tenant, served round-robin (shared/fairqueue.py); workers use a
+    # subclass of the same channel (workers/transport.py).
+    app.conf.broker_transport = "shared.fairqueue:Transport"
     interactive = settings.queue_name(Priority.INTERACTIVE)
     app.conf.update(
         task_queues=declared_queues(settings),
@@ -60,6 +63,7 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
             # visibility_timeout_s + restore_interval_s once any worker is running.
             "unacked_restore_interval": settings.broker.restore_interval_s,
             "unacked_restore_throttle": 1,
+            "fair_queues": tuple(settings.fair_queues()),
         },
         # Publishing is retried once, by the producer's tenacity policy (producers/client.py).
         task_publish_retry=False,

@@ -16,6 +16,14 @@ from workers.engine import Answer, Prepared, PreparedClassify, PreparedGenerate,
 CHARS_PER_TOKEN = 4
 
 
+def _last_turn(request: GenerateRequest) -> str:
+    """The prompt, or the last message's text (messages arrive in the engine core as plain dicts)."""
+    if request.prompt is not None or not request.messages:
+        return request.prompt or ""
+    last = request.messages[-1]
+    return str(last["content"] if isinstance(last, dict) else last.content)
+
+
 class LengthPreparer:
     """The request side of a model without a local tokenizer (echo, a remote server): validates and
     renders as the real engine does, and counts tokens by length (~4 characters each) for the
@@ -50,7 +58,7 @@ class EchoEngine(LengthPreparer):
         answers = []
         for item in items:
             if isinstance(item, PreparedGenerate):
-                text = (item.request.prompt or "")[: item.request.max_new_tokens * CHARS_PER_TOKEN]
+                text = _last_turn(item.request)[: item.request.max_new_tokens * CHARS_PER_TOKEN]
                 answers.append(Answer(GenerateOutput(text=text, finish_reason="stop"),
                                       Usage(prompt_tokens=item.prompt_tokens, completion_tokens=max(1, len(text) // CHARS_PER_TOKEN))))
             else:

@@ -19,6 +19,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shared import fairqueue
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ class QueueDepth(Collector):
                                    labels=["queue", "model", "priority"])
         for name, priority, model in self.queues:
             try:
-                family.add_metric([name, model, str(priority)], float(self.client.llen(name)))
+                family.add_metric([name, model, str(priority)], float(fairqueue.queue_depth(self.client, name)))
             except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
                 continue
         yield family

@@ -36,7 +36,9 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.objects import cached_property
 
+from shared import fairqueue
 from shared.dlq import DLQ_KEY, encode_entry
+from shared.fairqueue import POP_FAIR
 from shared.queues import IN_TRANSIT_MS, in_transit_key
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,17 @@ log = logging.getLogger(__name__)
 # KEYS: the n queue lists in the order to serve them, then unacked hash, unacked index, dead-letter
 # list, then n in-transit markers (one per queue key). ARGV: now (epoch s), n, most messages to
 # take, a string of n flags ('1': the queue at that position is a most urgent one, whose pops set
-# its marker), in-transit marker ttl (ms). Returns {key, message, ...}.
-FETCH = """
+# its marker; '2': a fair queue, served round-robin between tenants (shared/fairqueue.py)), in-transit
+# marker ttl (ms). Returns {key, message, ...}.
+FETCH = POP_FAIR + """
 local n, want = tonumber(ARGV[2]), tonumber(ARGV[3])
 local unacked, index, dlq = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
 local taken = {}
 for i = 1, n do
   for _ = 1, 64 + want do
     if #taken >= 2 * want then return taken end
-    local item = redis.call('RPOP', KEYS[i])
+    local item
+    if string.sub(ARGV[4], i, i) == '2' then item = pop_fair(KEYS[i]) else item = redis.call('RPOP', KEYS[i]) end
     if not item then break end
     local ok, msg = pcall(cjson.decode, item)
     local reason = nil
@@ -141,7 +145,7 @@ class QoS(kombu_redis.QoS):
         return len(tags)
 
 
-class Channel(kombu_redis.Channel):
+class Channel(fairqueue.Channel):
     QoS = QoS
     #: seconds between visibility renewals of held messages (0: off)
     visibility_heartbeat_s: float = 0.0
@@ -153,7 +157,7 @@ class Channel(kombu_redis.Channel):
     #: the most urgent queues (one per model served): taking a message from one marks it in transit
     #: (shared.queues.in_transit_key)
     urgent_queues: tuple[str, ...] = ()
-    from_transport_options = kombu_redis.Channel.from_transport_options + (
+    from_transport_options = fairqueue.Channel.from_transport_options + (
         "visibility_heartbeat_s", "fetch_idle_timeout", "dead_letter_key", "task_names", "urgent_queues",
     )
     _waiting = False
@@ -178,8 +182,8 @@ class Channel(kombu_redis.Channel):
         return [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
 
     def _fetch_args(self, keys: list[str], want: int = 1) -> list[Any]:
-        urgent = set(self.urgent_queues)
-        flags = "".join("1" if key in urgent else "0" for key in keys)
+        urgent, fair = set(self.urgent_queues), set(self.fair_queues)
+        flags = "".join("1" if key in urgent else "2" if key in fair else "0" for key in keys)
         markers = [in_transit_key(key if key in urgent else "none") for key in keys]
         return [FETCH, 2 * len(keys) + 3, *keys, self.unacked_key, self.unacked_index_key, self.dead_letter_key,
                 *markers, time.time(), len(keys), want, flags, IN_TRANSIT_MS]
@@ -266,7 +270,7 @@ class Channel(kombu_redis.Channel):
         self.qos._delivered.pop(tag, None)
 
 
-class Transport(kombu_redis.Transport):
+class Transport(fairqueue.Transport):
     Channel = Channel
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:

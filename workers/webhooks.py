@@ -261,7 +261,7 @@ async def deliver(client: aioredis.Redis, http: httpx.AsyncClient, settings: Set
     try:
         async for retry in AsyncRetrying(
                 stop=stop_after_attempt(config.attempts), retry=retry_if_exception_type(Undelivered), reraise=True,
-                wait=wait_exponential_jitter(initial=config.backoff_initial_s, max=config.backoff_max_s, jitter=0.1)):
+                wait=wait_exponential_jitter(multiplier=config.backoff_initial_s, max=config.backoff_max_s, jitter=0.1)):
             with retry:
                 await attempt()
     except (Undelivered, PermissionError) as exc:

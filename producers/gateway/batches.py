@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -344,7 +345,9 @@ class Runner:
         line number and its custom_id when it has one (never an invented id that could shadow a real
         one). Nothing a line holds (not JSON, a 5,000-digit number, 3,000-deep nesting, a body of the
         wrong shape) fails more than that line. Returns the lines."""
-        raw = self.store.file_path(tenant, batch["input_file_id"]).read_text(errors="replace").splitlines()
+        # JSONL lines end at "\n" alone (str.splitlines also splits at \x1e, \u2028 ... inside a line's text)
+        raw = [line.rstrip("\r") for line in self.store.file_path(tenant, batch["input_file_id"]).read_text(
+            errors="replace").split("\n")]
         total = 0
         ids: list[tuple[str, int]] = []
         with source.open("w") as good, errors.open("w") as bad:
@@ -352,14 +355,18 @@ class Runner:
                 if not line.strip():
                     continue
                 total += 1
-                custom_id: str | None = None
+                custom_id: str | None = _leading_custom_id(line)  # for the error line, if it cannot be read
+                recorded = False
                 try:
                     custom_id, entry = self._line_entry(line, number)
                     ids.append((custom_id, number))
+                    recorded = True
                     good.write(json.dumps({**self._line_request(tenant, batch, entry), "custom_id": custom_id}) + "\n")
                 except (ValueError, RecursionError, KeyError, TypeError, AttributeError, ValidationError,
                         FleetError) as exc:
                     error = _line_error(exc, number)
+                    if custom_id is not None and not recorded:
+                        ids.append((custom_id, number))  # a repeated id is a repeat even on a broken line
                     bad.write(json.dumps({"custom_id": custom_id, "line": number, "task_id": None, "status": "failed",
                                           "error": error.to_dict()}) + "\n")
         duplicates = [{"code": "duplicate_custom_id", "line": number, "message": (
@@ -372,7 +379,7 @@ class Runner:
 
     @staticmethod
     def _line_entry(line: str, number: int) -> tuple[str, dict[str, Any]]:
-        entry = json.loads(line)
+        entry = json.loads(line, parse_int=_bounded_int)
         if not isinstance(entry, dict):
             raise FleetError(ErrorCode.INVALID_INPUT, f"line {number} is a JSON {type(entry).__name__}, not an object "
                              "{custom_id, method, url, body}")
@@ -412,6 +419,30 @@ class Runner:
         if bad_lines:
             batch["error_file_id"] = self.store.add_file(tenant, f"{batch['id']}_error.jsonl", "batch_output",
                                                          _jsonl(bad_lines))["id"]
+
+
+_LEADING_ID = re.compile(r'^\s*\{\s*"custom_id"\s*:\s*("(?:[^"\\]|\\.){1,512}")')
+MAX_INT_DIGITS = 64
+
+
+def _bounded_int(digits: str) -> int | float:
+    """A JSON integer as read here: one too long to be a count of anything reads as infinity, which
+    every numeric field refuses by name (Python's own reader raised for 4,300+ digits, and that one
+    line failed the whole batch)."""
+    return int(digits) if len(digits) <= MAX_INT_DIGITS else float("inf")
+
+
+def _leading_custom_id(line: str) -> str | None:
+    """The custom_id of a line that starts ``{"custom_id": "..."`` even when the rest cannot be read
+    (nested too deeply, cut short): its error line is then filed under the line's own id."""
+    found = _LEADING_ID.match(line)
+    if not found:
+        return None
+    try:
+        value = json.loads(found.group(1))
+    except ValueError:
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def _line_error(exc: BaseException, number: int) -> FleetError:

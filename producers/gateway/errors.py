@@ -16,8 +16,14 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from shared.errors import ErrorCode, FleetError
+
+
+def too_large(limit: int) -> FleetError:
+    return FleetError(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over this route's limit of {limit:,} bytes; "
+                      "send less (batch files: split them)")
 
 log = logging.getLogger(__name__)
 BROKER_RETRY_AFTER_S = 2
@@ -83,8 +89,11 @@ def install(app: FastAPI) -> None:
         return error_response(FleetError(ErrorCode.INVALID_INPUT, message))
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, ErrorCode.INTERNAL)
+        limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+        if exc.status_code == 413 and limit:  # Starlette's body limit cut a streamed body off
+            return error_response(too_large(limit))
         return error_response(FleetError(code, str(exc.detail)), status=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RecursionError)

@@ -7,7 +7,9 @@ written to disk first. Here, for every ``/v1/`` request that carries a body:
 
 1. the bearer token is verified first: no valid token, 401 at once, the body never read;
 2. a declared ``Content-Length`` over the route's limit is refused (413 PAYLOAD_TOO_LARGE) at once;
-3. a body without one (chunked) is counted as it streams in and cut off at the limit.
+3. a body without one (chunked) is counted as it streams in and cut off at the limit, by
+   Starlette's own ``RequestBodyLimitResponder`` (413, answered by errors.py as PAYLOAD_TOO_LARGE
+   naming the limit).
 
 The principal found in step 1 is kept in the request's state, so the route's own auth dependency
 does not verify the token twice. Limits: ``gateway.max_file_bytes`` for uploads (POST /v1/files),
@@ -19,32 +21,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.middleware.body_limit import RequestBodyLimitResponder
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producers.auth import verify
 from shared.config import GatewayConfig
+from producers.gateway.errors import too_large
 from shared.errors import ErrorCode, FleetError
 
 UPLOAD_PATH = "/v1/files"
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
-class BodyTooLarge(HTTPException):
-    """The streamed body passed its limit (raised from ``receive``; an HTTPException, so FastAPI's
-    body reader passes it on as it is and the error handlers answer 413 PAYLOAD_TOO_LARGE)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, too_large(limit).message)
-
-
 def limit_for(config: GatewayConfig, method: str, path: str) -> int:
     return config.max_file_bytes if method == "POST" and path.rstrip("/") == UPLOAD_PATH else config.max_body_bytes
-
-
-def too_large(limit: int) -> FleetError:
-    return FleetError(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over this route's limit of {limit:,} bytes; "
-                      "send less (batch files: split them)")
 
 
 async def _answer(send: Send, error: FleetError, status: int | None = None) -> None:
@@ -80,27 +70,7 @@ class BodyLimits:
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await _answer(send, too_large(limit))
             return
-        received, started = 0, False
-
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(limit)
-            return message
-
-        async def watched(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, watched)
-        except BodyTooLarge:
-            if not started:
-                await _answer(send, too_large(limit))
+        await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
 
 
 def install(app: Any, config: GatewayConfig) -> None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 
 from producers.gateway.deps import Admin, State
 from producers.gateway.routes.tasks import ERRORS
-from shared import registry
+from shared import fairqueue, registry
 from shared.dlq import DLQ_KEY, decode_entry
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS)
@@ -19,13 +19,11 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS)
 async def queues(state: State, who: Admin) -> dict[str, Any]:
     """Depth of every (model, priority) queue, and per model its depths and the live workers serving it."""
     declared = state.settings.all_queues()
+    depths = await fairqueue.queue_depth_async(state.redis, *(name for name, _, _ in declared))
     pipe = state.redis.pipeline(transaction=False)
-    for name, _, _ in declared:
-        pipe.llen(name)
     for model in state.settings.models:
         pipe.zrangebyscore(registry.key(state.settings, model.name), time.time(), "+inf")
-    replies = await pipe.execute()
-    depths, workers = replies[: len(declared)], replies[len(declared):]
+    workers = await pipe.execute()
     models: dict[str, dict[str, Any]] = {m.name: {"workers": sorted(x.decode() if isinstance(x, bytes) else x for x in w)} for m, w in zip(state.settings.models, workers, strict=True)}
     for (_, priority, model), depth in zip(declared, depths, strict=True):
         models[model][str(priority)] = int(depth)

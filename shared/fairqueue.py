@@ -1,0 +1,138 @@
+"""Fair share between tenants inside a priority: a bulk queue is one list per tenant, served round-robin.
+
+Why: bulk was one FIFO list per model, so a tenant's million-line backfill occupied it for hours and
+another tenant's 100-line batch waited behind all of it. Now a message published to a *fair* queue
+(every bulk queue, ``Settings.fair_queues``) goes to its tenant's own list, and the tenant joins the
+queue's rotation; a worker's fetch (workers/transport.py) takes one message from the tenant at the
+head of the rotation and moves that tenant to the back. A tenant with one task waits behind at most
+one message of each other tenant with work queued (plus what workers already hold: at most their
+threads), whatever their backlogs.
+
+Keys, for a queue ``Q`` (all in the broker's Redis):
+    ``Q``                 kombu's own list: messages restored after a worker died (served first)
+    ``Q:tenant:<t>``      tenant t's messages, FIFO (LPUSH here, RPOP by the fetch)
+    ``Q:tenants``         the rotation (a list of tenants with messages queued)
+    ``Q:tenant-set``      the same tenants as a set (to join the rotation once)
+
+A message's tenant is the ``autoglm-tenant`` header the producer sets from the request (none: ``_``,
+one shared share for callers that name no tenant). Publishing is one Lua script (push, and join
+the rotation if not in it), so a fetch never sees a tenant in the rotation without its list, or the
+reverse, for longer than one script. Producers and workers both publish through this channel
+(kombu's Redis transport with ``_put`` replaced); ``queue_depth`` counts a fair queue whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
+
+TENANT_HEADER = "autoglm-tenant"
+ANONYMOUS = "_"
+
+# KEYS: tenant list, tenant set, rotation. ARGV: message, tenant.
+PUT = """
+redis.call('LPUSH', KEYS[1], ARGV[1])
+if redis.call('SADD', KEYS[2], ARGV[2]) == 1 then redis.call('RPUSH', KEYS[3], ARGV[2]) end
+return 1
+"""
+
+# KEYS: the queue. Messages waiting in it, all tenants together.
+DEPTH = """
+local total = redis.call('LLEN', KEYS[1])
+for _, tenant in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':tenant-set')) do
+  total = total + redis.call('LLEN', KEYS[1] .. ':tenant:' .. tenant)
+end
+return total
+"""
+
+# The fetch's pop from a fair queue (a Lua function the fetch script includes): restored messages
+# first, then the tenant at the head of the rotation, which goes to the back. A tenant whose list
+# is empty leaves the rotation.
+POP_FAIR = """
+local function pop_fair(q)
+  local item = redis.call('RPOP', q)
+  if item then return item end
+  local rotation, members = q .. ':tenants', q .. ':tenant-set'
+  for _ = 1, redis.call('LLEN', rotation) do
+    local tenant = redis.call('LMOVE', rotation, rotation, 'LEFT', 'RIGHT')
+    if not tenant then return false end
+    item = redis.call('RPOP', q .. ':tenant:' .. tenant)
+    if item then return item end
+    redis.call('LREM', rotation, 0, tenant)
+    redis.call('SREM', members, tenant)
+  end
+  return false
+end
+"""
+
+
+def tenant_key(queue: str, tenant: str) -> str:
+    return f"{queue}:tenant:{tenant}"
+
+
+def put_keys(queue: str, tenant: str) -> list[str]:
+    return [tenant_key(queue, tenant), f"{queue}:tenant-set", f"{queue}:tenants"]
+
+
+def message_tenant(message: dict[str, Any]) -> str:
+    headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
+    tenant = headers.get(TENANT_HEADER)
+    return tenant if isinstance(tenant, str) and tenant and ":" not in tenant else ANONYMOUS
+
+
+def queue_depth(client: Any, *queues: str) -> int:
+    """Messages waiting in these queues together, fair or not (a plain list counts as itself)."""
+    if not queues:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.eval(DEPTH, 1, queue)
+    return sum(int(n) for n in pipe.execute())
+
+
+async def queue_depth_async(client: Any, *queues: str) -> list[int]:
+    """Each queue's depth (an asyncio Redis client's pipeline)."""
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.eval(DEPTH, 1, queue)
+    return [int(n) for n in await pipe.execute()]
+
+
+class Channel(kombu_redis.Channel):
+    #: queues whose messages are kept per tenant and served round-robin (the bulk queues)
+    fair_queues: tuple[str, ...] = ()
+    from_transport_options = kombu_redis.Channel.from_transport_options + ("fair_queues",)
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        if queue not in self.fair_queues:
+            super()._put(queue, message, **kwargs)
+            return
+        keys = put_keys(queue, message_tenant(message))
+        args = (PUT, len(keys), *keys, dumps(message), message_tenant(message))
+        publish_batch = kwargs.pop("_publish_batch", None)
+        if publish_batch is not None:  # kombu's pipelined batch publishing (FleetClient.submit_many)
+            publish_batch.add("eval", *args)
+            return
+        with self.conn_or_acquire() as client:
+            client.eval(*args)
+
+    def _purge(self, queue: str) -> int:
+        if queue not in self.fair_queues:
+            return super()._purge(queue)
+        with self.conn_or_acquire() as client:
+            tenants = [t.decode() if isinstance(t, bytes) else t for t in client.smembers(f"{queue}:tenant-set")]
+            size = queue_depth(client, queue)
+            client.delete(queue, f"{queue}:tenants", f"{queue}:tenant-set", *(tenant_key(queue, t) for t in tenants))
+            return size
+
+    def _size(self, queue: str) -> int:
+        if queue not in self.fair_queues:
+            return super()._size(queue)
+        with self.conn_or_acquire() as client:
+            return queue_depth(client, queue)
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
