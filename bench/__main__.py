@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model",
-             "engine-core", "engine-sweep", "continuous")
+             "engine-core", "engine-sweep", "continuous", "decode")
 SIZES = {
     # A smoke run (tests/integration/test_bench_smoke.py): every scenario end to end, figures not reported.
     "quick": {"classify": 32, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 6, "backlog": 200,
@@ -50,7 +50,7 @@ def in_process_engine(settings: Any) -> Any:
 
 
 def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | None = None,
-        batches: list[str] | None = None, consumers: int | None = None) -> dict[str, Any]:
+        batches: list[str] | None = None, consumers: int | None = None, quant: str = "fp16") -> dict[str, Any]:
     """``shape``: measure a random-weight model of that shape (bench/shapes.py) instead of the
     configured ones; ``batches``: run `throughput` once per batch size ("shipped" = the config's);
     ``consumers``: the fleet's consumer processes (default: the device's, config worker.consumers)."""
@@ -63,7 +63,7 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
     if shape:
         from bench import shapes
 
-        shaped = shapes.model_config(settings, shape, Path(tokenizer) if tokenizer else None)
+        shaped = shapes.model_config(settings, shape, Path(tokenizer) if tokenizer else None, quant)
         settings = load_settings(models=[shaped]).on_device()
         env["AUTOGLM_MODELS"] = json.dumps([shaped])
     if consumers:
@@ -72,7 +72,7 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
     for model in settings.models:
         backend_for(model).prepare(settings, model, report=lambda msg: print(f"[bench] {msg}", flush=True))
     summary: dict[str, Any] = {"mode": mode, "device": device_name(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                               "shape": shape, "consumers": consumers or settings.worker_consumers}
+                               "shape": shape, "quant": quant, "consumers": consumers or settings.worker_consumers}
     with broker_url(settings.redis_url) as url:
         os.environ["REDIS_URL"] = url  # the naive baseline app reads it at import
         from bench.harness import Harness
@@ -112,6 +112,16 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
 
                 engine = in_process_engine(settings)
                 summary.update(sweep.run(engine, [1, 8, 32] if mode == "quick" else [1, 8, 16, 32, 64, 128], size["new_tokens"]))
+                del engine
+            elif name == "decode":
+                from bench import decode
+
+                engine = in_process_engine(settings)
+                summary["gptq_kernels"] = sorted(engine.kernels)
+                print(f"[bench] model GPTQ kernels on {engine.device}: {summary['gptq_kernels'] or 'none (float)'}; weights "
+                      f"{decode.weight_bytes(engine.model) / 2**20:.0f} MiB on the device", flush=True)
+                wanted = [int(b) for b in batches or [] if b.isdigit()] or ([1, 8] if mode == "quick" else decode.GPU_BATCHES)
+                summary.update(decode.run(settings, engine, wanted, 16 if mode == "quick" else 64))
                 del engine
             elif name == "continuous":
                 from bench import continuous
@@ -197,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--only", default=",".join(s for s in SCENARIOS if s != "engine-sweep"),
                         help=f"comma-separated subset of {SCENARIOS}")
-    parser.add_argument("--shape", choices=["1.7b", "135m"], help="measure speed on a random-weight model of this "
+    parser.add_argument("--quant", choices=["fp16", "gptq4", "gptq8"], default="fp16", help="with --shape: the "
+                        "weights as they are (fp16 on a GPU) or a GPTQ artifact of them made here")
+    parser.add_argument("--shape", choices=["1.7b", "135m", "tiny"], help="measure speed on a random-weight model of this "
                         "shape, built on this machine (e.g. 1.7b on a GPU; bench/shapes.py)")
     parser.add_argument("--tokenizer", help="tokenizer folder for --shape (default: the bundled model's)")
     parser.add_argument("--batch", default="", help="comma-separated batch sizes for `throughput`, each run side by "
@@ -213,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape and {"quantization", "scaling"} & set(only):
         parser.error("--shape measures speed only: a random-weight model has no quality to report")
     mode = "quick" if args.quick else "full"
-    summary = run(mode, only, args.shape, args.tokenizer, [b for b in args.batch.split(",") if b] or None, args.consumers)
+    summary = run(mode, only, args.shape, args.tokenizer, [b for b in args.batch.split(",") if b] or None, args.consumers,
+                  args.quant)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{mode}{'-' + args.shape if args.shape else ''}.json").write_text(json.dumps(summary, indent=2))
+    tag = f"-{args.shape}" + ("" if args.quant == "fp16" else f"-{args.quant}") if args.shape else ""
+    (RESULTS / f"{mode}{tag}.json").write_text(json.dumps(summary, indent=2))
     print(table(summary), flush=True)
     if args.json:
         print(json.dumps(summary), flush=True)

@@ -19,16 +19,24 @@ fi
 nvidia-smi -L; nproc
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 TOK=${AUTOGLM_BENCH_TOKENIZER:-.gpu/tok}
+# DRY_RUN=1: the same runs on a few-MB model at quick sizes (a CPU check of this script; figures mean nothing).
+SHAPE=1.7b; QUICK=""
+if [ "${DRY_RUN:-0}" = 1 ]; then SHAPE=tiny; QUICK=--quick; [ -d "$TOK" ] || TOK=""; fi
 
 bench() {  # NAME TIMEOUT_S ARGS...: one bench run, its log and summary in OUT_DIR
   local name=$1 limit=$2; shift 2
-  echo "=== $name: python3 -m bench --shape 1.7b --tokenizer $TOK $*"
-  timeout "$limit" python3 -m bench --shape 1.7b --tokenizer "$TOK" --json "$@" >"$OUT_DIR/$name.log" 2>&1
-  local rc=$?; echo "rc=$rc"; grep -E "^\[bench\] (round|throughput|engine|model)" "$OUT_DIR/$name.log" | cut -c1-1500
+  echo "=== $name: python3 -m bench --shape $SHAPE $QUICK ${TOK:+--tokenizer $TOK} $*"
+  timeout "$limit" python3 -m bench --shape "$SHAPE" $QUICK ${TOK:+--tokenizer "$TOK"} --json "$@" >"$OUT_DIR/$name.log" 2>&1
+  local rc=$?; echo "rc=$rc"; grep -E "^\[bench\] (round|throughput|engine|model|decode)" "$OUT_DIR/$name.log" | cut -c1-1500
   tail -n 1 "$OUT_DIR/$name.log" >"$OUT_DIR/$name.json"
   return $rc
 }
 
+# Decode by batch (1, 8, 32, 128) against the device's bandwidth bound and transformers' generate_batch on
+# the same weights: fp16, then a GPTQ 4-bit artifact made here from them (the kernel GPTQModel chose is logged).
+for quant in fp16 gptq4; do
+  bench "decode-$quant" ${GPU_RUN_DECODE_S:-240} --only decode --quant "$quant" || tail -n 30 "$OUT_DIR/decode-$quant.log"
+done
 # The engine alone by batch size, then limit / naive / fleet at batch 32 with the default consumers.
 if ! bench sweep-and-32 ${GPU_RUN1_S:-300} --only engine-sweep,throughput --batch 32; then
   tail -n 40 "$OUT_DIR/sweep-and-32.log"

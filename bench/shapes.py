@@ -16,6 +16,9 @@ SHAPES: dict[str, dict[str, int]] = {
     # SmolLM2-1.7B's shape (same 49,152-token vocabulary as the bundled 135M model): 1.71 B params.
     "1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
              "num_key_value_heads": 32, "max_position_embeddings": 8192},
+    # A few MB: dry runs of the GPU table on a CPU (bench/gpu.sh DRY_RUN=1), never a figure to report.
+    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 4096},
     # SmolLM2-135M's shape: the bundled model's own size, for a like-for-like CPU/GPU comparison.
     "135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
              "num_key_value_heads": 3, "max_position_embeddings": 8192},
@@ -54,7 +57,20 @@ def build(settings: Settings, shape: str, tokenizer: Path | None = None) -> Path
     return target
 
 
-def model_config(settings: Settings, shape: str, tokenizer: Path | None = None) -> dict[str, Any]:
-    return {"name": f"random-{shape}", "model_name": f"random/llama-{shape}", "source": str(build(settings, shape, tokenizer)),
+QUANT = {
+    "fp16": {"method": "none", "measure": False},
+    # GPTQ of random weights (calibrated on the bundled docstrings: the values do not matter for speed).
+    # group 128: the size GPU kernels (Marlin, ExLlama) are built for; no act-order, symmetric.
+    "gptq4": {"method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "measure": False,
+              "calibration_samples": 32, "alternatives": []},
+    "gptq8": {"method": "gptq", "bits": 8, "group_size": 128, "desc_act": False, "measure": False,
+              "calibration_samples": 32, "alternatives": []},
+}
+
+
+def model_config(settings: Settings, shape: str, tokenizer: Path | None = None, quant: str = "fp16") -> dict[str, Any]:
+    """The shape's model entry (``quant``: fp16, or a GPTQ artifact of the same weights made here)."""
+    suffix = "" if quant == "fp16" else f"-{quant}"
+    return {"name": f"random-{shape}{suffix}", "model_name": f"random/llama-{shape}", "source": str(build(settings, shape, tokenizer)),
             "task_type": ["text_generation", "classification"], "max_context_tokens": 2048,
-            "quantize": {"method": "none", "measure": False}}  # random weights: accuracy means nothing
+            "quantize": QUANT[quant]}  # random weights: accuracy means nothing

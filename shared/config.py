@@ -309,6 +309,30 @@ class ContinuousConfig(_Section):
     max_memory_percent: Annotated[float, Field(gt=0, le=0.95)] | None = Field(
         default=None, description="With num_blocks None: the share of free device memory the KV cache takes "
         "(None: transformers' 0.9 on a GPU); classification batches share the device, so leave them room.")
+    # transformers' ContinuousBatchingConfig knobs that decide how close decoding gets to the device's
+    # bandwidth (a decode step is launch-bound Python without graphs or compilation): set per device in
+    # batching.by_device (docs/architecture.md "On a GPU").
+    use_cuda_graph: bool | None = Field(
+        default=None, description="Replay decode (and prefill) steps as CUDA graphs; None: transformers decides. "
+        "Where there is no graph backend (a CPU) transformers turns it off with a warning.")
+    compile_level: Annotated[int, Field(ge=0, le=3)] = Field(
+        default=0, description="transformers' default_compile_level: 0 eager; higher torch.compile the decode "
+        "and varlen forward (the first steps of each shape pay the compilation).")
+    use_async_batching: bool | None = Field(
+        default=None, description="Prepare the next step's batch while the device runs this one; None: transformers decides.")
+    allow_block_sharing: bool = Field(
+        default=True, description="Rows with a common prefix share its KV-cache blocks (system prompts, templates).")
+    auto_switch_to_flash: bool = Field(
+        default=False, description="Let transformers switch the model to a paged flash attention kernel for "
+        "decoding. Off by default: classification batches share the model and its attention implementation.")
+
+    def manager_options(self) -> dict[str, Any]:
+        """This section as transformers' ContinuousBatchingConfig keyword arguments (the one mapping)."""
+        return {"max_requests_per_batch": self.max_rows + self.interactive_reserve, "num_blocks": self.num_blocks,
+                "max_batch_tokens": self.max_batch_tokens, "max_memory_percent": self.max_memory_percent,
+                "use_cuda_graph": self.use_cuda_graph, "default_compile_level": self.compile_level,
+                "use_async_batching": self.use_async_batching, "allow_block_sharing": self.allow_block_sharing,
+                "auto_switch_to_flash": self.auto_switch_to_flash}
 
 
 class BatchingOverride(_Section):
@@ -319,6 +343,7 @@ class BatchingOverride(_Section):
     max_batch_tokens: Annotated[int, Field(ge=16)] | None = None
     max_request_tokens: Annotated[int, Field(ge=16)] | None = None
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] | None = None
+    classification_widths: list[Annotated[int, Field(ge=1)]] | None = None
     continuous: ContinuousConfig | None = None
 
 
@@ -340,6 +365,10 @@ class BatchingConfig(_Section):
         "padded tokens/s, so a request of 32 labels and a 1,400-token text (112,000 tokens) held the worker "
         "for over 5 minutes, and 8,672 tokens took 23.8 s.")
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] = 20.0
+    classification_widths: list[Annotated[int, Field(ge=1)]] = Field(
+        default=[], description="Pad each classification forward pass to the first of these widths (tokens) that "
+        "fits, and its rows to a power of two, so a GPU sees a few shapes it can compile or graph instead of "
+        "every length that arrives; [] (a CPU): no padding beyond the longest row, each padded token costs time.")
     continuous: ContinuousConfig = ContinuousConfig()
     by_device: dict[Literal["cpu", "cuda"], BatchingOverride] = Field(
         default={},

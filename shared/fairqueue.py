@@ -92,6 +92,14 @@ def queue_depth(client: Any, *queues: str) -> int:
     return sum(int(n) for n in pipe.execute())
 
 
+def purge(client: Any, queue: str) -> int:
+    """Delete every message waiting in ``queue``, all tenants'; returns how many there were."""
+    tenants = [t.decode() if isinstance(t, bytes) else t for t in client.smembers(f"{queue}:tenant-set")]
+    size = queue_depth(client, queue)
+    client.delete(queue, f"{queue}:tenants", f"{queue}:tenant-set", *(tenant_key(queue, t) for t in tenants))
+    return size
+
+
 async def queue_depth_async(client: Any, *queues: str) -> list[int]:
     """Each queue's depth (an asyncio Redis client's pipeline)."""
     pipe = client.pipeline(transaction=False)
@@ -122,10 +130,7 @@ class Channel(kombu_redis.Channel):
         if queue not in self.fair_queues:
             return super()._purge(queue)
         with self.conn_or_acquire() as client:
-            tenants = [t.decode() if isinstance(t, bytes) else t for t in client.smembers(f"{queue}:tenant-set")]
-            size = queue_depth(client, queue)
-            client.delete(queue, f"{queue}:tenants", f"{queue}:tenant-set", *(tenant_key(queue, t) for t in tenants))
-            return size
+            return purge(client, queue)
 
     def _size(self, queue: str) -> int:
         if queue not in self.fair_queues:

@@ -88,13 +88,7 @@ class ContinuousGenerator:
         self.faults = faults
         generation = GenerationConfig(do_sample=False, max_new_tokens=engine.context, eos_token_id=engine.stop_token_ids,
                                       pad_token_id=engine.tokenizer.pad_token_id)
-        cb = ContinuousBatchingConfig(
-            max_requests_per_batch=config.max_rows + config.interactive_reserve,
-            num_blocks=config.num_blocks, max_batch_tokens=config.max_batch_tokens,
-            max_memory_percent=config.max_memory_percent,
-            # Keep the model's attention as loaded: classification batches share the model.
-            auto_switch_to_flash=False,
-        )
+        cb = ContinuousBatchingConfig(**config.manager_options())
         self.manager = engine.model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
         self._steps = _Steps(self.manager)
         self._waiting: list[tuple[int, int, _Row]] = []

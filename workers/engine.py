@@ -376,12 +376,31 @@ def _eager_dequantize(model: torch.nn.Module) -> None:
             del module.dequantize_weight
 
 
+def padded_shape(rows: int, width: int, widths: list[int]) -> tuple[int, int]:
+    """The (rows, width) a classification forward pass runs at: as given without ``widths``; else rows
+    to the next power of two and width to the first of ``widths`` that fits (past the last: as is).
+    Rows are right-padded and scored positions read from real rows only, so the padding changes no
+    score; it bounds the shapes a GPU compiles or captures to a few."""
+    if not widths:
+        return rows, width
+    return 1 << (rows - 1).bit_length(), next((w for w in widths if w >= width), width)
+
+
+def gptq_kernels(model: Any) -> set[str]:
+    """The GPTQ kernels GPTQModel chose for this model's layers (class names, e.g. MarlinQuantLinear,
+    ExllamaV2QuantLinear, TritonV2QuantLinear, TorchLinear); empty for a float model."""
+    return {type(m).__name__ for m in model.modules() if type(m).__module__.startswith("gptqmodel.")
+            and hasattr(m, "qweight")}
+
+
 class Engine:
     """A causal LM loaded with the real ``from_pretrained`` path (GPTQ folders included)."""
 
-    def __init__(self, config: ModelConfig, path: Path, device: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, path: Path, device: str = "auto", widths: list[int] | None = None) -> None:
+        """``widths``: classification forward passes are padded to these shapes (``padded_shape``)."""
         self.config = config
         self.path = path
+        self.widths = sorted(widths or [])
         self.device = pick_device(device)
         self.dtype = pick_dtype(config.dtype, self.device)
         started = time.perf_counter()
@@ -400,6 +419,9 @@ class Engine:
         self.model.register_forward_pre_hook(lambda *_: (self.model_lock.acquire(), None)[1])  # None: inputs unchanged
         self.model.register_forward_hook(lambda *_: self.model_lock.release(), always_call=True)
         self._warm_up()
+        self.kernels = gptq_kernels(self.model)
+        if self.kernels:
+            log.info("GPTQ kernel for %s on %s: %s", config.name, self.device, ", ".join(sorted(self.kernels)))
         self.load_seconds = time.perf_counter() - started
         self.context = self.preparer.context
         self.stop_token_ids = self._stop_token_ids()
@@ -523,9 +545,10 @@ class Engine:
         if self.device.type == "cpu":
             rows, budget = sorted(rows, key=lambda row: len(row[0])), min(budget, CPU_FORWARD_TOKENS)
         for group in _groups(rows, budget):
-            width = max(len(ids) for ids, _ in group)
-            input_ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(group), width), dtype=torch.long)
+            height, width = padded_shape(len(group), max(len(ids) for ids, _ in group), self.widths)
+            input_ids = torch.full((height, width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((height, width), dtype=torch.long)
+            attention[:, 0] = 1  # filler rows attend to one token: a fully masked row can turn NaN
             seq_index, positions = [], []
             for r, (ids, scored) in enumerate(group):
                 input_ids[r, : len(ids)] = torch.tensor(ids)

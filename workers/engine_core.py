@@ -121,7 +121,8 @@ class EngineCore:
 
     def hello(self) -> dict[str, Any]:
         """What a consumer learns when it connects: models loaded, and the pid it watches for death."""
-        models = {name: {"load_seconds": e.load_seconds, "device": str(e.device)} for name, e in self.engines.items()}
+        models = {name: {"load_seconds": e.load_seconds, "device": str(e.device), "kernels": sorted(getattr(e, "kernels", ()))}
+                  for name, e in self.engines.items()}
         return {"pid": os.getpid(), "models": models}
 
     def _interactive_queued(self) -> bool:

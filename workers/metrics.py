@@ -25,11 +25,14 @@ log = logging.getLogger(__name__)
 
 
 
+MAX_ELAPSED_S = 31 * 86_400  # longer than any message is kept: not a wait, a broken clock
+
+
 def elapsed_s(start: float, end: float) -> float:
-    """``end - start`` in seconds, never negative, never inf/NaN: a histogram sum that once takes an
-    infinite value stays infinite for the life of the process."""
+    """``end - start`` in seconds when it is a plausible wait, else 0: a histogram sum that once
+    takes an infinite (or 1e308) value stays so for the life of the process."""
     value = end - start
-    return value if math.isfinite(value) and value > 0 else 0.0
+    return value if math.isfinite(value) and 0 < value <= MAX_ELAPSED_S else 0.0
 
 
 TASKS = Counter("autoglm_tasks", "Tasks finished, by task type, outcome and error code", ["task_type", "outcome", "code"])

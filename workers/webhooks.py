@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -84,7 +85,10 @@ def enqueue(client: redis.Redis, settings: Settings, task_id: str, url: str, pay
             tenant: str | None) -> None:
     """Hand a delivery to the deliverers (called by the webhook middleware; returns at once)."""
     who = tenant or ANONYMOUS
-    body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    try:
+        body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # NaN/Infinity are not JSON: strict receivers reject them; send null instead
+        body = json.dumps(_finite(payload), separators=(",", ":"), allow_nan=False)
     key = webhooks.OUTCOME_KEY.format(task_id=task_id)
     pipe = client.pipeline(transaction=True)
     pipe.hset(key, mapping=_record_fields({"status": "pending", "attempts": 0, "url": url}))
@@ -92,6 +96,16 @@ def enqueue(client: redis.Redis, settings: Settings, task_id: str, url: str, pay
     pipe.sadd(tenants_key(settings), who)
     pipe.xadd(stream_key(settings, who), {"task_id": task_id, "url": url, "payload": body, "tenant": who})
     pipe.execute()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 class Deliverer:

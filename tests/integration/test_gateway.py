@@ -18,11 +18,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from producers.auth import Role, issue
+from shared import fairqueue
 from shared.config import GatewayConfig
 from tests.integration.conftest import Fleet, free_port
 
 pytestmark = pytest.mark.integration
 SECRET = "test-secret-" + "x" * 32
+CONTROL = {"rate_per_s": 1, "burst": 30}  # polls, cancels, file and batch routes, per tenant
 LIMITS = {"interactive": {"rate_per_s": 0.2, "burst": 4}, "bulk": {"rate_per_s": 50, "burst": 200}}
 
 
@@ -87,6 +89,7 @@ def gateway_env(fleet: Fleet, tmp: Path, queues: dict | None = None) -> tuple[di
 def gateways(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
     tmp = tmp_path_factory.mktemp("gateway")
     env, config = gateway_env(fleet, tmp)
+    env["AUTOGLM_GATEWAY__CONTROL_RATE"] = json.dumps(CONTROL)
     first, second = start_gateway(env, tmp), start_gateway(env, tmp)
     yield Gateways(first, second, config)
     first.stop()
@@ -178,7 +181,8 @@ def test_schemathesis_finds_no_server_error(fleet: Fleet, tmp_path: Path) -> Non
         gw.process.kill()
         gw.process.wait(10)
         fuzzed = [f"{q['name']}.{m.name}" for q in queues.values() for m in fleet.settings.models]  # <queue>.<model>
-        fleet.client.app.connection_for_write().default_channel.client.delete(*fuzzed)
+        for queue in fuzzed:  # a bulk queue's tenant lists too (shared/fairqueue.py)
+            fairqueue.purge(fleet.client.registry.client, queue)
 
 
 def test_the_official_openai_client_lists_models_and_completes(gateways: Gateways) -> None:
@@ -199,3 +203,16 @@ def test_openai_style_chat_completion(gateways: Gateways) -> None:
     data = r.json()
     assert data["object"] == "chat.completion" and "Paris" in data["choices"][0]["message"]["content"]
     assert data["usage"]["completion_tokens"] > 0 and data["model"] == "smollm2-135m"
+
+
+def test_control_routes_are_rate_limited(gateways: Gateways) -> None:
+    """Polls, long-polls and cancels submit nothing but cost Redis round trips (a cancel is broadcast to
+    every worker): each takes from the tenant's control bucket, shared by the replicas."""
+    headers, task = gateways.token("poller"), uuid.uuid4().hex
+    codes = [httpx.request(method, f"{gw.url}/v1/tasks/{task}", headers=headers, timeout=10).status_code
+             for method, gw in [("GET", gateways.first), ("DELETE", gateways.second)] * 30]
+    assert codes.count(404) <= CONTROL["burst"] + 30 * CONTROL["rate_per_s"] and 429 in codes
+    limited = httpx.get(f"{gateways.first.url}/v1/tasks/{task}", headers=headers, timeout=10)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert httpx.get(f"{gateways.first.url}/v1/tasks/{task}", headers=gateways.token("someone-else"),
+                     timeout=10).status_code == 404  # another tenant's bucket is its own

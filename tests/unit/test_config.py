@@ -113,3 +113,20 @@ def test_each_model_has_its_own_queue_per_priority_and_workers_serve_priority_fi
     assert settings.worker_queues(["b"]) == ["interactive.b", "bulk.b", "bulk.webhooks"]
     assert settings.model_for(TaskType.CLASSIFICATION, None) == "smollm2-135m"
     assert settings.model_for(TaskType.CLASSIFICATION, "b") == "b"
+
+
+def test_the_cuda_decode_settings_reach_transformers_manager_and_a_cpu_keeps_its_own() -> None:
+    """What a GPU sets in batching.by_device.cuda.continuous (graphs, compile level, async batching)
+    resolves for a CUDA worker only, and maps one to one onto ContinuousBatchingConfig's arguments."""
+    from transformers import ContinuousBatchingConfig
+
+    cuda = {"continuous": {"use_cuda_graph": True, "compile_level": 2, "use_async_batching": True, "max_rows": 96}}
+    settings = load_settings(batching={"by_device": {"cuda": cuda}})
+    on_gpu, on_cpu = settings.on_device("cuda").batching.continuous, settings.on_device("cpu").batching.continuous
+    assert (on_gpu.use_cuda_graph, on_gpu.compile_level, on_gpu.use_async_batching, on_gpu.max_rows) == (True, 2, True, 96)
+    assert on_gpu.enabled and on_gpu.allow_block_sharing  # a partial override keeps the rest
+    assert (on_cpu.use_cuda_graph, on_cpu.compile_level, on_cpu.use_async_batching) == (None, 0, None)
+    options = on_gpu.manager_options()
+    config = ContinuousBatchingConfig(**options)  # every key is one of the manager's own arguments
+    assert config.default_compile_level == 2 and config.max_requests_per_batch == 96 + on_gpu.interactive_reserve
+    assert options["auto_switch_to_flash"] is False  # classification shares the model's attention

@@ -181,3 +181,17 @@ def test_a_failing_step_sends_its_rows_and_later_ones_to_static_batches(engine: 
         g.close()
     assert static == ["first", "later"]
     assert first.result()[0].output.text == engine.generate([gen(engine, PROMPTS[0], max_new_tokens=5)])[0].output.text
+
+
+def test_cuda_graphs_asked_for_on_a_cpu_are_turned_off_and_answers_stay_the_same(engine: Engine, sink: Sink) -> None:  # noqa: F811
+    """A config written for a GPU (graphs on) still serves on a CPU: transformers finds no graph backend
+    and decodes eagerly, with the same greedy answers."""
+    items = [gen(engine, p, max_new_tokens=6) for p in PROMPTS[:2]]
+    alone = [engine.generate([item])[0].output.text for item in items]
+    g = generator(engine, sink, use_cuda_graph=True)
+    try:
+        futures = [submit(g, item, f"g{i}") for i, item in enumerate(items)]
+        drive(g, futures)
+        assert [f.result()[0].output.text for f in futures] == alone
+    finally:
+        g.close()

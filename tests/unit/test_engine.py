@@ -304,3 +304,58 @@ def test_gptq_weight_cache_switch_is_on_only_while_a_cpu_model_is_built(monkeypa
     with _gptq_weight_cache(True):
         assert os.environ[GPTQ_CACHE_ENV] == "1"
     assert os.environ[GPTQ_CACHE_ENV] == "0"
+
+
+def test_a_huge_prompt_is_refused_on_a_prefix_without_tokenizing_all_of_it(engine: Engine) -> None:
+    """A 2 MB chat (64 turns of 32,000 characters) is over any context on its first few thousand
+    characters: refused PROMPT_TOO_LONG having tokenized only that prefix."""
+    tokenizer = engine.preparer.tokenizer
+    seen: list[int] = []
+    original = type(tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(len(text) if isinstance(text, str) else sum(map(len, text)))
+        return original(self, text, *args, **kwargs)
+
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 6400} for i in range(63)]
+    request = GenerateRequest(messages=[*turns, {"role": "user", "content": "and?"}], max_new_tokens=8)
+    type(tokenizer).__call__ = counting
+    try:
+        with pytest.raises(FleetError) as caught:
+            engine.preparer.prepare(request)
+    finally:
+        type(tokenizer).__call__ = original
+    assert caught.value.code == ErrorCode.PROMPT_TOO_LONG and "first" in caught.value.message
+    assert seen and max(seen) <= engine.preparer.context * 8 < 2_000_000 // 100
+
+
+def test_the_gptq_kernel_chosen_for_a_model_is_named(engine: Engine) -> None:
+    """What `bench/gpu.sh` and the worker's log report: the classes GPTQModel put in place of the
+    linear layers (Marlin, ExLlama, Triton, Torch), none for a float model."""
+    from workers.engine import gptq_kernels
+
+    marlin = type("MarlinQuantLinear", (torch.nn.Module,), {"__module__": "gptqmodel.nn_modules.qlinear.marlin"})
+    layer = marlin()
+    layer.register_buffer("qweight", torch.zeros(1, dtype=torch.int32))
+    assert gptq_kernels(torch.nn.Sequential(torch.nn.Linear(2, 2), layer)) == {"MarlinQuantLinear"}
+    assert engine.kernels == set() and gptq_kernels(engine.model) == set()
+
+
+def test_classification_padded_to_a_few_shapes_scores_the_same(engine: Engine) -> None:
+    """On a GPU, classification passes are padded to bucketed shapes (rows to a power of two, width to
+    the next configured width) so compiled or captured graphs are reused; the padding changes no score."""
+    from workers.engine import padded_shape
+
+    assert padded_shape(5, 70, []) == (5, 70)
+    assert padded_shape(5, 70, [64, 128, 256]) == (8, 128) and padded_shape(8, 64, [64, 128]) == (8, 64)
+    assert padded_shape(1, 300, [64, 128, 256]) == (1, 300)  # past the last width: as is
+    items = [engine.prepare(ClassifyRequest(text=t, labels=["positive", "negative", "neutral"]))
+             for t in ("Great soup", "The striker scored twice in the final minutes", "Meh.")]
+    plain = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
+    engine.widths = [64, 128, 256, 512]
+    try:
+        padded = [a.output.scores for a in engine.classify(items)]  # type: ignore[arg-type,union-attr]
+    finally:
+        engine.widths = []
+    for one, other in zip(plain, padded, strict=True):
+        assert other == pytest.approx(one, abs=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import time
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
@@ -59,3 +60,26 @@ def test_unexpected_exceptions_get_a_code() -> None:
     assert as_fleet_error(MemoryError()).code == ErrorCode.RESOURCE_EXHAUSTED
     assert as_fleet_error(RuntimeError("CUDA out of memory")).code == ErrorCode.RESOURCE_EXHAUSTED
     assert as_fleet_error(KeyError("x")).code == ErrorCode.INTERNAL
+
+
+@pytest.mark.parametrize("when", [-1.7e308, 0.0, 1.0, 4e9, float("inf")])
+def test_submitted_at_must_be_a_clock_reading(when: float) -> None:
+    """-1.7e308 once made every wait infinite: in results, webhooks and a worker's metrics for good."""
+    with pytest.raises(ValidationError, match="submitted_at"):
+        ClassifyRequest(text="x", labels=["a", "b"], submitted_at=when)
+    assert ClassifyRequest(text="x", labels=["a", "b"], submitted_at=time.time() - 3600).submitted_at > 0
+
+
+def test_waits_are_never_negative_or_infinite() -> None:
+    from workers.metrics import elapsed_s
+
+    assert elapsed_s(-1.7e308, time.time()) == 0.0 and elapsed_s(float("nan"), 1.0) == 0.0
+    assert elapsed_s(10.0, 5.0) == 0.0 and elapsed_s(5.0, 7.5) == 2.5
+
+
+def test_the_result_cache_key_is_per_tenant() -> None:
+    """cached: true must never tell tenant A that tenant B asked the same thing."""
+    def key(tenant: str | None) -> str | None:
+        return ClassifyRequest(text="x", labels=["a", "b"], cache=True, tenant=tenant).cache_key("m")
+
+    assert key("a") != key("b") and key("a") == key("a") and key(None) not in (key("a"), key("b"))

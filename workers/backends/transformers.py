@@ -29,7 +29,8 @@ class TransformersBackend(Backend):
         from workers.engine import Engine
         from workers.models import prepared_path
 
-        return Engine(config, prepared_path(settings, config), device=settings.worker.device)
+        return Engine(config, prepared_path(settings, config), device=settings.worker.device,
+                      widths=settings.batching.classification_widths)
 
     @classmethod
     def prepare(cls, settings: Settings, config: ModelConfig, report: Any = print, force: bool = False) -> dict[str, Any]:
