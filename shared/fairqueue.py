@@ -113,18 +113,28 @@ class Channel(kombu_redis.Channel):
     fair_queues: tuple[str, ...] = ()
     from_transport_options = kombu_redis.Channel.from_transport_options + ("fair_queues",)
 
+    _put_script: Any = None
+
+    def _script(self, client: Any) -> Any:
+        """The publish script, sent by its SHA (redis-py loads it where the server lacks it)."""
+        if self._put_script is None:
+            self._put_script = client.register_script(PUT)
+        return self._put_script
+
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         if queue not in self.fair_queues:
             super()._put(queue, message, **kwargs)
             return
-        keys = put_keys(queue, message_tenant(message))
-        args = (PUT, len(keys), *keys, dumps(message), message_tenant(message))
+        tenant = message_tenant(message)
+        keys, args = put_keys(queue, tenant), [dumps(message), tenant]
         publish_batch = kwargs.pop("_publish_batch", None)
         if publish_batch is not None:  # kombu's pipelined batch publishing (FleetClient.submit_many)
-            publish_batch.add("eval", *args)
+            script = self._script(publish_batch.pipeline)
+            publish_batch.pipeline.scripts.add(script)  # the pipeline loads it first if the server lacks it
+            publish_batch.add("evalsha", script.sha, len(keys), *keys, *args)
             return
         with self.conn_or_acquire() as client:
-            client.eval(*args)
+            self._script(client)(keys=keys, args=args, client=client)
 
     def _purge(self, queue: str) -> int:
         if queue not in self.fair_queues:

@@ -420,14 +420,56 @@ def test_a_stream_never_shows_what_a_processor_removes(setup: Setup) -> None:
 
 # -- fair share between tenants inside a priority -------------------------------------------------------
 def test_a_small_tenant_is_not_stuck_behind_a_large_backlog(setup: Setup) -> None:
-    """Tenant A enqueues 2,000 bulk tasks, then tenant B enqueues 20: B's 20 finish before A's 1,000th."""
-    client = setup.fleet.client
-    big = client.submit_many([classify("tenant-a") for _ in range(2000)])
-    small = client.submit_many([classify("tenant-b") for _ in range(20)])
+    """Tenant A enqueues 2,000 bulk tasks, then tenant B enqueues 20: B's 20 finish before A's 1,000th.
+    The worker stops taking bulk work while both are enqueued, so the whole of A's backlog is queued
+    ahead of B's, as when A's backfill has been running for hours."""
+    client, queue = setup.fleet.client, setup.fleet.settings.queue_name("bulk", "echo")
+    mine: list[str] = []
+    deadline = time.monotonic() + 60
+    while len(mine) < setup.fleet.settings.worker_consumers:  # every consumer process is up (they start one by one)
+        assert time.monotonic() < deadline, mine
+        mine = [name for reply in client.app.control.ping(timeout=1) for name in reply
+                if name.startswith(setup.fleet.worker.hostname_prefix)]
+    stopped = client.app.control.cancel_consumer(queue, destination=mine, reply=True, timeout=10)
+    assert len(stopped) == len(mine) == setup.fleet.settings.worker_consumers, (mine, stopped)
+    try:
+        big = client.submit_many([classify("tenant-a") for _ in range(2000)])
+        small = client.submit_many([classify("tenant-b") for _ in range(20)])
+    finally:
+        client.app.control.add_consumer(queue, destination=mine, reply=True, timeout=10)
     for handle in small:
         handle.result(timeout=120)
-    a_done = sum(h.ready() for h in big)
+    a_done = _answered(client, [h.id for h in big])
     print(f"\nwhen tenant B's 20 were all answered, tenant A had {a_done} of 2,000 answered")
     assert a_done < 1000
     for handle in big:
         handle.result(timeout=300)
+
+
+def _answered(client: Any, ids: list[str]) -> int:
+    """How many of these tasks have a stored outcome, read in one round trip (a snapshot)."""
+    backend = client.app.backend
+    stored = client.registry.client.mget([backend.get_key_for_task(i) for i in ids])
+    return sum(raw is not None and backend.decode_result(raw)["status"] in ("SUCCESS", "FAILURE") for raw in stored)
+
+
+def test_huge_chat_requests_are_refused_cheaply_and_leave_no_memory_behind(tiny_fleet: Fleet) -> None:
+    """Finding 8: 2 MB chat requests (64 turns of 32,000 characters) cost a consumer seconds of CPU to
+    tokenize before they were refused, and its memory grew 416 -> 1,079 MB over eight of them. Now a
+    prefix is counted and the request refused; the worker's processes end where they started."""
+    worker = psutil.Process(tiny_fleet.worker.process.pid)
+
+    def rss_mb() -> float:
+        return sum(p.memory_info().rss for p in [worker, *worker.children(recursive=True)]) / 2**20
+
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "lorem ipsum " * 2666} for i in range(63)]
+    body = {"task_type": "text_generation", "messages": [*turns, {"role": "user", "content": "so?"}], "priority": "bulk"}
+    tiny_fleet.client.generate("warm up", max_new_tokens=2, timeout=60)
+    before = rss_mb()
+    for _ in range(8):
+        with pytest.raises(FleetError) as caught:
+            tiny_fleet.client.submit(body).result(timeout=60)
+        assert caught.value.code == ErrorCode.PROMPT_TOO_LONG and "first" in caught.value.message
+    after = rss_mb()
+    print(f"\nworker processes' RSS {before:.0f} -> {after:.0f} MB over eight 2 MB requests")
+    assert after - before < 150
