@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The GPU table (bench/RESULTS.md) in one command, on a machine without network:
 #   bench/gpu.sh [OUTDIR]
-# Brings what that machine lacks from the repo's ignored folders (../shared/gpu/README.md says how
-# to fill them): .whl/ (wheels for its Python, the project's own among them: `.venv/bin/pip wheel
-# --no-deps --no-build-isolation . -w .whl`, rebuilt after every change, or the plugin entry points
-# are missing there) and .gpu/tok (the bundled model's tokenizer). The model is a random-weight
+# Brings what that machine lacks from the repo's ignored folders: .whl/ (bench/gpu_wheels.sh fills it, the
+# project's own wheel among them, rebuilt after every change, or the plugin entry points are missing there)
+# and .gpu/tok (the bundled model's tokenizer; ../shared/gpu/README.md). The model is a random-weight
 # Llama in SmolLM2-1.7B's shape, built there (bench/shapes.py).
 # GPU_PROFILE=1: one more run at batch 32 with the engine core under cProfile (its top functions
 # printed; rates under cProfile are not comparable).
@@ -12,10 +11,15 @@
 set -u
 OUT_DIR=${1:-${OUT:-bench/results}}
 mkdir -p "$OUT_DIR"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1; then  # bench/gpu_wheels.sh gathers them
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  if ls .whl/src/*.tar.gz >/dev/null 2>&1; then  # compiled packages without a wheel for this Python: built here
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site .whl/src/*.tar.gz
+  fi
   export PYTHONPATH=/tmp/site:$PWD
 fi
+# GPTQModel compiles its CUDA kernels (Marlin, ExLlama v2) with torch's JIT on first use: Hopper only, all cores.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 nvidia-smi -L; nproc
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 TOK=${AUTOGLM_BENCH_TOKENIZER:-.gpu/tok}
@@ -27,7 +31,7 @@ bench() {  # NAME TIMEOUT_S ARGS...: one bench run, its log and summary in OUT_D
   local name=$1 limit=$2; shift 2
   echo "=== $name: python3 -m bench --shape $SHAPE $QUICK ${TOK:+--tokenizer $TOK} $*"
   timeout "$limit" python3 -m bench --shape "$SHAPE" $QUICK ${TOK:+--tokenizer "$TOK"} --json "$@" >"$OUT_DIR/$name.log" 2>&1
-  local rc=$?; echo "rc=$rc"; grep -E "^\[bench\] (round|throughput|engine|model|decode)" "$OUT_DIR/$name.log" | cut -c1-1500
+  local rc=$?; echo "rc=$rc"; grep -E "^\[bench\] (round|throughput|engine|model|decode|gptq)" "$OUT_DIR/$name.log" | cut -c1-1500
   tail -n 1 "$OUT_DIR/$name.log" >"$OUT_DIR/$name.json"
   return $rc
 }

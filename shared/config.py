@@ -107,8 +107,8 @@ class QuantizeConfig(_Section):
     method: Literal["gptq", "none"] = "gptq"
     measure: bool = Field(
         default=True,
-        description="method none: measure the float model's accuracy at prepare (off for random-weight "
-        "speed models, bench --shape, whose accuracy means nothing). GPTQ always measures: its gate needs it.",
+        description="Measure accuracy at prepare, and gate GPTQ attempts on it (off only for random-weight speed "
+        "models, bench --shape, whose accuracy means nothing: the first GPTQ attempt is kept unmeasured).",
     )
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(default=64, description="Must divide every quantized layer's in-features.")
@@ -214,6 +214,10 @@ class ModelConfig(_Section):
         "kernel would dequantize it on every call (TorchLinear: 8-bit; 4-bit has its own kernel and is untouched). "
         "Same outputs, 5.5x faster 8-bit generation (2-core EPYC), a float copy of those weights in memory.",
     )
+    gptq_kernel: str | None = Field(
+        default=None, description="GPTQModel backend for this GPTQ model's layers (gptq_marlin, gptq_exllama_v2, "
+        "gptq_triton, gptq_torch, ...); None: GPTQModel chooses (Marlin where the layer shapes allow on a GPU). "
+        "A kernel that cannot load this artifact on this device falls back to GPTQModel's choice, with a warning.")
     max_context_tokens: Annotated[int, Field(ge=16)] = 2048
     classification_template: str | None = Field(
         default=None,

@@ -8,6 +8,7 @@ An Engine is created once per worker process. ``prepare`` runs in the calling ta
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPTQConfig
 
 from shared import templates
 from shared.config import ModelConfig
@@ -376,6 +377,23 @@ def _eager_dequantize(model: torch.nn.Module) -> None:
             del module.dequantize_weight
 
 
+def gptq_bits(path: Path) -> int | None:
+    """The bit width of a GPTQ folder (its config.json's quantization_config), None for a float model."""
+    try:
+        quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    return quant.get("bits") if quant.get("quant_method") == "gptq" else None
+
+
+def kernel_attempts(configured: str | None, bits: int | None) -> list[str | None]:
+    """The kernels to try loading with, in order: the configured one, then GPTQModel's own choice
+    (None). A float model has no kernel to choose."""
+    if bits is None or configured is None:
+        return [None]
+    return [configured, None]
+
+
 def padded_shape(rows: int, width: int, widths: list[int]) -> tuple[int, int]:
     """The (rows, width) a classification forward pass runs at: as given without ``widths``; else rows
     to the next power of two and width to the first of ``widths`` that fits (past the last: as is).
@@ -407,8 +425,7 @@ class Engine:
         self.preparer = Preparer(config, path)
         self.tokenizer = self.preparer.tokenizer
         with _gptq_weight_cache(config.cpu_weight_cache and self.device.type == "cpu"):
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device),
-                                                              trust_remote_code=config.trust_remote_code)
+            self.model = self._load(path)
         self.model.eval()
         if config.cpu_weight_cache and self.device.type == "cpu":
             _eager_dequantize(self.model)
@@ -431,6 +448,22 @@ class Engine:
     @property
     def name(self) -> str:
         return self.config.name
+
+    def _load(self, path: Path) -> Any:
+        """The model through ``from_pretrained``; a GPTQ folder with the configured kernel first, then
+        GPTQModel's own choice if that kernel cannot take this artifact here (``kernel_attempts``)."""
+        bits = gptq_bits(path)
+        for kernel in kernel_attempts(self.config.gptq_kernel, bits):
+            extra = {} if kernel is None else {"quantization_config": GPTQConfig(bits=bits, backend=kernel)}
+            try:
+                return AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device),
+                                                            trust_remote_code=self.config.trust_remote_code, **extra)
+            except (ValueError, NotImplementedError, RuntimeError, ImportError) as exc:
+                if kernel is None:
+                    raise
+                log.warning("GPTQ kernel %s cannot load %s on %s (%s); letting GPTQModel choose", kernel,
+                            self.config.name, self.device, exc)
+        raise AssertionError("unreachable: the last attempt is GPTQModel's own choice")
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

@@ -245,7 +245,7 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         return read_manifest(shared) or {}
     float_path = ensure_float(settings, model, source, report)
     quantize = model.quantize
-    measured = quantize.method != "none" or quantize.measure
+    measured = quantize.measure
     float_scores = float_baseline(settings, model, float_path, report) if measured else None
     attempts: list[dict[str, Any]] = []
     if quantize.method == "none":
@@ -264,17 +264,21 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
                 break
             folder = target.with_name(f"{target.name}.attempt{index}")
             dtype = quantize_gptq(float_path, folder, attempt, report)
-            scores = measure(settings, model, folder, qa_floor=float_scores["qa"] - quantize.max_qa_loss_vs_float)
-            loss, worst, qa_loss = _losses(float_scores, scores)
             family_limit = quantize.max_family_loss_vs_float
-            passed = loss is not None and worst is not None and loss <= quantize.max_loss_vs_float + 1e-9 \
-                and qa_loss <= quantize.max_qa_loss_vs_float + 1e-9 \
-                and (family_limit is None or worst <= family_limit + 1e-9)
+            if measured:
+                scores = measure(settings, model, folder, qa_floor=float_scores["qa"] - quantize.max_qa_loss_vs_float)
+                loss, worst, qa_loss = _losses(float_scores, scores)
+                passed = loss is not None and worst is not None and loss <= quantize.max_loss_vs_float + 1e-9 \
+                    and qa_loss <= quantize.max_qa_loss_vs_float + 1e-9 \
+                    and (family_limit is None or worst <= family_limit + 1e-9)
+            else:  # a random-weight speed model: no quality to gate (bench/gptq_check.py checks the kernel)
+                scores, loss, worst, qa_loss, passed = None, None, None, 0.0, True
             record = {"settings": attempt.settings(), "scores": scores, "loss_vs_float": loss,
                       "qa_loss_vs_float": qa_loss, "worst_family_loss_vs_float": worst, "passed": passed,
                       "quantized_in": dtype}
             attempts.append(record)
-            shown = "not measured (QA already missed)" if loss is None else f"{loss * 100:+.1f} pts"
+            shown = f"{loss * 100:+.1f} pts" if loss is not None else "not measured (QA already missed)" if measured \
+                else "not measured (quantize.measure: false)"
             family = "" if worst is None else f" (worst family {worst * 100:+.1f})"
             report(f"attempt {index} {attempt.settings()}: classification loss {shown}{family}, "
                    f"QA loss {qa_loss * 100:+.1f} pts -> {'keep' if passed else 'miss'}")
@@ -328,7 +332,8 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
         "prepared_at": time.time(),
     }
     if not measured:
-        report(f"{model.name}: served as is, accuracy not measured (quantize.measure: false); "
+        kept = "served as is" if quantize.method == "none" else f"kept {chosen['settings']}"
+        report(f"{model.name}: {kept}, accuracy not measured (quantize.measure: false); "
                f"{manifest['bytes_served'] / 1e6:.0f} MB")
     else:
         report(

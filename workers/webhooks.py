@@ -153,6 +153,7 @@ class Deliverer:
                     await self._read(client, http, streams)
                 except (redis.RedisError, OSError) as exc:
                     log.warning("webhook deliverer: Redis unavailable (%s); retrying", exc)
+                    self._known.clear()  # a restarted Redis lost the consumer groups: create them again
                     await asyncio.sleep(1.0)
             for task in list(self._tasks):
                 task.cancel()
@@ -178,8 +179,8 @@ class Deliverer:
 
     async def _read(self, client: aioredis.Redis, http: httpx.AsyncClient, streams: dict[str, str]) -> None:
         ready = {key: ">" for tenant, key in streams.items() if self._room(tenant) > 0}
-        if not ready:
-            await asyncio.sleep(0.05)
+        if not ready:  # nobody has had a webhook yet, or every tenant with one is at its limit
+            await asyncio.sleep(0.5 if not streams else 0.05)
             return
         count = min(self._room(tenant) for tenant, key in streams.items() if key in ready)
         replies = await client.xreadgroup(GROUP, self.name, ready, count=count, block=500)

@@ -359,3 +359,12 @@ def test_classification_padded_to_a_few_shapes_scores_the_same(engine: Engine) -
         engine.widths = []
     for one, other in zip(plain, padded, strict=True):
         assert other == pytest.approx(one, abs=1e-4)
+
+
+def test_a_configured_gptq_kernel_is_tried_first_then_gptqmodels_own_choice(tmp_path: Path) -> None:
+    from workers.engine import gptq_bits, kernel_attempts
+
+    assert kernel_attempts("gptq_marlin", 4) == ["gptq_marlin", None]  # Marlin refuses the shape: auto picks
+    assert kernel_attempts(None, 4) == [None] and kernel_attempts("gptq_marlin", None) == [None]  # float: nothing
+    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "gptq", "bits": 4}}')
+    assert gptq_bits(tmp_path) == 4 and gptq_bits(tmp_path / "missing") is None
