@@ -136,3 +136,16 @@ def test_the_compute_dtype_left_to_the_machine_keeps_the_artifact_fingerprint() 
     assert "compute_dtype" not in model.quantize.model_dump(exclude_none=True)
     forced = model.model_copy(update={"quantize": model.quantize.model_copy(update={"compute_dtype": "float32"})})
     assert artifact_fingerprint(forced, source) != artifact_fingerprint(model, source)
+
+
+def test_a_random_weight_speed_model_keeps_its_first_attempt_unmeasured(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`bench --shape ... --quant gptq4`: random weights have no accuracy to keep, so with
+    `quantize.measure: false` nothing is measured (on a GPU that would cost minutes of the lease) and
+    the first attempt ships; bench/gptq_check.py checks the kernel instead."""
+    settings, model, tried = setup
+    model = model.model_copy(update={"quantize": model.quantize.model_copy(update={"measure": False})})
+    monkeypatch.setattr(quantize, "float_baseline", lambda *a: pytest.fail("the float model was measured"))
+    script(monkeypatch, [])  # any measurement pops from an empty list: fails
+    manifest = quantize.prepare(settings, model, report=lambda m: None)
+    assert len(tried) == 1 and manifest["chosen"]["bits"] == 4 and manifest["loss_vs_float"] is None
+    assert manifest["attempts"][0]["passed"] and manifest["accuracy_served"] is None
