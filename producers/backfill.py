@@ -30,7 +30,6 @@ from producers.client import FleetClient, TaskHandle
 from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority
 
-
 THROTTLE_POLL_S = 0.5  # how often a backfill with nothing in flight looks at a queue too deep to add to
 
 

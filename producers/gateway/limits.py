@@ -25,8 +25,8 @@ from starlette.middleware.body_limit import RequestBodyLimitResponder
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producers.auth import verify
-from shared.config import GatewayConfig
 from producers.gateway.errors import too_large
+from shared.config import GatewayConfig
 from shared.errors import ErrorCode, FleetError
 
 UPLOAD_PATH = "/v1/files"
