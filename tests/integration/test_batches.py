@@ -175,6 +175,8 @@ def test_a_tenant_uses_and_lists_only_the_models_it_may_see(gateway: tuple[Gatew
 
     client = _client(gateway, "no-models-co")  # gateway.tenant_models: {"no-models-co": []}
     assert list(client.models.list()) == []
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("smollm2-135m")  # hidden from this tenant: as if it did not exist
     with pytest.raises(openai.NotFoundError) as refused:
         client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}])
     assert refused.value.body["code"] == "NOT_FOUND"

@@ -191,6 +191,9 @@ def test_the_official_openai_client_lists_models_and_completes(gateways: Gateway
     token = issue(gateways.config, "sdk-user", Role.USER)
     client = openai.OpenAI(base_url=f"{gateways.first.url}/v1", api_key=token, max_retries=0)
     assert [(m.id, m.owned_by) for m in client.models.list()] == [("smollm2-135m", "autoglm/transformers")]
+    assert client.models.retrieve("smollm2-135m").owned_by == "autoglm/transformers"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-17")
     reply = client.chat.completions.create(model="smollm2-135m", max_tokens=16,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in reply.choices[0].message.content

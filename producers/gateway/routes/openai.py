@@ -89,6 +89,16 @@ async def models(state: State, who: Controlled) -> ModelList:
                            for m in state.settings.models if m.name in visible])
 
 
+@router.get("/models/{model_id}", response_model=ModelCard)
+async def model(model_id: str, state: State, who: Controlled) -> ModelCard:
+    """One model of ``GET /v1/models`` (OpenAI's ``models.retrieve``); NOT_FOUND for a model this
+    tenant may not see, as for one that does not exist."""
+    if model_id not in visible_models(state.settings, who.tenant, who.role):
+        raise FleetError(ErrorCode.NOT_FOUND, f"no model {model_id!r} for tenant {who.tenant}; GET /v1/models lists them")
+    found = state.settings.model(model_id)
+    return ModelCard(id=found.name, created=int(state.started_at), owned_by=f"autoglm/{found.backend}")
+
+
 def task_request(body: ChatCompletionRequest, tenant: str, priority: str = "interactive") -> dict[str, Any]:
     """A chat completions request as the fleet's generation request, on behalf of ``tenant``."""
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
