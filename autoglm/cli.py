@@ -198,10 +198,15 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
     from producers.backfill import run_backfill
 
-    summary = run_backfill(
-        _client(), Path(args.input), Path(args.output), Path(args.errors) if args.errors else None,
-        window=args.window, chunk=args.chunk, max_queue_depth=args.max_queue_depth,
-    )
+    try:
+        summary = run_backfill(
+            _client(), Path(args.input), Path(args.output), Path(args.errors) if args.errors else None,
+            window=args.window, chunk=args.chunk, max_queue_depth=args.max_queue_depth,
+        )
+    except KeyboardInterrupt:  # the journal has every submitted line: nothing is lost, nothing runs twice
+        print(f"\ninterrupted; run the same command again to resume ({Path(args.output).with_suffix('.journal')} "
+              "keeps what was submitted)", file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     return 0
 

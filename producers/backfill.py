@@ -164,17 +164,29 @@ def _done_ids(*paths: Path) -> set[str]:
 
 @dataclass
 class Progress:
+    """The progress line on stderr. Lines a resumed run skips (done before) count toward the bar, not
+    toward the rate: the rate and ETA are this run's (a resumed run once showed 14,229,088 lines/s)."""
+
     total: int
     started: float = field(default_factory=time.monotonic)
     done: int = 0
+    skipped: int = 0
     last: float = 0.0
+
+    def skip(self, n: int) -> None:
+        self.skipped += n
+        self.done += n
+
+    def rate(self, now: float | None = None) -> float:
+        elapsed = (now if now is not None else time.monotonic()) - self.started
+        return (self.done - self.skipped) / max(elapsed, 1e-9)
 
     def tick(self, n: int = 1, force: bool = False) -> None:
         self.done += n
         now = time.monotonic()
         if force or now - self.last > 0.5:
             self.last = now
-            rate = self.done / max(now - self.started, 1e-9)
+            rate = self.rate(now)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             width = 30
             filled = int(width * self.done / max(self.total, 1))
@@ -205,7 +217,8 @@ def run_backfill(
     todo = [(line.custom_id, line.request) for line in lines if line.custom_id not in done]
     counts: Counter[str] = Counter()
     progress = Progress(total=len(lines))
-    progress.tick(len(lines) - len(todo), force=True)
+    progress.skip(len(lines) - len(todo))
+    progress.tick(0, force=True)
     bulk_queues = [name for name, priority, _ in client.settings.all_queues() if priority == Priority.BULK]
     in_flight: dict[str, TaskHandle] = {}  # custom_id -> handle
     with output.open("a") as out, errors.open("a") as err, journal.path.open("a") as jout:
