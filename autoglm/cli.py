@@ -153,16 +153,22 @@ def _client():  # noqa: ANN202
     return FleetClient()
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    result = _client().generate(args.prompt, priority=args.priority, max_new_tokens=args.max_new_tokens, timeout=args.timeout)
-    print(json.dumps(result.model_dump(mode="json"), indent=2))
+def _answer(handle: Any, timeout: float) -> int:
+    """The task's id first (stderr, at once: `autoglm result <id>` finds it later whatever happens
+    here), then its result as JSON with the id in it."""
+    print(f"task {handle.id}", file=sys.stderr, flush=True)
+    result = handle.result(timeout=timeout)
+    print(json.dumps({"id": handle.id, **result.model_dump(mode="json")}, indent=2))
     return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    handle = _client().submit_generate(args.prompt, priority=args.priority, max_new_tokens=args.max_new_tokens)
+    return _answer(handle, args.timeout)
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    result = _client().classify(args.text, args.labels.split(","), priority=args.priority, timeout=args.timeout)
-    print(json.dumps(result.model_dump(mode="json"), indent=2))
-    return 0
+    return _answer(_client().submit_classify(args.text, args.labels.split(","), priority=args.priority), args.timeout)
 
 
 def _cmd_result(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ No fakes: producers talk to the worker only through Redis, and answers come from
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -225,3 +226,22 @@ def test_a_result_stored_without_its_publish_still_reaches_a_waiting_caller(flee
     started = time.monotonic()
     assert waiting.result(timeout=20).output.text == done.result(timeout=5).output.text  # type: ignore[union-attr]
     assert time.monotonic() - started < 10
+
+
+def test_autoglm_generate_and_classify_print_the_task_id(fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The id comes first (stderr, before the wait) and again in the JSON, so `autoglm result <id>` can
+    find a task whose wait ran out."""
+    from autoglm.cli import main
+    from tests.integration.conftest import cli_env
+
+    for key, value in cli_env(fleet).items():
+        if key.startswith("AUTOGLM_") or key == "REDIS_URL":
+            monkeypatch.setenv(key, value)
+    assert main(["generate", "Name a tree.", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    answer = json.loads(captured.out)
+    assert captured.err.startswith(f"task {answer['id']}") and answer["usage"]["completion_tokens"] >= 1
+    assert main(["classify", "Lovely soup.", "--labels", "positive,negative"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["id"] and answer["output"]["label"] in ("positive", "negative")
