@@ -413,6 +413,9 @@ class WorkerConfig(_Section):
     metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
         default=None, description="Serve Prometheus /metrics on this port; None = off."
     )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address /metrics listens on: loopback unless set (a container sets "
+        "0.0.0.0 for its scraper, docker-compose.yml): metrics name models, queues and tenants' traffic.")
 
 
 class BrokerConfig(_Section):

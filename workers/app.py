@@ -117,7 +117,8 @@ class ConsumerProcess:
         if self.ctx.engine.owner:  # webhooks leave from one event loop per worker, never a task thread
             self.deliverer = Deliverer(settings, settings.redis_url or "", hostname).start()
         if settings.worker.metrics_port and self.ctx.engine.owner:  # one /metrics per worker: the first consumer's
-            metrics.serve(settings.worker.metrics_port, settings.redis_url or "", settings.all_queues())
+            metrics.serve(settings.worker.metrics_port, settings.redis_url or "", settings.all_queues(),
+                          settings.worker.metrics_host)
 
     def _logging(self, **_: object) -> None:
         # Connecting here stops Celery from installing its own handlers: every line is ours (JSON).

@@ -67,14 +67,14 @@ class QueueDepth(Collector):
         yield family
 
 
-def serve(port: int, redis_url: str, queues: Sequence[tuple[str, str, str]]) -> None:
+def serve(port: int, redis_url: str, queues: Sequence[tuple[str, str, str]], host: str = "127.0.0.1") -> None:
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every consumer's counts, summed at scrape time
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     registry.register(QueueDepth(redis_url, queues))
-    start_http_server(port, addr="0.0.0.0", registry=registry)
-    log.info("metrics on http://0.0.0.0:%d/metrics", port)
+    start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)
 
 
 def observe_batch(task_type: str, size: int, input_tokens: int, answers: Sequence[Any]) -> None:

@@ -196,3 +196,21 @@ def test_compose_file_names_the_services_and_runs_what_the_tests_run() -> None:
     assert services["worker-gpu"]["build"]["args"]["TORCH_DEVICE"] == "cuda"  # no GPU is visible at build time
     assert "TORCH_DEVICE=$TORCH_DEVICE" in (REPO / "Dockerfile").read_text()
     assert services["worker"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://jaeger")
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise(traced: Traced) -> None:
+    """/metrics names models, queues and traffic: by default only this machine may read it (a container
+    sets worker.metrics_host 0.0.0.0 for its scraper, as docker-compose.yml does)."""
+    import socket
+
+    import psutil
+
+    assert "autoglm_queue_depth" in traced.metrics()  # served on 127.0.0.1
+    outward = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+               if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    if not outward:
+        pytest.skip("this machine has no non-loopback IPv4 address to try")
+    for address in outward:
+        with socket.socket() as probe, pytest.raises(OSError):
+            probe.settimeout(2)
+            probe.connect((address, traced.metrics_port))
