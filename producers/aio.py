@@ -36,9 +36,9 @@ class AsyncTaskHandle:
     async def result(self, timeout: float | None = None) -> TaskResult:
         return await self._client.result(self.id, timeout)
 
-    def stream(self, timeout: float | None = None) -> AsyncIterator[str]:
-        """``async for piece in handle.stream(): ...`` (see TaskHandle.stream)."""
-        return self._client.stream_task(self.id, timeout)
+    def stream(self, timeout: float | None = None, idle_timeout: float | None = None) -> AsyncIterator[str]:
+        """``async for piece in handle.stream(): ...`` (see TaskHandle.stream and stream_task)."""
+        return self._client.stream_task(self.id, timeout, idle_timeout)
 
     async def cancel(self) -> None:
         await self._client.cancel(self.id)
@@ -114,10 +114,15 @@ class AsyncFleetClient:
             if not finished:
                 await self.cancel(handle.id)
 
-    async def stream_task(self, task_id: str, timeout: float | None = None) -> AsyncIterator[str]:
-        """A task's text as it is generated (TaskHandle.stream, without blocking the loop)."""
+    async def stream_task(self, task_id: str, timeout: float | None = None,
+                          idle_timeout: float | None = None) -> AsyncIterator[str]:
+        """A task's text as it is generated (TaskHandle.stream, without blocking the loop).
+        ``timeout``: TimeoutError when the whole stream takes longer; ``idle_timeout``: when no text
+        arrives for this long (what a streaming client expects: a long answer that keeps coming is
+        never cut, a stalled one is)."""
         reader = streams.Reader(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
+        heard = time.monotonic()
         while True:
             try:
                 # A blocking read holds a pooled connection: keep it short, so many streams share few.
@@ -125,6 +130,7 @@ class AsyncFleetClient:
             except RedisError as exc:
                 raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {task_id}'s stream: {exc}") from exc
             for piece in reader.feed(records):
+                heard = time.monotonic()
                 yield piece
             if reader.done:
                 return
@@ -134,6 +140,8 @@ class AsyncFleetClient:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"task {task_id} did not finish streaming within {timeout}s")
+            if idle_timeout is not None and time.monotonic() - heard >= idle_timeout:
+                raise TimeoutError(f"task {task_id} sent no text for {idle_timeout}s")
 
     @property
     def sync(self) -> FleetClient:

@@ -124,3 +124,31 @@ def test_an_sse_client_that_disconnects_cancels_its_task(fleet: Fleet, gateway: 
     with pytest.raises(FleetError) as stopped:
         fleet.client.handle(task_id).result(timeout=60)
     assert stopped.value.code == ErrorCode.CANCELLED and "while generating" in stopped.value.message
+
+
+def test_a_long_stream_that_keeps_coming_is_not_cut_at_the_gateways_wait(tiny_fleet: Fleet, tmp_path: Path) -> None:
+    """gateway.max_wait_s is the longest silence a stream may have, not its longest length: a stream
+    that runs well past it while text keeps coming ends with its finish chunk (it was cut with an
+    error at max_wait_s in total)."""
+    import json as json_
+
+    from tests.integration.conftest import cli_env
+
+    env, config = gateway_env(tiny_fleet, tmp_path)
+    env["AUTOGLM_MODELS"] = cli_env(tiny_fleet)["AUTOGLM_MODELS"]
+    env["AUTOGLM_GATEWAY__MAX_WAIT_S"] = "1"
+    running = start_gateway(env, tmp_path)
+    try:
+        started, events = time.monotonic(), []
+        body = {"model": tiny_fleet.settings.models[0].name, "max_tokens": 1500, "stream": True,
+                "messages": [{"role": "user", "content": STORY}]}
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {issue(config, 'long-reader', Role.USER)}"}) as sse:
+            events = [json_.loads(line[6:]) for line in sse.iter_lines() if line.startswith("data: {")]
+        took = time.monotonic() - started
+    finally:
+        running.stop()
+    assert not any("error" in e for e in events), events[-1]
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    pieces = sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content"))
+    assert took > 1.5 and pieces > 10, f"the stream lasted {took:.1f}s in {pieces} pieces: too short to show anything"

@@ -129,7 +129,8 @@ def completion(task_id: str, result: TaskResult) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, state: State, who: User) -> dict[str, Any] | StreamingResponse:
-    """Awaited up to gateway.max_wait_s, then DEADLINE_EXCEEDED (504) and the task is cancelled."""
+    """Awaited up to gateway.max_wait_s, then DEADLINE_EXCEEDED (504) and the task is cancelled; a
+    stream is cut when no text has come for gateway.max_wait_s, however long it runs in all."""
     await within_rate(state, who, Priority.INTERACTIVE)
     check_model(state.settings, who.tenant, body.model, "text_generation", who.role)
     handle = await state.fleet.submit(task_request(body, who.tenant))
@@ -163,7 +164,7 @@ async def _events(state: Any, handle: Any, model: str, wait_s: float, include_us
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for piece in handle.stream(timeout=wait_s):
+        async for piece in handle.stream(idle_timeout=wait_s):  # cut only when text stops coming
             yield chunk({"content": piece})
         result = await handle.result(timeout=10)
         yield chunk({}, result.output.finish_reason)
