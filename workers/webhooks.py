@@ -73,14 +73,6 @@ def _record_fields(fields: dict[str, Any]) -> dict[str, str]:
     return {**{k: str(v) for k, v in fields.items()}, "updated_at": f"{time.time():.3f}"}
 
 
-def record(client: redis.Redis, settings: Settings, task_id: str, **fields: Any) -> None:
-    key = webhooks.OUTCOME_KEY.format(task_id=task_id)
-    pipe = client.pipeline(transaction=False)
-    pipe.hset(key, mapping=_record_fields(fields))
-    pipe.expire(key, settings.broker.result_expires_s)
-    pipe.execute()
-
-
 def enqueue(client: redis.Redis, settings: Settings, task_id: str, url: str, payload: dict[str, Any],
             tenant: str | None) -> None:
     """Hand a delivery to the deliverers (called by the webhook middleware; returns at once)."""
