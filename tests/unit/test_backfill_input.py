@@ -88,3 +88,22 @@ def test_a_resumed_backfill_s_rate_counts_only_this_run_s_lines() -> None:
     progress.skip(900)
     progress.done += 10
     assert progress.rate(now=110.0) == 1.0 and progress.done == 910
+
+
+def test_a_backfill_waiting_for_a_deep_queue_sleeps_between_looks(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Nothing in flight and the bulk queue deeper than its limit (other tenants' work): the backfill
+    waits with a sleep between looks at the depth; it used to ask Redis in a tight loop."""
+    from types import SimpleNamespace
+
+    from producers import backfill
+    from shared.config import load_settings
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"custom_id": "a", "task_type": "classification", "text": "Nice", "labels": ["pos", "neg"]}\n')
+    looks, sleeps = [], []
+    client = SimpleNamespace(settings=load_settings(), queue_depth=lambda *q: looks.append(q) or 10**9)
+    monkeypatch.setattr(backfill.time, "sleep", lambda s: sleeps.append(s))
+    summary = backfill.run_backfill(client, source, tmp_path / "out.jsonl", max_queue_depth=100,  # type: ignore[arg-type]
+                                    cancelled=lambda: len(looks) >= 5)
+    assert len(looks) == 5 and len(sleeps) >= 4 and all(s >= backfill.THROTTLE_POLL_S for s in sleeps)
+    assert summary.get("submitted", 0) == 0  # nothing was published while the queue stayed deep
