@@ -122,9 +122,9 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
                       f"{decode.weight_bytes(engine.model) / 2**20:.0f} MiB on the device", flush=True)
                 wanted = [int(b) for b in batches or [] if b.isdigit()] or ([1, 8] if mode == "quick" else decode.GPU_BATCHES)
                 if quant != "fp16":  # the served kernel against the same artifact dequantized, first
-                    from bench import gptq_check, shapes
+                    from bench import gptq_check
 
-                    summary.update(gptq_check.run(engine, shapes.QUANT[quant]["bits"], 8 if mode == "quick" else 64))
+                    summary.update(gptq_check.run(engine, 8 if mode == "quick" else 64))
                 summary.update(decode.run(settings, engine, wanted, 16 if mode == "quick" else 64))
                 del engine
             elif name == "continuous":

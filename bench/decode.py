@@ -73,8 +73,7 @@ def bound_tokens_per_s(weights: int, kv_per_token: int, batch: int, mean_context
 
 
 def _items(engine: Any, batch: int, new_tokens: int) -> list[Any]:
-    texts = (prompts(batch) * (batch // max(1, len(prompts(batch))) + 1))[:batch]
-    return [engine.prepare(GenerateRequest(prompt=p, max_new_tokens=new_tokens)) for p in texts]
+    return [engine.prepare(GenerateRequest(prompt=p, max_new_tokens=new_tokens)) for p in prompts(batch)]
 
 
 def run_engine(engine: Any, config: ContinuousConfig, items: list[Any]) -> float:

@@ -30,11 +30,14 @@ def _linear_bytes(model: Any) -> int:
     return total
 
 
-def reference(path: Any, bits: int, device: torch.device) -> Any:
+def reference(path: Any, device: torch.device) -> Any:
     """The artifact dequantized to fp16 (fp32 on a CPU), as plain linear layers."""
     from gptqmodel.nn_modules.qlinear.torch import dequantize_model
     from transformers import AutoModelForCausalLM, GPTQConfig
 
+    from workers.engine import gptq_bits
+
+    bits = gptq_bits(path)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=bits, backend="gptq_torch"),
                                                  device_map="cpu", dtype=torch.float16)
     model = dequantize_model(model)
@@ -61,9 +64,9 @@ def greedy(model: Any, tokenizer: Any, texts: list[str], tokens: int, device: to
     return first, out[:, batch["input_ids"].shape[1]:]
 
 
-def run(engine: Any, bits: int, n_prompts: int = 64, tokens: int = 16) -> dict[str, Any]:
-    texts = (prompts(n_prompts) * (n_prompts // max(1, len(prompts(n_prompts))) + 1))[:n_prompts]
-    ref = reference(engine.path, bits, engine.device)
+def run(engine: Any, n_prompts: int = 64, tokens: int = 16) -> dict[str, Any]:
+    texts = prompts(n_prompts)
+    ref = reference(engine.path, engine.device)
     served_logits, served = greedy(engine.model, engine.tokenizer, texts, tokens, engine.device)
     ref_logits, expected = greedy(ref, engine.tokenizer, texts, tokens, engine.device)
     same = (served == expected).all(dim=1).float().mean().item()

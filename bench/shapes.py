@@ -61,10 +61,8 @@ QUANT = {
     "fp16": {"method": "none", "measure": False},
     # GPTQ of random weights (calibrated on the bundled docstrings: the values do not matter for speed).
     # group 128: the size GPU kernels (Marlin, ExLlama) are built for; no act-order, symmetric.
-    "gptq4": {"method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "measure": False,
-              "calibration_samples": 32, "alternatives": []},
-    "gptq8": {"method": "gptq", "bits": 8, "group_size": 128, "desc_act": False, "measure": False,
-              "calibration_samples": 32, "alternatives": []},
+    **{f"gptq{bits}": {"method": "gptq", "bits": bits, "group_size": 128, "desc_act": False, "measure": False,
+                       "calibration_samples": 32, "alternatives": []} for bits in (4, 8)},
 }
 
 

@@ -78,11 +78,10 @@ class AsyncFleetClient:
         # Validation errors surface here, before any I/O. A callback_url's SSRF check resolves its host
         # on the DNS executor of its own, bounded by webhooks.dns_timeout_s (shared/webhooks.py): a name
         # that never answers costs this caller that long and no other caller anything.
-        callback = request.get("callback_url") if isinstance(request, dict) else getattr(request, "callback_url", None)
         built = self._sync.build(request, resolve_callback=False)
-        if callback:
+        if built.callback_url:
             hooks = self.settings.webhooks
-            await webhooks.resolve_async(str(callback), hooks.allowed_hosts, hooks.dns_timeout_s)
+            await webhooks.resolve_async(built.callback_url, hooks.allowed_hosts, hooks.dns_timeout_s)
         handle = await asyncio.to_thread(self._sync.submit, built, False)
         return AsyncTaskHandle(self, handle.id)
 

@@ -219,7 +219,7 @@ def run_backfill(
     progress = Progress(total=len(lines))
     progress.skip(len(lines) - len(todo))
     progress.tick(0, force=True)
-    bulk_queues = [name for name, priority, _ in client.settings.all_queues() if priority == Priority.BULK]
+    bulk_queues = client.settings.bulk_queues()
     in_flight: dict[str, TaskHandle] = {}  # custom_id -> handle
     with output.open("a") as out, errors.open("a") as err, journal.path.open("a") as jout:
 

@@ -30,7 +30,7 @@ from shared.errors import ErrorCode, FleetError, invalid_input
 from shared.pipelines import PIPELINE, STEP_TASK, PipelineRequest, check_input, step_request
 from shared.queues import make_celery
 from shared.registry import Registry
-from shared.schemas import Priority, TaskRequestBase, TaskResult, TaskType
+from shared.schemas import ANONYMOUS_TENANT, Priority, TaskRequestBase, TaskResult, TaskType
 from shared.telemetry import setup_tracing, trace_headers, tracer
 
 BROKER_ERRORS = (OperationalError, RedisError, ConnectionError)
@@ -172,8 +172,9 @@ class FleetClient:
         if request.model is not None and request.model not in serving:
             raise FleetError(ErrorCode.INVALID_INPUT, f"model: {request.model!r} does not serve {request.task_type}; "
                              f"models that do: {serving}")
-        if request.callback_url is not None and resolve_callback:  # SSRF guard: no loopback / link-local targets unless allowed
-            webhooks.resolve(request.callback_url, self.settings.webhooks.allowed_hosts, self.settings.webhooks.dns_timeout_s)
+        if request.callback_url is not None and resolve_callback:  # SSRF guard: public addresses only, unless allowed
+            hooks = self.settings.webhooks
+            webhooks.resolve(request.callback_url, hooks.allowed_hosts, hooks.dns_timeout_s)
         return request
 
     def build(self, data: Request | dict[str, Any], resolve_callback: bool = True) -> Request:
@@ -229,7 +230,7 @@ class FleetClient:
             kwargsrepr="{}",
             # The tenant's share of a bulk queue (shared/fairqueue.py) is chosen by this header.
             headers={**(headers if headers is not None else trace_headers()),
-                     fairqueue.TENANT_HEADER: getattr(request, "tenant", None) or fairqueue.ANONYMOUS},
+                     fairqueue.TENANT_HEADER: getattr(request, "tenant", None) or ANONYMOUS_TENANT},
             # Without it Celery SUBSCRIBEs to the task's result channel as it publishes: one Redis
             # round trip per task that kombu's batch publishing cannot pipeline (a third of
             # submit_many's time). Waiting (handle.result) subscribes by itself and reads the

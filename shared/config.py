@@ -715,8 +715,9 @@ class Settings(BaseSettings):
         ordered = sorted(self.queues, key=lambda p: self.queues[p].priority)
         return [(self.queue_name(p, m.name), p, m.name) for p in ordered for m in self.models]
 
-    def fair_queues(self) -> list[str]:
-        """Queues served round-robin between tenants (shared/fairqueue.py): every bulk queue."""
+    def bulk_queues(self) -> list[str]:
+        """Every model's bulk queue: what producers throttle on, and what is served round-robin between
+        tenants (shared/fairqueue.py)."""
         return [name for name, priority, _ in self.all_queues() if priority == Priority.BULK]
 
     def declared_queue_names(self) -> list[str]:

@@ -28,8 +28,9 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
+from shared.schemas import ANONYMOUS_TENANT
+
 TENANT_HEADER = "autoglm-tenant"
-ANONYMOUS = "_"
 
 # KEYS: tenant list, tenant set, rotation. ARGV: message, tenant.
 PUT = """
@@ -72,14 +73,22 @@ def tenant_key(queue: str, tenant: str) -> str:
     return f"{queue}:tenant:{tenant}"
 
 
+def members_key(queue: str) -> str:
+    return f"{queue}:tenant-set"
+
+
+def rotation_key(queue: str) -> str:
+    return f"{queue}:tenants"
+
+
 def put_keys(queue: str, tenant: str) -> list[str]:
-    return [tenant_key(queue, tenant), f"{queue}:tenant-set", f"{queue}:tenants"]
+    return [tenant_key(queue, tenant), members_key(queue), rotation_key(queue)]
 
 
 def message_tenant(message: dict[str, Any]) -> str:
     headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
     tenant = headers.get(TENANT_HEADER)
-    return tenant if isinstance(tenant, str) and tenant and ":" not in tenant else ANONYMOUS
+    return tenant if isinstance(tenant, str) and tenant and ":" not in tenant else ANONYMOUS_TENANT
 
 
 def queue_depth(client: Any, *queues: str) -> int:
@@ -94,9 +103,9 @@ def queue_depth(client: Any, *queues: str) -> int:
 
 def purge(client: Any, queue: str) -> int:
     """Delete every message waiting in ``queue``, all tenants'; returns how many there were."""
-    tenants = [t.decode() if isinstance(t, bytes) else t for t in client.smembers(f"{queue}:tenant-set")]
+    tenants = [t.decode() if isinstance(t, bytes) else t for t in client.smembers(members_key(queue))]
     size = queue_depth(client, queue)
-    client.delete(queue, f"{queue}:tenants", f"{queue}:tenant-set", *(tenant_key(queue, t) for t in tenants))
+    client.delete(queue, rotation_key(queue), members_key(queue), *(tenant_key(queue, t) for t in tenants))
     return size
 
 

@@ -63,7 +63,7 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
             # visibility_timeout_s + restore_interval_s once any worker is running.
             "unacked_restore_interval": settings.broker.restore_interval_s,
             "unacked_restore_throttle": 1,
-            "fair_queues": tuple(settings.fair_queues()),
+            "fair_queues": tuple(settings.bulk_queues()),
         },
         # Publishing is retried once, by the producer's tenacity policy (producers/client.py).
         task_publish_retry=False,

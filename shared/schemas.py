@@ -24,6 +24,9 @@ MAX_LABELS = 32
 SUBMITTED_AT_PAST_S = 30 * 86_400
 SUBMITTED_AT_FUTURE_S = 3_600
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
+# The tenant of requests that name none (the Python client's own callers): one share of the fair bulk
+# queues and of webhook delivery slots. The pattern above cannot produce it.
+ANONYMOUS_TENANT = "_"
 
 
 def _clock_reading(value: float) -> float:

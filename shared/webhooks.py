@@ -89,7 +89,8 @@ def refusal(address: Address) -> str | None:
     for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
         if getattr(address, f"is_{kind}"):
             return kind.replace("_", "-")
-    if not address.is_global or any(address in net for net in _NOT_GLOBAL if net.version == address.version):  # shared/CGNAT 100.64/10 and the other special-purpose blocks
+    # shared/CGNAT 100.64/10 and the other special-purpose blocks
+    if not address.is_global or any(address in net for net in _NOT_GLOBAL if net.version == address.version):
         return "not globally routable"
     return None
 
@@ -146,51 +147,46 @@ def _judge(url: str, host: str, addresses: list[str], allowed_hosts: list[str]) 
     return Target(url, host, addresses[0])
 
 
-def _unresolved(host: str, exc: BaseException | None) -> FleetError:
-    why = f"no answer within {DNS_TIMEOUT_S:g}s" if exc is None else str(exc)
+def _without_lookup(url: str, allowed_hosts: list[str]) -> tuple[str, int, Target | None]:
+    """(host, port, its Target when no name lookup is needed): an allowed host, or an address literal."""
+    host, port = _parse(url)
+    if host in allowed_hosts:
+        return host, port, Target(url, host, None)
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return host, port, None
+    return host, port, _judge(url, host, [literal.compressed], allowed_hosts)
+
+
+def _unresolved(host: str, timeout_s: float, exc: BaseException | None) -> FleetError:
+    why = f"no answer within {timeout_s:g}s" if exc is None else str(exc)
     return FleetError(ErrorCode.INVALID_INPUT, f"callback_url: host {host!r} does not resolve ({why})")
 
 
 def resolve(url: str, allowed_hosts: list[str], timeout_s: float = DNS_TIMEOUT_S) -> Target:
     """The checked ``Target`` of ``url``; INVALID_INPUT naming why it may not be called back."""
-    host, port = _parse(url)
-    if host in allowed_hosts:
-        return Target(url, host, None)
+    host, port, known = _without_lookup(url, allowed_hosts)
+    if known is not None:
+        return known
     try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
-    if literal is not None:
-        return _judge(url, host, [literal.compressed], allowed_hosts)
-    future = _DNS.submit(_lookup, host, port)
-    try:
-        addresses = future.result(timeout=timeout_s)
+        addresses = _DNS.submit(_lookup, host, port).result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:
-        raise _unresolved(host, None) from None
+        raise _unresolved(host, timeout_s, None) from None
     except (OSError, UnicodeError) as exc:
-        raise _unresolved(host, exc) from None
+        raise _unresolved(host, timeout_s, exc) from None
     return _judge(url, host, addresses, allowed_hosts)
 
 
 async def resolve_async(url: str, allowed_hosts: list[str], timeout_s: float = DNS_TIMEOUT_S) -> Target:
     """``resolve`` for an event loop: the lookup runs on the DNS executor, never the loop's default one."""
-    host, port = _parse(url)
-    if host in allowed_hosts:
-        return Target(url, host, None)
-    try:
-        return _judge(url, host, [ipaddress.ip_address(host).compressed], allowed_hosts)
-    except ValueError:
-        pass
+    host, port, known = _without_lookup(url, allowed_hosts)
+    if known is not None:
+        return known
     try:
         addresses = await asyncio.wait_for(asyncio.wrap_future(_DNS.submit(_lookup, host, port)), timeout_s)
     except TimeoutError:
-        raise _unresolved(host, None) from None
+        raise _unresolved(host, timeout_s, None) from None
     except (OSError, UnicodeError) as exc:
-        raise _unresolved(host, exc) from None
+        raise _unresolved(host, timeout_s, exc) from None
     return _judge(url, host, addresses, allowed_hosts)
-
-
-def check_url(url: str, allowed_hosts: list[str]) -> str:
-    """``url`` when it may be called back; INVALID_INPUT naming why not."""
-    resolve(url, allowed_hosts)
-    return url

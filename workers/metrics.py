@@ -22,9 +22,6 @@ from prometheus_client.registry import Collector
 from shared import fairqueue
 
 log = logging.getLogger(__name__)
-
-
-
 MAX_ELAPSED_S = 31 * 86_400  # longer than any message is kept: not a wait, a broken clock
 
 

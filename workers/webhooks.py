@@ -44,11 +44,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from shared import webhooks
 from shared.config import Settings
 from shared.errors import FleetError
+from shared.schemas import ANONYMOUS_TENANT
 
 log = logging.getLogger(__name__)
 RETRIED_STATUSES = {408, 429}
 GROUP = "deliverers"
-ANONYMOUS = "_"  # the tenant of requests that name none (the Python client's own callers)
 
 
 class Undelivered(Exception):
@@ -76,7 +76,7 @@ def _record_fields(fields: dict[str, Any]) -> dict[str, str]:
 def enqueue(client: redis.Redis, settings: Settings, task_id: str, url: str, payload: dict[str, Any],
             tenant: str | None) -> None:
     """Hand a delivery to the deliverers (called by the webhook middleware; returns at once)."""
-    who = tenant or ANONYMOUS
+    who = tenant or ANONYMOUS_TENANT
     try:
         body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
     except ValueError:  # NaN/Infinity are not JSON: strict receivers reject them; send null instead
@@ -193,7 +193,7 @@ class Deliverer:
     def _spawn(self, client: aioredis.Redis, http: httpx.AsyncClient, key: str, entry_id: Any, fields: dict) -> None:
         data = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                 for k, v in fields.items()}
-        tenant = data.get("tenant", ANONYMOUS)
+        tenant = data.get("tenant", ANONYMOUS_TENANT)
         self.in_flight[tenant] += 1
         task = asyncio.create_task(self._deliver_entry(client, http, key, entry_id, data))
         self._tasks.add(task)

@@ -20,11 +20,6 @@ from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from shared.errors import ErrorCode, FleetError
 
-
-def too_large(limit: int) -> FleetError:
-    return FleetError(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over this route's limit of {limit:,} bytes; "
-                      "send less (batch files: split them)")
-
 log = logging.getLogger(__name__)
 BROKER_RETRY_AFTER_S = 2
 STATUS_CODES = {400: ErrorCode.INVALID_INPUT, 401: ErrorCode.UNAUTHENTICATED, 403: ErrorCode.PERMISSION_DENIED,
@@ -68,6 +63,11 @@ def validation_message(exc: RequestValidationError, limit: int = 5, content_type
         where = ".".join(str(p) for p in err.get("loc", ())) or "request"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
+
+
+def too_large(limit: int) -> FleetError:
+    return FleetError(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over this route's limit of {limit:,} bytes; "
+                      "send less (batch files: split them)")
 
 
 def broker_unavailable(detail: object) -> FleetError:
