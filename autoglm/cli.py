@@ -61,8 +61,8 @@ def _serving_workers(settings: Any) -> dict[str, list[str]]:
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
     from shared.config import load_settings
+    from workers.artifacts import read_manifest, served_dir, shared_artifact
     from workers.backends import backend_for
-    from workers.models import read_manifest, served_dir, shared_artifact
 
     settings = load_settings()
     workers = _serving_workers(settings)
@@ -96,9 +96,9 @@ def _cmd_models_eval(args: argparse.Namespace) -> int:
     """Accuracy of the prepared artifact (and, with --float, its float source) on the caller's own
     labelled JSONL: the check to run before trusting zero-shot labels on a new label set."""
     from shared.config import load_settings
-    from workers.engine import Engine
-    from workers.evaluation import Family, accuracy
-    from workers.models import float_dir, prepared_path, resolve_source
+    from workers.artifacts import float_dir, prepared_path, resolve_source
+    from workers.backends.transformers.batch_side import Engine
+    from workers.prepare.evaluation import Family, accuracy
 
     settings = load_settings()
     model = settings.model(args.name) if args.name else settings.models[0]

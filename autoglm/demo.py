@@ -26,14 +26,14 @@ INTERACTIVE_PROMPTS = [
 
 
 def _prepare_all(settings: Settings) -> None:
-    from workers.quantize import prepare
+    from workers.prepare.quantize import prepare
 
     for model in settings.models:
         prepare(settings, model, report=lambda msg: print(f"[prepare] {msg}", flush=True))
 
 
 def run_demo(bulk: int = 64, as_json: bool = False, settings: Settings | None = None) -> dict[str, Any]:
-    from workers.evaluation import SENTIMENT_LABELS, sentiment_examples
+    from workers.prepare.evaluation import SENTIMENT_LABELS, sentiment_examples
 
     settings = settings or load_settings()
     _prepare_all(settings)

@@ -34,7 +34,7 @@ class WorkerProcess:
             [sys.executable, "-m", "workers"], env=child_env, stdout=self._log, stderr=subprocess.STDOUT
         )
         self.hostname_prefix = f"autoglm-{self.process.pid}"
-        # Its extra consumer processes answer pings as autoglm-PID.N@host (workers/consumers.py).
+        # Its extra consumer processes answer pings as autoglm-PID.N@host (workers/consumer/group.py).
         self.consumers = int(child_env.get("AUTOGLM_WORKER__CONSUMERS") or 1)
 
     def log_tail(self, lines: int = 40) -> str:

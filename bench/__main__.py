@@ -42,8 +42,8 @@ def device_name() -> str:
 
 def in_process_engine(settings: Any) -> Any:
     """The first configured model's engine in this process: the limit the fleet is compared with."""
-    from workers.engine import Engine
-    from workers.models import prepared_path
+    from workers.artifacts import prepared_path
+    from workers.backends.transformers.batch_side import Engine
 
     model = settings.models[0]
     return Engine(model, prepared_path(settings, model), device=settings.worker.device)

@@ -6,7 +6,7 @@ rate that keeps the engine loaded. Static is the fleet's micro-batcher policy (u
 generation batch size, oldest first, the batch waits up to max_wait_ms for company) running
 ``Engine.generate``; its time to first token is when the batch's first decoding step returned
 (a streamer hook: the earliest a static batch could have shown a token). Continuous is
-workers/continuous.py's ContinuousGenerator as the engine core drives it. Reported per mode:
+workers/core/continuous.py's ContinuousGenerator as the engine core drives it. Reported per mode:
 generated tokens/s over the whole run, p95 time to first token and p95 latency from arrival.
 """
 
@@ -94,7 +94,7 @@ class _Recorder:
 
 
 def run_continuous(engine: Any, items: list[Any], arrivals: list[float], config: Any) -> dict[str, Any]:
-    from workers.continuous import ContinuousGenerator
+    from workers.core.continuous import ContinuousGenerator
 
     first: dict[str, float] = {}
     start = time.perf_counter()

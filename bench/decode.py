@@ -2,7 +2,7 @@
 
 Same weights, same prompts, one run, per batch size b (1, 8, 32, 128; quick: 1, 8):
 
-- **fleet engine**: workers/continuous.py's ContinuousGenerator driven as the engine core drives it
+- **fleet engine**: workers/core/continuous.py's ContinuousGenerator driven as the engine core drives it
   (the device's ``batching.continuous`` settings: graphs, compile level, async batching), b rows
   submitted at once, each generating ``new_tokens``; generated tokens / wall time of the steps.
 - **bound**: a decode step reads every weight once and each row's KV cache. Bytes per step =
@@ -78,7 +78,7 @@ def _items(engine: Any, batch: int, new_tokens: int) -> list[Any]:
 
 def run_engine(engine: Any, config: ContinuousConfig, items: list[Any]) -> float:
     """Tokens/s of the fleet's continuous generator for ``items`` submitted together."""
-    from workers.continuous import ContinuousGenerator
+    from workers.core.continuous import ContinuousGenerator
 
     def no_fallback(*_: Any) -> Future:
         raise RuntimeError("continuous batching gave a row back: the bench counts only continuous rows")

@@ -30,16 +30,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import msgpack
 import zmq
 
 from bench.harness import Harness, _cpu_s
 from bench.machinery import ECHO_MODEL
 from bench.workloads import LABELS, TEMPLATE, review_texts
 from shared.schemas import ClassifyRequest
-from workers import protocol
-from workers.engine_core import HELLO
+from workers import wire
 from workers.lifecycle import EngineCoreProcess
+from workers.wire import HELLO
 
 BULK = 9  # any priority but the most urgent: each batch asks the broker for urgent work first, as bulk does
 TRACEPARENT = "00-" + "4bf92f3577b34da6a3ce929d0e0e4736" + "-" + "00f067aa0ba902b7" + "-01"
@@ -82,13 +81,13 @@ class CoreDriver:
             while sent < n and sent - got < window:
                 self.socket.send(frames[sent % len(frames)])
                 sent += 1
-            request_id, ok, body, batch = msgpack.unpackb(self.socket.recv())
-            if not ok:
-                raise RuntimeError(f"the engine core answered an error: {body}")
+            request_id, outcome, batch = wire.decode_reply(self.socket.recv())
+            if isinstance(outcome, BaseException):
+                raise RuntimeError(f"the engine core answered an error: {outcome}")
             if answers is not None:
-                answers[request_id] = body["output"]["label"]
-            if batch[3]:  # the batch's leader: its model call counted once
-                inference_ms += batch[2]
+                answers[request_id] = outcome.output.label
+            if batch is not None and batch.leader:  # the batch's model call counted once
+                inference_ms += batch.inference_ms
             got += 1
         return time.perf_counter() - started, _cpu_s(self.process.pid) - cpu, inference_ms / 1000
 
@@ -103,7 +102,7 @@ def _frames(preparer: Any, model: str, texts: list[str]) -> tuple[list[Any], lis
     """Prepared requests, their frames and the frames' request ids."""
     prepared = [preparer.prepare(ClassifyRequest(text=t, labels=LABELS, prompt_template=TEMPLATE)) for t in texts]
     ids = [uuid.uuid4().bytes for _ in prepared]
-    return prepared, [protocol.pack_request(i, model, BULK, TRACEPARENT, p) for i, p in zip(ids, prepared, strict=True)], ids
+    return prepared, [wire.encode(wire.request(i, model, BULK, TRACEPARENT, p)) for i, p in zip(ids, prepared, strict=True)], ids
 
 
 def run(h: Harness, n: int, rounds: int, batch: int = 32) -> dict[str, Any]:
@@ -111,10 +110,10 @@ def run(h: Harness, n: int, rounds: int, batch: int = 32) -> dict[str, Any]:
 
     from bench.fast_model import tiny_model_config
     from shared.config import ModelConfig
-    from workers.echo import LengthPreparer
-    from workers.engine import Engine
-    from workers.models import prepared_path
-    from workers.quantize import prepare
+    from workers.artifacts import prepared_path
+    from workers.backends.transformers.batch_side import Engine
+    from workers.prepare.quantize import prepare
+    from workers.prompts import LengthPreparer
 
     texts = review_texts(max(batch * 4, 256))
     window = 4 * batch

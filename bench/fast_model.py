@@ -29,8 +29,8 @@ def tiny_model_dir(settings: Settings) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from workers.models import resolve_source
-    from workers.quantize import ensure_float
+    from workers.artifacts import resolve_source
+    from workers.prepare.quantize import ensure_float
 
     real = settings.models[0]
     tokenizer = AutoTokenizer.from_pretrained(ensure_float(settings, real, resolve_source(real.source), lambda _: None))
@@ -53,12 +53,12 @@ def run(h: Harness, n: int, rounds: int) -> dict[str, Any]:
     import json
 
     from shared.config import ModelConfig
-    from workers.engine import Engine
-    from workers.quantize import prepare
+    from workers.backends.transformers.batch_side import Engine
+    from workers.prepare.quantize import prepare
 
     model = ModelConfig(**tiny_model_config(h.settings))
     prepare(h.settings, model, report=lambda msg: print(f"[bench] {msg}", flush=True))
-    from workers.models import prepared_path
+    from workers.artifacts import prepared_path
 
     engine = Engine(model, prepared_path(h.settings, model), device=h.settings.worker.device)
     batch = h.settings.max_batch_size(TaskType.CLASSIFICATION)

@@ -35,7 +35,7 @@ def reference(path: Any, device: torch.device) -> Any:
     from gptqmodel.nn_modules.qlinear.torch import dequantize_model
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    from workers.engine import gptq_bits
+    from workers.backends.transformers.batch_side import gptq_bits
 
     bits = gptq_bits(path)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=bits, backend="gptq_torch"),

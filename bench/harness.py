@@ -46,8 +46,8 @@ class Harness:
 
     def queues(self, tag: str) -> dict[str, dict]:
         return {
-            "interactive": {"name": f"bench-{self.run_id}-{tag}-interactive", "priority": 0},
-            "bulk": {"name": f"bench-{self.run_id}-{tag}-bulk", "priority": 1},
+            "interactive": {"name": f"bench-{self.run_id}-{tag}-interactive", "rank": 0},
+            "bulk": {"name": f"bench-{self.run_id}-{tag}-bulk", "rank": 1},
         }
 
     def client(self, tag: str, models: list[dict] | None = None) -> FleetClient:
@@ -165,7 +165,7 @@ def cpu_by_role(pids: Sequence[int]) -> dict[str, float]:
     roles = {"core": 0.0, "consumers": 0.0}
     for pid in descendants(pids):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            role = "core" if b"workers.engine_core" in Path(f"/proc/{pid}/cmdline").read_bytes() else "consumers"
+            role = "core" if b"workers.core.loop" in Path(f"/proc/{pid}/cmdline").read_bytes() else "consumers"
             roles[role] += _cpu_s(pid)
     return roles
 

@@ -2,7 +2,7 @@
 
 celery-floor: a plain Celery echo task (bench/floor.py: threads pool, prefetch 1, acks_late, the same
 Redis broker and result backend). machinery: the fleet's own worker with the zero-cost echo engine
-(workers/echo.py), so validation, ledger, batching, spans, result writes are the whole figure.
+(workers/backends/echo.py), so validation, ledger, batching, spans, result writes are the whole figure.
 Rounds alternate between the two on the same machine; the best round of each is compared. CPU
 ms per task is the worker processes' CPU time over the round (producer and Redis not included).
 """

@@ -24,8 +24,8 @@ _engine = None
 def engine():  # noqa: ANN201 - loaded once per worker process, on first use
     global _engine
     if _engine is None:
-        from workers.engine import Engine
-        from workers.models import prepared_path
+        from workers.artifacts import prepared_path
+        from workers.backends.transformers.batch_side import Engine
 
         settings = load_settings()
         model = settings.models[0]

@@ -19,9 +19,9 @@ from safetensors import safe_open
 from bench.workloads import prompts
 from shared.config import Settings
 from shared.schemas import GenerateRequest, TaskType
-from workers.engine import Engine
-from workers.evaluation import OLD_DEFAULT_TEMPLATE, TASK_TEMPLATES, classification_report, qa_accuracy
-from workers.models import float_dir, resolve_source, served_dir
+from workers.artifacts import float_dir, resolve_source, served_dir
+from workers.backends.transformers.batch_side import Engine
+from workers.prepare.evaluation import OLD_DEFAULT_TEMPLATE, TASK_TEMPLATES, classification_report, qa_accuracy
 
 BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
@@ -83,7 +83,7 @@ def _tokens_per_s(engine: Engine, batch: int, new_tokens: int) -> float:
 
 
 def run(settings: Settings, quick: bool, new_tokens: int) -> dict[str, Any]:
-    from workers.quantize import prepare
+    from workers.prepare.quantize import prepare
 
     model = settings.models[0]
     float_path = float_dir(settings, model, resolve_source(model.source))

@@ -27,8 +27,8 @@ SHAPES: dict[str, dict[str, int]] = {
 
 def tokenizer_dir(settings: Settings) -> Path:
     """The bundled model's tokenizer (its float folder, prepared once)."""
-    from workers.models import resolve_source
-    from workers.quantize import ensure_float
+    from workers.artifacts import resolve_source
+    from workers.prepare.quantize import ensure_float
 
     real = settings.models[0]
     return ensure_float(settings, real, resolve_source(real.source), lambda _: None)

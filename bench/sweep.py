@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.workloads import LABELS, TEMPLATE, prompts, review_texts
 from shared.schemas import ClassifyRequest, GenerateRequest
-from workers.engine import Engine
+from workers.backends.transformers.batch_side import Engine
 
 
 def _sync() -> None:

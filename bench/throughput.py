@@ -12,7 +12,7 @@ from typing import Any
 from bench.harness import Harness, cpu_by_role, timed, wait_all
 from bench.workloads import LABELS, TEMPLATE, classify_payload, generate_payload, prompts, review_texts
 from shared.schemas import ClassifyRequest, GenerateRequest, TaskType
-from workers.engine import Engine
+from workers.backends.transformers.batch_side import Engine
 
 
 def _limit_classify(engine: Engine, texts: list[str], batch: int) -> list[str]:

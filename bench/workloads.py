@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.evaluation import SENTIMENT_LABELS, SENTIMENT_TEMPLATE, families
+from workers.prepare.evaluation import SENTIMENT_LABELS, SENTIMENT_TEMPLATE, families
 
 LABELS = SENTIMENT_LABELS
 TEMPLATE = SENTIMENT_TEMPLATE

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from producers.client import FleetClient, Request
 from producers.outcome import READY, decode_outcome
-from shared import streams, webhooks
+from shared import streams, webhook_urls
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority, TaskResult, TaskType
@@ -76,12 +76,12 @@ class AsyncFleetClient:
     # -- submitting ----------------------------------------------------------------------------
     async def submit(self, request: Request | dict[str, Any]) -> AsyncTaskHandle:
         # Validation errors surface here, before any I/O. A callback_url's SSRF check resolves its host
-        # on the DNS executor of its own, bounded by webhooks.dns_timeout_s (shared/webhooks.py): a name
+        # on the DNS executor of its own, bounded by webhooks.dns_timeout_s (shared/webhook_urls.py): a name
         # that never answers costs this caller that long and no other caller anything.
         built = self._sync.build(request, resolve_callback=False)
         if built.callback_url:
             hooks = self.settings.webhooks
-            await webhooks.resolve_async(built.callback_url, hooks.allowed_hosts, hooks.dns_timeout_s)
+            await webhook_urls.resolve_async(built.callback_url, hooks.allowed_hosts, hooks.dns_timeout_s)
         handle = await asyncio.to_thread(self._sync.submit, built, False)
         return AsyncTaskHandle(self, handle.id)
 

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from producers.outcome import decode_outcome
-from shared import fairqueue, streams, task_types, webhooks
+from shared import fairqueue, streams, task_types, webhook_urls
 from shared.broker import redis_client
 from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError, invalid_input
@@ -94,7 +94,7 @@ class TaskHandle:
         """The completion webhook's delivery (status pending/retrying/delivered/failed/refused,
         attempts, last_status, last_error), or None when the request had no callback_url."""
         client = self._result.backend.client
-        raw = client.hgetall(webhooks.OUTCOME_KEY.format(task_id=self.id))
+        raw = client.hgetall(webhook_urls.OUTCOME_KEY.format(task_id=self.id))
         return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                 for k, v in raw.items()} or None
 
@@ -174,7 +174,7 @@ class FleetClient:
                              f"models that do: {serving}")
         if request.callback_url is not None and resolve_callback:  # SSRF guard: public addresses only, unless allowed
             hooks = self.settings.webhooks
-            webhooks.resolve(request.callback_url, hooks.allowed_hosts, hooks.dns_timeout_s)
+            webhook_urls.resolve(request.callback_url, hooks.allowed_hosts, hooks.dns_timeout_s)
         return request
 
     def build(self, data: Request | dict[str, Any], resolve_callback: bool = True) -> Request:
@@ -235,7 +235,7 @@ class FleetClient:
             # round trip per task that kombu's batch publishing cannot pipeline (a third of
             # submit_many's time). Waiting (handle.result) subscribes by itself and reads the
             # stored state every RECHECK_S, so nothing is missed. The tasks are ignore_result anyway: the ledger
-            # records answers (workers/ledger.py), failures are stored as always.
+            # records answers (workers/consumer/ledger.py), failures are stored as always.
             ignore_result=True,
             **extra,
         )
@@ -326,7 +326,7 @@ class FleetClient:
 
         def publish_all() -> list[TaskHandle]:
             # A retry re-publishes every message under the same task ids: one that got through
-            # the first time is delivered twice, and the worker answers it once (workers/ledger.py).
+            # the first time is delivered twice, and the worker answers it once (workers/consumer/ledger.py).
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=batch_size):
                 for queue in self.app.amqp.queues.values():  # declare once, not per message
                     producer.maybe_declare(queue)

@@ -118,3 +118,14 @@ def broker_url(configured: str | None) -> Iterator[str]:
         return
     with EmbeddedRedis() as server:
         yield server.url
+
+
+# A worker that takes a message from the most urgent queue marks it "in transit" for this long (the
+# fetch script sets the marker atomically with the pop). Between the pop and the request reaching
+# the engine core the message is in neither place; without the marker the core could start a full
+# bulk batch the moment the interactive request it is about to get left Redis (docs/architecture.md).
+IN_TRANSIT_MS = 200
+
+
+def in_transit_key(queue: str) -> str:
+    return f"autoglm:in-transit:{queue}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,14 +30,14 @@ from shared.schemas import Priority, TaskType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "default.yaml"
-# The chat method's default user turn (chosen on the selection split of workers/data/eval; see
+# The chat method's default user turn (chosen on the selection split of workers/prepare/data/eval; see
 # docs/quantization.md "Classification method").
 DEFAULT_INSTRUCTION = "Classify the text into one of these categories: {labels}.\n\nText: {text}"
 # The default method's channel: reads spam / not spam where "about {label}." does not (AUC 0.64 vs
 # 0.51 on the float model; docs/quantization.md "A three-expert method that reads spam").
 MESSAGE_CHANNEL = "The following message is {label}:\n"
 DEFAULT_CHANNEL = MESSAGE_CHANNEL
-# The channel of the two-expert method that was the default until 2026-12-03 (compared against).
+# The channel of the earlier two-expert default method (bench and docs compare against it).
 ABOUT_CHANNEL = "The following text is about {label}.\n"
 DEFAULT_PLAIN = 'Text: "{text}"\nCategory ({labels}):'
 
@@ -99,7 +100,7 @@ class QuantizeConfig(_Section):
     """How `autoglm models prepare` turns a float model into the artifact workers load.
 
     Preparation is gated relative to the float model on the *selection* split of the built-in
-    evaluation sets (workers/evaluation.py): an attempt that loses more than ``max_loss_vs_float``
+    evaluation sets (workers/prepare/evaluation.py): an attempt that loses more than ``max_loss_vs_float``
     of classification accuracy (or ``max_qa_loss_vs_float`` of factual QA) is not shipped; the
     ``alternatives`` are tried in order, within ``time_budget_s``, and the best attempt is kept.
     """
@@ -212,7 +213,7 @@ class ModelConfig(_Section):
         default=True,
         description="On a CPU, keep each GPTQ layer's dequantized weight after its first use where gptqmodel's "
         "kernel would dequantize it on every call (TorchLinear: 8-bit; 4-bit has its own kernel and is untouched). "
-        "Same outputs, 5.5x faster 8-bit generation (2-core EPYC), a float copy of those weights in memory.",
+        "Same outputs, several times faster 8-bit generation on a CPU, a float copy of those weights in memory.",
     )
     gptq_kernel: str | None = Field(
         default=None, description="GPTQModel backend for this GPTQ model's layers (gptq_marlin, gptq_exllama_v2, "
@@ -293,11 +294,25 @@ class ModelConfig(_Section):
 
 class QueueConfig(_Section):
     name: str
-    priority: Annotated[int, Field(ge=0, le=9)] = Field(description="Lower is served first.")
+    rank: Annotated[int, Field(ge=0, le=9)] = Field(
+        description="Lower is served first; the lowest rank is the urgent class (never held back, never "
+        "throttled); every other class is bulk: served round-robin between tenants, throttled by producers.")
+
+
+@dataclass(frozen=True)
+class QueueClass:
+    """One priority, as every part of the fleet sees it (``Settings.queue_class``): the enum value a
+    request names, its queues' name prefix, its rank (lower is served first) and whether it is the
+    urgent class. Built from ``queues:`` in the config; nothing else decides what is urgent."""
+
+    priority: Priority
+    name: str
+    rank: int
+    urgent: bool
 
 
 class ContinuousConfig(_Section):
-    """Continuous batching for greedy generation (workers/continuous.py): rows join the running
+    """Continuous batching for greedy generation (workers/core/continuous.py): rows join the running
     batch at a decoding step and leave the step they finish."""
 
     enabled: bool = Field(default=True, description="False: every generation runs in static micro-batches.")
@@ -365,9 +380,8 @@ class BatchingConfig(_Section):
         description="Padded tokens one request may cost to run (rows x longest row: a default-method "
         "classification scores a row per multi-token label and a channel row per label, each as long as "
         "its text); None = max_batch_tokens, so every request fits one batch. Larger requests are refused "
-        "with PROMPT_TOO_LONG before they reach the model: on a 2-core AMD EPYC the 4-bit 135M model scored ~300 "
-        "padded tokens/s, so a request of 32 labels and a 1,400-token text (112,000 tokens) held the worker "
-        "for over 5 minutes, and 8,672 tokens took 23.8 s.")
+        "with PROMPT_TOO_LONG before they reach the model: on a small CPU a request of 32 labels and a "
+        "1,400-token text (112,000 padded tokens) would hold the worker for minutes (docs/reliability.md).")
     max_wait_ms: Annotated[float, Field(ge=0.0, le=10_000)] = 20.0
     classification_widths: list[Annotated[int, Field(ge=1)]] = Field(
         default=[], description="Pad each classification forward pass to the first of these widths (tokens) that "
@@ -391,7 +405,7 @@ class WorkerConfig(_Section):
     consumers: Annotated[int, Field(ge=1, le=64)] | None = Field(
         default=None,
         description="Celery consumer processes feeding this worker's one engine core "
-        "(workers/engine_core.py); None = per device: 2 on a CPU, 4 on a GPU. One process's GIL "
+        "(workers/core/loop.py); None = per device: 2 on a CPU, 4 on a GPU. One process's GIL "
         "caps its message handling and its threads cap what is in flight (bench/RESULTS.md).",
     )
     engine_address: str | None = Field(
@@ -481,7 +495,7 @@ class RateLimit(_Section):
 
 
 class WebhookConfig(_Section):
-    """Completion webhooks (shared/webhooks.py, workers/webhooks.py)."""
+    """Completion webhooks (shared/webhook_urls.py, workers/consumer/webhook_delivery.py)."""
 
     secret: str | None = Field(default=None, description="HMAC-SHA256 key for X-AutoGLM-Signature; None: unsigned.")
     attempts: Annotated[int, Field(ge=1, le=20)] = 5
@@ -558,8 +572,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: Path(user_cache_dir("autoglm")))
     broker: BrokerConfig = BrokerConfig()
     queues: dict[Priority, QueueConfig] = {
-        Priority.INTERACTIVE: QueueConfig(name="interactive", priority=0),
-        Priority.BULK: QueueConfig(name="bulk", priority=1),
+        Priority.INTERACTIVE: QueueConfig(name="interactive", rank=0),
+        Priority.BULK: QueueConfig(name="bulk", rank=1),
     }
     batching: BatchingConfig = BatchingConfig()
     worker: WorkerConfig = WorkerConfig()
@@ -576,7 +590,7 @@ class Settings(BaseSettings):
         default={}, description="Named chains of task types (shared/pipelines.py), submitted as task_type 'pipeline'."
     )
     faults: dict[str, Any] = Field(
-        default={}, description="TEST ONLY fault injection (workers/faults.py); empty in production."
+        default={}, description="TEST ONLY fault injection (workers/core/faults.py); empty in production."
     )
     models: list[ModelConfig] = Field(min_length=1)
 
@@ -689,7 +703,7 @@ class Settings(BaseSettings):
     @property
     def webhook_queue(self) -> str:
         """Where deliveries wait for a consumer (after every model's queues)."""
-        return f"{self.queues[Priority.BULK].name}.webhooks"
+        return f"{self.queue_classes()[-1].name}.webhooks"
 
     def may_use(self, tenant: str | None, model: str) -> bool:
         """Whether ``tenant`` may be answered by ``model`` (``gateway.tenant_models``; requests without
@@ -707,18 +721,33 @@ class Settings(BaseSettings):
         order it serves them: by priority first, then by model, so an interactive request of any
         loaded model is taken before bulk work of every model."""
         names = models or self.served_models()
-        priorities = sorted(self.worker.queues, key=lambda p: self.queues[p].priority)
+        priorities = sorted(self.worker.queues, key=lambda p: self.queues[p].rank)
         return [self.queue_name(p, name) for p in priorities for name in names] + [self.webhook_queue]
 
     def all_queues(self) -> list[tuple[str, Priority, str]]:
         """Every (queue, priority, model) the config declares."""
-        ordered = sorted(self.queues, key=lambda p: self.queues[p].priority)
+        ordered = [c.priority for c in self.queue_classes()]
         return [(self.queue_name(p, m.name), p, m.name) for p in ordered for m in self.models]
 
     def bulk_queues(self) -> list[str]:
         """Every model's bulk queue: what producers throttle on, and what is served round-robin between
         tenants (shared/fairqueue.py)."""
-        return [name for name, priority, _ in self.all_queues() if priority == Priority.BULK]
+        return [name for name, priority, _ in self.all_queues() if not self.queue_class(priority).urgent]
+
+    def queue_classes(self) -> list[QueueClass]:
+        """Every priority the config declares, most urgent first."""
+        ranked = sorted(self.queues.items(), key=lambda item: item[1].rank)
+        top = ranked[0][1].rank
+        return [QueueClass(p, q.name, q.rank, q.rank == top) for p, q in ranked]
+
+    def queue_class(self, priority: Priority | str) -> QueueClass:
+        return next(c for c in self.queue_classes() if c.priority == priority)
+
+    def urgent_queues(self, models: list[str] | None = None) -> list[str]:
+        """The urgent class's queues this worker consumes, one per model (``served_models()``): taking
+        from one marks it in transit, and the engine core holds bulk batches while they are busy."""
+        urgent = [c.priority for c in self.queue_classes() if c.urgent and c.priority in self.worker.queues]
+        return [self.queue_name(p, name) for p in urgent for name in models or self.served_models()]
 
     def declared_queue_names(self) -> list[str]:
         """Every queue the fleet uses: the models' and the webhook deliveries'."""

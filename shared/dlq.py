@@ -5,7 +5,7 @@ original message (task name, request, queue, task id) is kept so `autoglm dlq re
 it again under the same task id, and the original caller's handle sees the new result.
 
 Messages that never were a valid task (bytes that are not a kombu envelope, a body that does not
-decode) are put here by the worker's transport (workers/transport.py) with ``raw`` (the message as
+decode) are put here by the worker's transport (workers/consumer/transport.py) with ``raw`` (the message as
 it was on the queue) and ``reason``; they have no request to requeue.
 """
 

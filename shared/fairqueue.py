@@ -3,7 +3,7 @@
 Why: bulk was one FIFO list per model, so a tenant's million-line backfill occupied it for hours and
 another tenant's 100-line batch waited behind all of it. Now a message published to a *fair* queue
 (every bulk queue, ``Settings.fair_queues``) goes to its tenant's own list, and the tenant joins the
-queue's rotation; a worker's fetch (workers/transport.py) takes one message from the tenant at the
+queue's rotation; a worker's fetch (workers/consumer/transport.py) takes one message from the tenant at the
 head of the rotation and moves that tenant to the back. A tenant with one task waits behind at most
 one message of each other tenant with work queued (plus what workers already hold: at most their
 threads), whatever their backlogs.

@@ -14,20 +14,9 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from shared.config import Settings
-from shared.schemas import Priority
+from shared.task_types import CLASSIFY_TASK, GENERATE_TASK  # noqa: F401 - the task names, for callers of this module
 
-GENERATE_TASK = "autoglm.generate"
-CLASSIFY_TASK = "autoglm.classify"
 WEBHOOK_TASK = "autoglm.webhook"
-# A worker that takes a message from the most urgent queue marks it "in transit" for this long (the
-# fetch script sets the marker atomically with the pop). Between the pop and the request reaching
-# the engine core the message is in neither place; without the marker the core could start a full
-# bulk batch the moment the interactive request it is about to get left Redis (docs/architecture.md).
-IN_TRANSIT_MS = 200
-
-
-def in_transit_key(queue: str) -> str:
-    return f"autoglm:in-transit:{queue}"
 
 
 def declared_queues(settings: Settings) -> list[Queue]:
@@ -39,9 +28,9 @@ def declared_queues(settings: Settings) -> list[Queue]:
 def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Celery:
     app = Celery(name, broker=redis_url, backend=redis_url)
     # Bulk queues keep one list per tenant, served round-robin (shared/fairqueue.py); workers use a
-    # subclass of the same channel (workers/transport.py).
+    # subclass of the same channel (workers/consumer/transport.py).
     app.conf.broker_transport = "shared.fairqueue:Transport"
-    interactive = settings.queue_name(Priority.INTERACTIVE)
+    interactive = settings.queue_name(settings.queue_classes()[0].priority)
     app.conf.update(
         task_queues=declared_queues(settings),
         task_default_queue=interactive,

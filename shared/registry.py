@@ -20,11 +20,10 @@ from collections.abc import Iterable
 import redis
 
 from shared.config import Settings
-from shared.schemas import Priority
 
 
 def key(settings: Settings, model: str) -> str:
-    return f"autoglm:serving:{settings.queue_name(Priority.INTERACTIVE, model)}"
+    return f"autoglm:serving:{settings.queue_name(settings.queue_classes()[0].priority, model)}"
 
 
 class Registry:

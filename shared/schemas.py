@@ -76,7 +76,7 @@ class TaskRequestBase(_Strict):
     )
     callback_url: Annotated[str, Field(max_length=2048)] | None = Field(
         default=None,
-        description="POSTed the outcome (signed, retried) once the task is done (shared/webhooks.py).",
+        description="POSTed the outcome (signed, retried) once the task is done (shared/webhook_urls.py).",
     )
     cache: bool = Field(
         default=False,

@@ -4,7 +4,7 @@ worker code prepares and runs it.
 A task type is a ``TaskTypeSpec`` registered under the ``autoglm.task_types`` entry point group.
 Producers need only its schemas (validation before anything is enqueued); workers import its
 ``handler`` ("module:attr") as well, which prepares a request in the consumer process and runs a
-batch of them in the engine core (workers/task_types.py). Generation and classification are
+batch of them in the engine core (workers/handlers.py). Generation and classification are
 registered the same way (pyproject.toml), so a new type takes no change to this repository.
 """
 
@@ -17,8 +17,11 @@ from pydantic import BaseModel, ValidationError
 
 from shared import plugins
 from shared.errors import ErrorCode, FleetError, invalid_input
-from shared.queues import CLASSIFY_TASK, GENERATE_TASK
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, TaskRequestBase, TaskType
+
+# The Celery task names of the built-in task types (a plugin's is "autoglm.task.<name>").
+GENERATE_TASK = "autoglm.generate"
+CLASSIFY_TASK = "autoglm.classify"
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,9 @@ class TaskTypeSpec:
 
 
 GENERATION = TaskTypeSpec(TaskType.TEXT_GENERATION, GenerateRequest, GenerateOutput,
-                          "workers.task_types:Generation", GENERATE_TASK)
+                          "workers.handlers:Generation", GENERATE_TASK)
 CLASSIFICATION = TaskTypeSpec(TaskType.CLASSIFICATION, ClassifyRequest, ClassifyOutput,
-                              "workers.task_types:Classification", CLASSIFY_TASK)
+                              "workers.handlers:Classification", CLASSIFY_TASK)
 
 
 def get(name: str) -> TaskTypeSpec:

@@ -17,8 +17,8 @@ def settings() -> Settings:
 @pytest.fixture(scope="session")
 def real_tokenizer_dir(settings: Settings) -> Path:
     """The bundled model's float folder (converted once, cached), for its real tokenizer."""
-    from workers.models import resolve_source
-    from workers.quantize import ensure_float
+    from workers.artifacts import resolve_source
+    from workers.prepare.quantize import ensure_float
 
     model = settings.models[0]
     return ensure_float(settings, model, resolve_source(model.source), report=lambda _: None)

@@ -40,7 +40,7 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 
 # Every forward pass in the core runs in its serve loop's thread (continuous batching is stepped
-# there too, workers/continuous.py), so libgomp keeps one thread pool. Were a second thread to run
+# there too, workers/core/continuous.py), so libgomp keeps one thread pool. Were a second thread to run
 # torch (a plugin's own thread, say), libgomp would count more pool threads than CPUs and throttle
 # every pool's spin-wait from 300,000 to 100 turns; each of the many short parallel regions of a CPU
 # forward pass then waits for sleeping threads (classification batches 236 ms instead of 160 on 2
@@ -53,7 +53,7 @@ OPENMP_WAIT = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 @dataclass
 class EngineCoreProcess:
-    """An engine core this consumer started and owns: ``python -m workers.engine_core ADDRESS PID``."""
+    """An engine core this consumer started and owns: ``python -m workers.core.loop ADDRESS PID``."""
 
     env: dict[str, str]
     address: str = field(default_factory=lambda: f"ipc://{tempfile.gettempdir()}/autoglm-core-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -61,7 +61,7 @@ class EngineCoreProcess:
 
     def start(self) -> subprocess.Popen:
         """Start a core at this address (again, after one died); it loads the models, then answers hello."""
-        self.process = subprocess.Popen([sys.executable, "-m", "workers.engine_core", self.address, str(os.getpid())],
+        self.process = subprocess.Popen([sys.executable, "-m", "workers.core.loop", self.address, str(os.getpid())],
                                         env={**OPENMP_WAIT, **self.env})
         return self.process
 

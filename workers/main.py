@@ -52,7 +52,7 @@ def run_worker(concurrency: int | None = None, loglevel: str | None = None, host
         if not settings.worker.engine_address:  # this consumer owns the worker's engine core: start it
             core = EngineCoreProcess(child_env(settings))  # now, so its model loads while Celery and torch import here
             core.start()
-        from workers.app import ConsumerProcess
+        from workers.consumer.app import ConsumerProcess
 
         argv = celery_argv(settings, hostname or f"autoglm-{os.getpid()}@%h")
         try:

@@ -27,8 +27,8 @@ import torch
 from bench.probes.method_cost import TWO
 from shared.config import DEFAULT_PLAIN, MESSAGE_CHANNEL, ExpertWeights, load_settings
 from shared.schemas import ClassifyRequest
-from workers.engine import Engine
-from workers.evaluation import families
+from workers.backends.transformers.batch_side import Engine
+from workers.prepare.evaluation import families
 
 # Two passes cover the five experts: each config's chat, channel and plain parts are kept apart.
 PASSES = {

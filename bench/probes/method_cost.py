@@ -13,9 +13,9 @@ import time
 
 from shared.config import ABOUT_CHANNEL, ExpertWeights, load_settings
 from shared.schemas import ClassifyRequest
-from workers.engine import Engine
-from workers.evaluation import families
-from workers.models import float_dir, resolve_source
+from workers.artifacts import float_dir, resolve_source
+from workers.backends.transformers.batch_side import Engine
+from workers.prepare.evaluation import families
 
 # The two-expert method that was the default until 2026-12-03 (the default since is the three experts).
 TWO = {"classification_capitalize": False, "classification_channel": ABOUT_CHANNEL,

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from shared.config import load_settings
 from shared.schemas import ClassifyRequest
-from workers import engine as engine_module
-from workers.engine import Engine
-from workers.evaluation import families
-from workers.models import float_dir, resolve_source
+from workers.artifacts import float_dir, resolve_source
+from workers.backends.transformers import batch_side as engine_module
+from workers.backends.transformers.batch_side import Engine
+from workers.prepare.evaluation import families
 
 
 def main() -> None:

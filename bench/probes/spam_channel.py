@@ -1,7 +1,7 @@
 """Probe: does a causal LM read "spam" / "not spam" zero-shot, and with which wording?
 
 Not a bench scenario (no fleet, no competitor): it scores the 104 rows of
-workers/data/eval/spam.jsonl raw (no calibration) with a few wordings and prints each one's AUC of
+workers/prepare/data/eval/spam.jsonl raw (no calibration) with a few wordings and prints each one's AUC of
 log P(spam) - log P(not spam), so a candidate model can be judged in minutes before it is wired in.
 docs/quantization.md has the figures for gemma-3-270m and SmolLM2-135M.
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from bench.workloads import prompts
 from shared.config import load_settings
 from shared.schemas import ClassifyRequest, GenerateRequest
-from workers.engine import Engine
-from workers.evaluation import families
+from workers.backends.transformers.batch_side import Engine
+from workers.prepare.evaluation import families
 
 
 def main() -> None:

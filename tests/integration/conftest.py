@@ -54,7 +54,7 @@ def tiny_model(settings: Settings) -> dict[str, Any]:
     tokenizer (bench/fast_model.py), served by the same transformers engine, ~50x cheaper per request."""
     from bench.fast_model import tiny_model_config
     from shared.config import ModelConfig
-    from workers.quantize import prepare
+    from workers.prepare.quantize import prepare
 
     config = tiny_model_config(settings)
     prepare(settings, ModelConfig(**config), report=lambda msg: print(f"[prepare] {msg}"))
@@ -79,8 +79,8 @@ def fleet_on(redis_url: str, env: dict[str, str] | None = None, workers: list[di
     ``workers``: one entry per worker process, each with its own extra settings (default: one worker)."""
     suffix = uuid.uuid4().hex[:8]
     queues = {
-        "interactive": {"name": f"interactive-test-{suffix}", "priority": 0},
-        "bulk": {"name": f"bulk-test-{suffix}", "priority": 1},
+        "interactive": {"name": f"interactive-test-{suffix}", "rank": 0},
+        "bulk": {"name": f"bulk-test-{suffix}", "rank": 1},
     }
     overrides = {"queues": queues, **overrides}
     settings = load_settings(redis_url=redis_url, **overrides)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import Fleet, cli_env
-from workers.ledger import Ledger
+from workers.consumer.ledger import Ledger
 
 pytestmark = pytest.mark.integration
 REVIEWS = ["Great value, works perfectly.", "Broke after a day, avoid.", "Lovely staff and a calm room.",

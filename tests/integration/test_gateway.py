@@ -162,7 +162,7 @@ def test_schemathesis_finds_no_server_error(fleet: Fleet, tmp_path: Path) -> Non
     # synchronous /v1/chat/completions must answer 504 DEADLINE_EXCEEDED there by design (nothing
     # answers), so it is left out of this run.
     suffix = uuid.uuid4().hex[:6]
-    queues = {"interactive": {"name": f"fuzz-{suffix}-i", "priority": 0}, "bulk": {"name": f"fuzz-{suffix}-b", "priority": 1}}
+    queues = {"interactive": {"name": f"fuzz-{suffix}-i", "rank": 0}, "bulk": {"name": f"fuzz-{suffix}-b", "rank": 1}}
     env, config = gateway_env(fleet, tmp_path, queues)
     env["AUTOGLM_GATEWAY__RATE_LIMITS"] = json.dumps({"interactive": {"rate_per_s": 1000, "burst": 100000},
                                                       "bulk": {"rate_per_s": 1000, "burst": 100000}})

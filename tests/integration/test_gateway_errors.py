@@ -54,7 +54,7 @@ def _settings(url: str, tmp: Path | None = None):  # noqa: ANN202
     suffix = uuid.uuid4().hex[:6]
     return load_settings(
         redis_url=url,
-        queues={"interactive": {"name": f"hostile-{suffix}-i", "priority": 0}, "bulk": {"name": f"hostile-{suffix}-b", "priority": 1}},
+        queues={"interactive": {"name": f"hostile-{suffix}-i", "rank": 0}, "bulk": {"name": f"hostile-{suffix}-b", "rank": 1}},
         gateway={"jwt_secret": SECRET, "max_wait_s": 0.2,
                  "rate_limits": {"interactive": {"rate_per_s": 1000, "burst": 100000}, "bulk": {"rate_per_s": 1000, "burst": 100000}}},
     )

@@ -52,7 +52,7 @@ def test_sigterm_to_autoglm_broker_stops_its_server() -> None:
         proc.kill()
 
 
-@pytest.mark.parametrize("transport", ["workers.transport:Transport", "redis"])
+@pytest.mark.parametrize("transport", ["workers.consumer.transport:Transport", "redis"])
 def test_a_channel_closed_after_its_connection_was_released_raises_only_a_connection_error(
         redis_url: str, transport: str) -> None:
     """What a worker meets when Redis restarts: Celery closes the lost connection, and the channel's

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 
 from shared.config import Settings
-from workers.evaluation import FAMILY_LABELS, families
-from workers.models import read_manifest, served_dir
-from workers.quantize import _losses
+from workers.artifacts import read_manifest, served_dir
+from workers.prepare.evaluation import FAMILY_LABELS, families
+from workers.prepare.quantize import _losses
 
 pytestmark = pytest.mark.integration
 

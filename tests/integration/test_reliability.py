@@ -1,7 +1,7 @@
 """Nothing lost: faults are injected, workers are killed, Redis is restarted, garbage is sent.
 
 Every test runs real worker processes on a real broker; faults come from the test-only hook in
-workers/faults.py, enabled per worker through its config. Tests whose subject is the machinery
+workers/core/faults.py, enabled per worker through its config. Tests whose subject is the machinery
 (kills, restarts, garbage on the queue) run on the tiny random model (conftest ``tiny_model``), the
 same engine with a model ~50x cheaper per request; the fault-policy tests keep the real model.
 """
@@ -27,7 +27,7 @@ from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import Priority
 from tests.integration.conftest import Fleet, cli_env, fleet_on
-from workers.ledger import Ledger
+from workers.consumer.ledger import Ledger
 
 pytestmark = pytest.mark.integration
 TEMPLATE = 'Review: "{text}"\nSentiment ({labels}):'
@@ -261,12 +261,12 @@ def test_a_task_id_published_twice_runs_once_even_when_both_copies_are_in_flight
 
 
 def _engine_core_pid(worker: WorkerProcess) -> int:
-    """The worker's engine-core child (python -m workers.engine_core), from /proc."""
+    """The worker's engine-core child (python -m workers.core.loop), from /proc."""
     cores = []
     for entry in Path("/proc").iterdir():
         try:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == worker.process.pid and b"workers.engine_core" in (entry / "cmdline").read_bytes():
+            if ppid == worker.process.pid and b"workers.core.loop" in (entry / "cmdline").read_bytes():
                 cores.append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from producers.auth import Role, issue
-from shared import fairqueue, webhooks
+from shared import fairqueue, webhook_urls
 from shared.config import GatewayConfig
 from shared.errors import ErrorCode, FleetError
 from tests.integration.conftest import Fleet, fleet_on
@@ -191,7 +191,7 @@ def test_delivery_connects_to_the_address_it_checked(redis_url: str, monkeypatch
     import redis.asyncio as aioredis
 
     from shared.config import load_settings
-    from workers.webhooks import deliver
+    from workers.consumer.webhook_delivery import deliver
 
     seen: list[str] = []
 
@@ -215,7 +215,7 @@ def test_delivery_connects_to_the_address_it_checked(redis_url: str, monkeypatch
         lookups.append(host)
         return next(answers)
 
-    monkeypatch.setattr(webhooks, "_lookup", lookup)
+    monkeypatch.setattr(webhook_urls, "_lookup", lookup)
     settings = load_settings(redis_url=redis_url, webhooks={"allowed_hosts": ["127.0.0.1"], "attempts": 1})
 
     async def run() -> None:
@@ -233,8 +233,8 @@ def test_delivery_connects_to_the_address_it_checked(redis_url: str, monkeypatch
 def test_batch_lines_cannot_raise_their_priority(setup: Setup, tmp_path: Path) -> None:
     """Finding 3: a /v1/tasks line saying "interactive" is published on the bulk queue. The gateway here
     has queues no worker consumes, so what it published stays where it landed."""
-    queues = {"interactive": {"name": f"nobody-i-{tmp_path.name[-6:]}", "priority": 0},
-              "bulk": {"name": f"nobody-b-{tmp_path.name[-6:]}", "priority": 1}}
+    queues = {"interactive": {"name": f"nobody-i-{tmp_path.name[-6:]}", "rank": 0},
+              "bulk": {"name": f"nobody-b-{tmp_path.name[-6:]}", "rank": 1}}
     gateway, config = _gateway_for(setup.fleet, tmp_path, AUTOGLM_QUEUES=json.dumps(queues))
     try:
         headers = {"Authorization": f"Bearer {issue(config, 'sneaky', Role.USER)}"}

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from shared import webhooks
+from shared import webhook_urls
 from shared.errors import ErrorCode, FleetError
 from tests.integration.conftest import Fleet, fleet_on
 from tests.integration.test_fleet import SENTIMENT_TEMPLATE
@@ -87,11 +87,11 @@ def test_each_task_posts_one_signed_outcome(hooked: tuple[Fleet, Receiver]) -> N
     assert set(by_id) == {h.id for h in handles}
     for handle, result in zip(handles, results, strict=True):
         headers, body = by_id[handle.id]
-        assert webhooks.verify(SECRET, headers, body)
-        assert not webhooks.verify(SECRET, headers, body + b" ")  # a changed body does not verify
+        assert webhook_urls.verify(SECRET, headers, body)
+        assert not webhook_urls.verify(SECRET, headers, body + b" ")  # a changed body does not verify
         sent = json.loads(body)
         assert sent["status"] == "SUCCESS" and sent["result"]["output"]["label"] == result.output.label  # type: ignore[union-attr]
-        assert headers[webhooks.TASK_ID] == handle.id
+        assert headers[webhook_urls.TASK_ID] == handle.id
     wait_for(lambda: (handles[0].callback() or {}).get("status") == "delivered")
     assert handles[0].callback()["attempts"] == "1"  # type: ignore[index]
 

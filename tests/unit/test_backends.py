@@ -11,7 +11,7 @@ from shared import plugins
 from shared.config import load_settings
 from shared.errors import ErrorCode, FleetError
 from workers.backends.openai import http_error, match_label
-from workers.policies import BatchPolicies
+from workers.core.policies import BatchPolicies
 
 
 def test_the_built_in_backends_are_found_by_entry_point() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Hashable
 
 import pytest
 
-from workers.batcher import MicroBatcher, Shape
+from workers.core.batcher import MicroBatcher, Shape
 
 ONE = Shape(rows=1, width=10)
 
@@ -72,10 +72,10 @@ def test_interactive_jumps_the_bulk_backlog() -> None:
     release = threading.Event()
     run = Recorder(hold_first=release)
     batcher = make(run, max_batch_size=2, max_wait_ms=0)
-    first = batcher.submit("k", "bulk-0", ONE, priority=1)
+    first = batcher.submit("k", "bulk-0", ONE, rank=1)
     assert run.started.wait(5)
-    bulk = [batcher.submit("k", f"bulk-{i}", ONE, priority=1) for i in range(1, 7)]
-    urgent = batcher.submit("k", "urgent", ONE, priority=0)
+    bulk = [batcher.submit("k", f"bulk-{i}", ONE, rank=1) for i in range(1, 7)]
+    urgent = batcher.submit("k", "urgent", ONE, rank=0)
     release.set()
     urgent.result(5)
     for f in [first, *bulk]:
@@ -100,14 +100,14 @@ def test_after_a_batch_the_next_one_waits_for_the_released_threads_to_refill_it(
     release = threading.Event()
     run = Recorder(hold_first=release)
     batcher = make(run, max_batch_size=4, max_wait_ms=150)
-    first = batcher.submit("k", "bulk-0", ONE, priority=1)
+    first = batcher.submit("k", "bulk-0", ONE, rank=1)
     assert run.started.wait(5)
-    early = batcher.submit("k", "bulk-1", ONE, priority=1)  # arrived long before the model is free
+    early = batcher.submit("k", "bulk-1", ONE, rank=1)  # arrived long before the model is free
     time.sleep(0.2)
     release.set()
     first.result(5)
     time.sleep(0.03)  # the released thread fetches its next message: an interactive one
-    urgent = batcher.submit("k", "urgent", ONE, priority=0)
+    urgent = batcher.submit("k", "urgent", ONE, rank=0)
     urgent.result(5)
     early.result(5)
     batcher.stop()
@@ -131,9 +131,9 @@ def _full_bulk_batch_waiting_behind_a_running_one(broker: Broker) -> tuple[Recor
     release = threading.Event()
     run = Recorder(hold_first=release)
     batcher = make(run, max_batch_size=2, max_wait_ms=3_000, max_pending=3, urgent_upstream=broker.urgent_queued)  # type: ignore[arg-type]
-    futures = [batcher.submit("cls", "bulk-0", ONE, priority=1), batcher.submit("cls", "bulk-1", ONE, priority=1)]
+    futures = [batcher.submit("cls", "bulk-0", ONE, rank=1), batcher.submit("cls", "bulk-1", ONE, rank=1)]
     assert run.started.wait(5)
-    futures += [batcher.submit("cls", f"bulk-{i}", ONE, priority=1) for i in (2, 3)]
+    futures += [batcher.submit("cls", f"bulk-{i}", ONE, rank=1) for i in (2, 3)]
     return run, batcher, futures, release
 
 
@@ -155,7 +155,7 @@ def test_a_full_bulk_batch_holds_for_interactive_requests_queued_upstream() -> N
     release.set()
     futures[0].result(5)
     time.sleep(0.05)  # a released thread fetches it from the broker and submits it
-    urgent = batcher.submit("gen", broker.interactive.pop(), ONE, priority=0)
+    urgent = batcher.submit("gen", broker.interactive.pop(), ONE, rank=0)
     urgent.result(5)
     for f in futures:
         f.result(5)
@@ -169,9 +169,9 @@ def test_while_the_caller_runs_urgent_work_of_its_own_only_urgent_batches_go() -
     rows, a bulk batch would hold the model between their steps, so it waits; interactive ones don't."""
     run = Recorder()
     batcher = MicroBatcher(run, max_batch_size=2, max_batch_tokens=10_000, max_wait_ms=0)  # type: ignore[arg-type]
-    bulk = [batcher.submit("cls", f"bulk-{i}", ONE, priority=1) for i in range(2)]
+    bulk = [batcher.submit("cls", f"bulk-{i}", ONE, rank=1) for i in range(2)]
     assert batcher.take(hold_less_urgent=True)[0] is None
-    urgent = batcher.submit("cls", "urgent", ONE, priority=0)
+    urgent = batcher.submit("cls", "urgent", ONE, rank=0)
     batch, _ = batcher.take(hold_less_urgent=True)
     assert batch is not None and [m.payload for m in batch] == ["urgent", "bulk-0"]  # led by it, filled as usual
     batcher.execute(batch)

@@ -1,4 +1,4 @@
-"""Continuous batching's admission, answers, streams and cancellation (workers/continuous.py), on the
+"""Continuous batching's admission, answers, streams and cancellation (workers/core/continuous.py), on the
 tiny random-weight Llama of test_engine (plumbing only: the answers are compared, not judged)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from opentelemetry import trace
 from shared.config import ContinuousConfig
 from shared.errors import ErrorCode, FleetError
 from tests.unit.test_engine import PROMPTS, engine, gen  # noqa: F401 - the module-scoped engine fixture
-from workers.continuous import ContinuousGenerator
-from workers.engine import Engine
+from workers.backends.transformers.batch_side import Engine
+from workers.core.continuous import ContinuousGenerator
 
 INTERACTIVE, BULK = 0, 1
 
@@ -44,7 +44,7 @@ def sink() -> Sink:
 
 
 def generator(engine: Engine, sink: Sink, static: list[Any] | None = None, **config: Any) -> ContinuousGenerator:  # noqa: F811
-    def fallback(prepared: Any, priority: int, span: Any, task_id: str) -> Future:
+    def fallback(prepared: Any, rank: int, span: Any, task_id: str) -> Future:
         future: Future = Future()
         (static if static is not None else []).append(task_id)
         future.set_result((engine.generate([prepared])[0], None))
@@ -62,8 +62,8 @@ def drive(gen_: ContinuousGenerator, futures: list[Future], timeout: float = 120
         time.sleep(0.002)
 
 
-def submit(gen_: ContinuousGenerator, item: Any, task_id: str, priority: int = BULK) -> Future:
-    return gen_.submit(item, priority, task_id, trace.INVALID_SPAN_CONTEXT)
+def submit(gen_: ContinuousGenerator, item: Any, task_id: str, rank: int = BULK) -> Future:
+    return gen_.submit(item, rank, task_id, trace.INVALID_SPAN_CONTEXT)
 
 
 def test_rows_joining_a_running_batch_get_the_answers_they_get_alone(engine: Engine, sink: Sink) -> None:  # noqa: F811

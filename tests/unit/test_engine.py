@@ -18,7 +18,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from shared.config import DEFAULT_PLAIN, ExpertWeights, ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
-from workers.engine import CONTENT_FREE_TEXTS, Engine, capitalized
+from workers.backends.transformers.batch_side import Engine
+from workers.prompts import CONTENT_FREE_TEXTS, capitalized
 
 PROMPTS = ["Hi", "Tell me a long story about a dragon and a knight", "What is 2+2?", "Name three colours of the rainbow"]
 
@@ -242,7 +243,7 @@ def test_rows_past_the_forward_budget_are_scored_in_several_passes_with_the_same
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request bigger than one forward pass should hold (32 long labels x a long text took 7 GB in
     one pass on a CPU) is split into passes of at most MAX_FORWARD_TOKENS padded tokens."""
-    from workers import engine as engine_module
+    from workers.backends.transformers import batch_side as engine_module
 
     requests = [ClassifyRequest(text="The striker scored twice in the second half", labels=[f"topic number {i}" for i in range(12)]),
                 ClassifyRequest(text="I lost my card", labels=["yes", "no"])]
@@ -260,7 +261,7 @@ def test_rows_past_the_forward_budget_are_scored_in_several_passes_with_the_same
 
 def test_on_a_cpu_rows_are_scored_by_length_so_short_rows_are_not_padded_to_the_longest(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers import engine as engine_module
+    from workers.backends.transformers import batch_side as engine_module
 
     long = ("An overlong, rambling account of a delivery that came late, damaged, and without the "
             "parts the listing promised, followed by three weeks of unanswered emails to support.")
@@ -281,7 +282,7 @@ def test_on_a_cpu_rows_are_scored_by_length_so_short_rows_are_not_padded_to_the_
 
 
 def test_grouping_keeps_row_order_and_gives_an_oversized_row_its_own_pass() -> None:
-    from workers.engine import _groups
+    from workers.backends.transformers.batch_side import _groups
 
     rows = [([1] * n, []) for n in (10, 10, 10, 50, 5, 5)]
     groups = _groups(rows, budget=40)  # type: ignore[arg-type]
@@ -292,7 +293,7 @@ def test_grouping_keeps_row_order_and_gives_an_oversized_row_its_own_pass() -> N
 def test_gptq_weight_cache_switch_is_on_only_while_a_cpu_model_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     """gptqmodel's TorchLinear reads GPTQ_TORCH_CACHE_WEIGHTS when a layer is built; the engine sets
     it for that call only, and leaves whatever the process had before as it was."""
-    from workers.engine import GPTQ_CACHE_ENV, _gptq_weight_cache
+    from workers.backends.transformers.batch_side import GPTQ_CACHE_ENV, _gptq_weight_cache
 
     monkeypatch.delenv(GPTQ_CACHE_ENV, raising=False)
     with _gptq_weight_cache(True):
@@ -332,7 +333,7 @@ def test_a_huge_prompt_is_refused_on_a_prefix_without_tokenizing_all_of_it(engin
 def test_the_gptq_kernel_chosen_for_a_model_is_named(engine: Engine) -> None:
     """What `bench/gpu.sh` and the worker's log report: the classes GPTQModel put in place of the
     linear layers (Marlin, ExLlama, Triton, Torch), none for a float model."""
-    from workers.engine import gptq_kernels
+    from workers.backends.transformers.batch_side import gptq_kernels
 
     marlin = type("MarlinQuantLinear", (torch.nn.Module,), {"__module__": "gptqmodel.nn_modules.qlinear.marlin"})
     layer = marlin()
@@ -344,7 +345,7 @@ def test_the_gptq_kernel_chosen_for_a_model_is_named(engine: Engine) -> None:
 def test_classification_padded_to_a_few_shapes_scores_the_same(engine: Engine) -> None:
     """On a GPU, classification passes are padded to bucketed shapes (rows to a power of two, width to
     the next configured width) so compiled or captured graphs are reused; the padding changes no score."""
-    from workers.engine import padded_shape
+    from workers.backends.transformers.batch_side import padded_shape
 
     assert padded_shape(5, 70, []) == (5, 70)
     assert padded_shape(5, 70, [64, 128, 256]) == (8, 128) and padded_shape(8, 64, [64, 128]) == (8, 64)
@@ -362,7 +363,7 @@ def test_classification_padded_to_a_few_shapes_scores_the_same(engine: Engine) -
 
 
 def test_a_configured_gptq_kernel_is_tried_first_then_gptqmodels_own_choice(tmp_path: Path) -> None:
-    from workers.engine import gptq_bits, kernel_attempts
+    from workers.backends.transformers.batch_side import gptq_bits, kernel_attempts
 
     assert kernel_attempts("gptq_marlin", 4) == ["gptq_marlin", None]  # Marlin refuses the shape: auto picks
     assert kernel_attempts(None, 4) == [None] and kernel_attempts("gptq_marlin", None) == [None]  # float: nothing

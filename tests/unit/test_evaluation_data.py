@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers import evaluation
-from workers.evaluation import Family, data_fingerprint, families
+from workers.prepare import evaluation
+from workers.prepare.evaluation import Family, data_fingerprint, families
 
 
 def _with_rows(monkeypatch: pytest.MonkeyPatch, change) -> str:  # type: ignore[no-untyped-def]

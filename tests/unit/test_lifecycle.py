@@ -14,7 +14,7 @@ def _started_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> dict[s
     seen: dict[str, Any] = {}
     monkeypatch.setattr(lifecycle.subprocess, "Popen", lambda args, env: seen.update(args=args, env=env))
     EngineCoreProcess(env=env).start()
-    assert seen["args"][1:3] == ["-m", "workers.engine_core"]
+    assert seen["args"][1:3] == ["-m", "workers.core.loop"]
     return seen["env"]
 
 

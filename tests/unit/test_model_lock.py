@@ -11,7 +11,7 @@ import time
 import torch
 
 from tests.unit.test_engine import engine  # noqa: F401 - the module-scoped tiny engine
-from workers.engine import Engine
+from workers.backends.transformers.batch_side import Engine
 
 
 def test_a_forward_pass_holds_the_model_lock_and_waits_for_it(engine: Engine) -> None:  # noqa: F811

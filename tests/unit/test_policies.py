@@ -6,7 +6,7 @@ import pytest
 
 from shared.config import load_settings
 from shared.errors import ErrorCode, FleetError
-from workers.policies import BatchPolicies
+from workers.core.policies import BatchPolicies
 
 
 def flaky(failures: list[BaseException]):  # noqa: ANN201

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from shared.config import load_settings
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest
-from workers.processors import Chain
+from workers.consumer.processors import Chain
 
 
 def settings_with(processors: list[dict], task_processors: dict | None = None):  # noqa: ANN201

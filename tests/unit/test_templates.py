@@ -10,7 +10,7 @@ import pytest
 from shared import templates
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import TaskType
-from workers.parsing import parse_request
+from workers.consumer.parsing import parse_request
 
 HOSTILE = [
     "{text}{labels:>10000000}",

@@ -7,7 +7,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from workers.engine_core import span_context_of
+from workers.core.loop import span_context_of
 
 W3C = TraceContextTextMapPropagator()
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from shared.config import ModelConfig, Settings
 from shared.errors import invalid_input
 from shared.schemas import TaskRequestBase
-from workers.engine import Answer, Prepared
+from workers.wire import Answer, Prepared
 
 
 class RequestSide(Protocol):

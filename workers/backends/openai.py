@@ -38,7 +38,8 @@ from shared.config import ModelConfig, Settings
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, GenerateOutput, Usage
 from workers.backends.base import Backend
-from workers.engine import Answer, Prepared, PreparedClassify, PreparedGenerate, join_labels, render_prompt
+from workers.prompts import join_labels, render_prompt
+from workers.wire import Answer, Prepared, PreparedClassify, PreparedGenerate
 
 log = logging.getLogger(__name__)
 CLASSIFY_SYSTEM = "Answer with exactly one of the categories you are given, and nothing else."
@@ -209,7 +210,7 @@ class OpenAIEngine:
 
     def run(self, items: list[Prepared]) -> list[Answer | FleetError]:
         """All calls at once; a call that fails comes back as its error, in its place, so its
-        batch-mates keep their answers and only it is retried (workers/batcher.py)."""
+        batch-mates keep their answers and only it is retried (workers/core/batcher.py)."""
         return list(self.pool.map(self._one, items))
 
 
@@ -218,7 +219,7 @@ class OpenAIBackend(Backend):
 
     @classmethod
     def request_side(cls, settings: Settings, config: ModelConfig) -> Any:
-        from workers.echo import LengthPreparer
+        from workers.prompts import LengthPreparer
 
         cls.options(config)  # a bad options block fails the worker at start, naming the field
         return LengthPreparer(config)

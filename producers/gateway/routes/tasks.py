@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel
 
 from producers.gateway.deps import Controlled, State, User, check_model, owned, remember_owner, within_rate
-from shared import webhooks
+from shared import webhook_urls
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import TaskRequest, TaskResult
 
@@ -53,7 +53,7 @@ async def submit(body: TaskRequest, response: Response, state: State, who: User)
 
 
 async def _callback(state: State, task_id: str) -> dict[str, str] | None:
-    raw = await state.redis.hgetall(webhooks.OUTCOME_KEY.format(task_id=task_id))
+    raw = await state.redis.hgetall(webhook_urls.OUTCOME_KEY.format(task_id=task_id))
     return {k.decode(): v.decode() for k, v in raw.items()} or None
 
 

@@ -32,7 +32,7 @@ class Handler:
     side ``.model``, ``.tokenizer`` and ``.device``."""
 
     def prepare(self, request_side: Any, request: EmbeddingRequest) -> Any:
-        from workers.engine import PreparedTask
+        from workers.wire import PreparedTask
 
         ids = request_side.tokenizer(request.text, add_special_tokens=False)["input_ids"][: request_side.context]
         return PreparedTask(request, ids, rows=1, width=len(ids), prompt_tokens=len(ids))
@@ -41,7 +41,7 @@ class Handler:
         import torch
 
         from shared.schemas import Usage
-        from workers.engine import Answer
+        from workers.wire import Answer
 
         width = max(len(item.payload) for item in items)
         ids = torch.full((len(items), width), batch_side.tokenizer.pad_token_id, dtype=torch.long)

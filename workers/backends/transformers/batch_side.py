@@ -1,0 +1,439 @@
+"""The transformers backend's batch side: one model loaded through the real ``from_pretrained`` path
+(GPTQ folders included), batched generation and batched label scoring.
+
+Created once per model in the engine core (workers/core/); ``run`` takes a whole batch of one task
+type in one call from the core's loop (classification) or its continuous-batching generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, GPTQConfig
+
+from shared.config import ModelConfig
+from shared.errors import ErrorCode, FleetError
+from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
+from workers.backends.transformers.request_side import Preparer
+from workers.backends.transformers.sampling import PerRowSampling, PerRowStop
+from workers.prompts import CONTENT_FREE_TEXTS
+from workers.wire import Answer, Channel, Prepared, PreparedClassify, PreparedGenerate
+
+log = logging.getLogger(__name__)
+GPTQ_CACHE_ENV = "GPTQ_TORCH_CACHE_WEIGHTS"
+
+Row = tuple[list[int], list[tuple[int, int, int]]]  # token ids, [(position, target token, slot)]
+# Scored positions per LM-head call: bounds memory to SCORE_CHUNK x vocab floats.
+SCORE_CHUNK = 1024
+# Padded tokens per scoring forward pass. A batch within the batcher's token budget is one pass; a
+# single request bigger than that (many multi-token labels x a long text) is scored in several, so
+# its attention memory stays bounded (one such request took 7 GB in one pass on a CPU).
+MAX_FORWARD_TOKENS = 16384
+# On a CPU, padding is paid for in full: a batch's rows (prompts, label prefixes + texts of every
+# length) are sorted by length and scored in passes of at most this many padded tokens. On the
+# selection split, batches of 16: 1.75-1.89 padded tokens per real one as one pass, 1.16-1.25 sorted
+# in passes of 2,048: 1.79x faster per request (bench/RESULTS.md, 2026-12-03 morning). A GPU is
+# launch-bound at these sizes: one pass there.
+CPU_FORWARD_TOKENS = 2048
+
+
+def pick_device(wanted: str) -> torch.device:
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise FleetError(ErrorCode.MODEL_UNAVAILABLE, "worker.device is 'cuda' but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(wanted: str, device: torch.device) -> torch.dtype:
+    if wanted != "auto":
+        return getattr(torch, wanted)
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _groups(rows: list[Row], budget: int) -> list[list[Row]]:
+    """Consecutive rows, as few groups as keep each group's rows x longest row within ``budget``
+    (a row longer than the budget is a group of its own)."""
+    groups: list[list[Row]] = [[]]
+    width = 0
+    for row in rows:
+        wider = max(width, len(row[0]))
+        if groups[-1] and (len(groups[-1]) + 1) * wider > budget:
+            groups.append([])
+            wider = len(row[0])
+        groups[-1].append(row)
+        width = wider
+    return groups
+
+
+@contextmanager
+def _gptq_weight_cache(enabled: bool) -> Iterator[None]:
+    """gptqmodel's TorchLinear (its CPU kernel for 8-bit) dequantizes every weight on every call:
+    10-32 tok/s against 95 for float on a 2-core EPYC. Its switch (this variable, read in
+    ``TorchLinear.__init__``) keeps the dequantized weight after the first call instead: the same
+    matmul on the same weights, 5.5x faster (bench/probes/weight_cache.py). Modules read it when
+    they are built, inside ``from_pretrained``, so it is set only for that call."""
+    if not enabled:
+        yield
+        return
+    before = os.environ.get(GPTQ_CACHE_ENV)
+    os.environ[GPTQ_CACHE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(GPTQ_CACHE_ENV, None)
+        else:
+            os.environ[GPTQ_CACHE_ENV] = before
+
+
+def _eager_dequantize(model: torch.nn.Module) -> None:
+    """Layers that keep their dequantized weight dequantize once: gptqmodel's ``optimize()`` wraps
+    that call in torch.compile, whose first call (inside the warm-up) took ~9 s of an 8-bit
+    engine's load on 2 cores, against ~2 s for the whole warm-up eagerly. Dropping the instance's
+    compiled wrapper falls back to the class's own (eager) method: the same arithmetic."""
+    for module in model.modules():
+        if getattr(module, "_cache_enabled", False) and "dequantize_weight" in vars(module):
+            del module.dequantize_weight
+
+
+def gptq_bits(path: Path) -> int | None:
+    """The bit width of a GPTQ folder (its config.json's quantization_config), None for a float model."""
+    try:
+        quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    return quant.get("bits") if quant.get("quant_method") == "gptq" else None
+
+
+def kernel_attempts(configured: str | None, bits: int | None) -> list[str | None]:
+    """The kernels to try loading with, in order: the configured one, then GPTQModel's own choice
+    (None). A float model has no kernel to choose."""
+    if bits is None or configured is None:
+        return [None]
+    return [configured, None]
+
+
+def padded_shape(rows: int, width: int, widths: list[int]) -> tuple[int, int]:
+    """The (rows, width) a classification forward pass runs at: as given without ``widths``; else rows
+    to the next power of two and width to the first of ``widths`` that fits (past the last: as is).
+    Rows are right-padded and scored positions read from real rows only, so the padding changes no
+    score; it bounds the shapes a GPU compiles or captures to a few."""
+    if not widths:
+        return rows, width
+    return 1 << (rows - 1).bit_length(), next((w for w in widths if w >= width), width)
+
+
+def gptq_kernels(model: Any) -> set[str]:
+    """The GPTQ kernels GPTQModel chose for this model's layers (class names, e.g. MarlinQuantLinear,
+    ExllamaV2QuantLinear, TritonV2QuantLinear, TorchLinear); empty for a float model."""
+    return {type(m).__name__ for m in model.modules() if type(m).__module__.startswith("gptqmodel.")
+            and hasattr(m, "qweight")}
+
+
+class Engine:
+    """A causal LM loaded with the real ``from_pretrained`` path (GPTQ folders included)."""
+
+    def __init__(self, config: ModelConfig, path: Path, device: str = "auto", widths: list[int] | None = None) -> None:
+        """``widths``: classification forward passes are padded to these shapes (``padded_shape``)."""
+        self.config = config
+        self.path = path
+        self.widths = sorted(widths or [])
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        started = time.perf_counter()
+        self.preparer = Preparer(config, path)
+        self.tokenizer = self.preparer.tokenizer
+        with _gptq_weight_cache(config.cpu_weight_cache and self.device.type == "cpu"):
+            self.model = self._load(path)
+        self.model.eval()
+        if config.cpu_weight_cache and self.device.type == "cpu":
+            _eager_dequantize(self.model)
+        # One forward pass at a time, whichever thread calls: when continuous batching ran in its own
+        # thread beside classification batches, the two interleaved unguarded gave wrong
+        # classifications for the rest of the process (seen: 3/10 clear reviews right).
+        self.model_lock = threading.RLock()
+        self.model.register_forward_pre_hook(lambda *_: (self.model_lock.acquire(), None)[1])  # None: inputs unchanged
+        self.model.register_forward_hook(lambda *_: self.model_lock.release(), always_call=True)
+        self._warm_up()
+        self.kernels = gptq_kernels(self.model)
+        if self.kernels:
+            log.info("GPTQ kernel for %s on %s: %s", config.name, self.device, ", ".join(sorted(self.kernels)))
+        self.load_seconds = time.perf_counter() - started
+        self.context = self.preparer.context
+        self.stop_token_ids = self._stop_token_ids()
+        self._priors: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+        log.info("loaded %s from %s on %s/%s in %.1fs", config.name, path, self.device, self.dtype, self.load_seconds)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def _load(self, path: Path) -> Any:
+        """The model through ``from_pretrained``; a GPTQ folder with the configured kernel first, then
+        GPTQModel's own choice if that kernel cannot take this artifact here (``kernel_attempts``)."""
+        bits = gptq_bits(path)
+        for kernel in kernel_attempts(self.config.gptq_kernel, bits):
+            extra = {} if kernel is None else {"quantization_config": GPTQConfig(bits=bits, backend=kernel)}
+            try:
+                return AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=str(self.device),
+                                                            trust_remote_code=self.config.trust_remote_code, **extra)
+            except (ValueError, NotImplementedError, RuntimeError, ImportError) as exc:
+                if kernel is None:
+                    raise
+                log.warning("GPTQ kernel %s cannot load %s on %s (%s); letting GPTQModel choose", kernel,
+                            self.config.name, self.device, exc)
+        raise AssertionError("unreachable: the last attempt is GPTQModel's own choice")
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One forward pass now, in one thread. Kernels finish setting up on their first call
+        (gptqmodel's CPU kernel repacks its weights then, unguarded); the engine core later runs
+        continuous-batching steps and classification batches in two threads, which must never
+        both make that first call (seen: 'rshift_cpu not implemented for BFloat16')."""
+        ids = self.tokenizer("Hello", return_tensors="pt")["input_ids"].to(self.device)
+        self.model(input_ids=ids)
+
+    def prepare(self, request: GenerateRequest | ClassifyRequest) -> Prepared:
+        return self.preparer.prepare(request)
+
+    def _stop_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return sorted(i for i in ids if i is not None)
+
+    # -- per batch, in the batcher's thread ----------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, items: list[PreparedGenerate], streamer: Any = None) -> list[Answer]:
+        """Left-padded batched ``generate``; each row keeps its own sampling and stop settings.
+        ``streamer``: transformers' streamer hook, called once per decoding step (the bench times
+        a static batch's first token with it)."""
+        pad = self.tokenizer.pad_token_id
+        width = max(len(item.input_ids) for item in items)
+        input_ids = torch.full((len(items), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            input_ids[row, width - len(item.input_ids) :] = torch.tensor(item.input_ids)
+            attention[row, width - len(item.input_ids) :] = 1
+        requests = [item.request for item in items]
+        sampling = any(r.temperature > 0 for r in requests)
+        # Sampling knobs live in PerRowSampling; the built-in warpers are neutralised (top_k=0 is off).
+        knobs = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if sampling else {"do_sample": False}
+        config = GenerationConfig(
+            max_new_tokens=max(r.max_new_tokens for r in requests),
+            pad_token_id=pad,
+            eos_token_id=self.stop_token_ids,
+            **knobs,
+        )
+        processors = [PerRowSampling([r.temperature for r in requests], [r.top_p for r in requests], self.device)]
+        stopper = PerRowStop(width, [r.max_new_tokens for r in requests], [r.stop for r in requests], self.tokenizer)
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            generation_config=config,
+            logits_processor=processors if sampling else None,
+            stopping_criteria=[stopper],
+            streamer=streamer,
+        )
+        return [self.decode_row(item, output[row, width:].tolist()) for row, item in enumerate(items)]
+
+    def cut_row(self, item: PreparedGenerate, new_ids: list[int]) -> tuple[list[int], str, str]:
+        """A row's tokens and text up to its limit, first stop token or first stop string (the
+        text unstripped: a token stream's offsets count in it), and its finish reason."""
+        request = item.request
+        new_ids = new_ids[: request.max_new_tokens]
+        finish = "length"
+        for index, token in enumerate(new_ids):
+            if token in self.stop_token_ids:
+                new_ids, finish = new_ids[:index], "stop"
+                break
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        cuts = [text.find(stop) for stop in request.stop if stop in text]
+        if cuts:
+            text, finish = text[: min(cuts)], "stop"
+        return new_ids, text, finish
+
+    def decode_row(self, item: PreparedGenerate, new_ids: list[int]) -> Answer:
+        new_ids, text, finish = self.cut_row(item, new_ids)
+        usage = Usage(prompt_tokens=item.prompt_tokens, completion_tokens=len(new_ids))
+        return Answer(GenerateOutput(text=text.strip(), finish_reason=finish), usage)
+
+    @staticmethod
+    def _direct_rows(prompt: list[int], labels: list[list[int]], first_slot: int) -> list[Row]:
+        """Rows scoring log P(label | prompt) for each label into slots ``first_slot + i``.
+
+        A label's first token is read off the prompt's last position, so a query whose labels are
+        all single tokens (the usual case: " positive", " negative") costs one row, not one per
+        label; a multi-token label adds a row (prompt + label) for its later tokens.
+        """
+        long_labels = [label for label in labels if len(label) > 1]
+        rows: list[Row] = [(prompt + label, []) for label in long_labels] or [(prompt, [])]
+        row = 0
+        for index, label in enumerate(labels):
+            slot = first_slot + index
+            rows[0][1].append((len(prompt) - 1, label[0], slot))  # logits at t predict token t+1
+            if len(label) > 1:
+                rows[row][1].extend((len(prompt) + k - 1, label[k], slot) for k in range(1, len(label)))
+                row += 1
+        return rows
+
+    @staticmethod
+    def _channel_rows(channel: Channel, first_slot: int) -> list[Row]:
+        """Rows scoring log P(text | prefix of label i) into slots ``first_slot + i``."""
+        text = channel.text_ids
+        return [
+            (prefix + text, [(len(prefix) + k - 1, token, first_slot + index) for k, token in enumerate(text)])
+            for index, prefix in enumerate(channel.prefix_ids)
+        ]
+
+    def _score(self, rows: list[Row], slots: int) -> torch.Tensor:
+        """Sum the log-probabilities of every row's (position, target) pairs into their slots, in
+        one forward pass (more when the rows exceed MAX_FORWARD_TOKENS; on a CPU, sorted by length
+        in passes of CPU_FORWARD_TOKENS, so short rows are not padded to the longest). Rows are right-padded; only
+        the hidden states at scored positions go through the LM head, in chunks, so memory stays
+        O(chunk x vocab)."""
+        picked_parts, targets, slot_of = [], [], []
+        budget = MAX_FORWARD_TOKENS
+        if self.device.type == "cpu":
+            rows, budget = sorted(rows, key=lambda row: len(row[0])), min(budget, CPU_FORWARD_TOKENS)
+        for group in _groups(rows, budget):
+            height, width = padded_shape(len(group), max(len(ids) for ids, _ in group), self.widths)
+            input_ids = torch.full((height, width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((height, width), dtype=torch.long)
+            attention[:, 0] = 1  # filler rows attend to one token: a fully masked row can turn NaN
+            seq_index, positions = [], []
+            for r, (ids, scored) in enumerate(group):
+                input_ids[r, : len(ids)] = torch.tensor(ids)
+                attention[r, : len(ids)] = 1
+                for position, target, slot in scored:
+                    seq_index.append(r)
+                    positions.append(position)
+                    targets.append(target)
+                    slot_of.append(slot)
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+            ).last_hidden_state
+            picked_parts.append(hidden[torch.tensor(seq_index), torch.tensor(positions)])
+        picked = torch.cat(picked_parts)
+        wanted = torch.tensor(targets, device=picked.device)
+        head = self.model.get_output_embeddings()
+        pieces = []
+        for start in range(0, len(targets), SCORE_CHUNK):
+            logits = head(picked[start : start + SCORE_CHUNK]).float()
+            chosen = logits.gather(1, wanted[start : start + SCORE_CHUNK, None]).squeeze(1)
+            pieces.append((chosen - logits.logsumexp(dim=-1)).cpu())
+        return torch.zeros(slots).index_add_(0, torch.tensor(slot_of), torch.cat(pieces))
+
+    def _label_logprobs(self, queries: list[tuple[list[int], list[list[int]]]]) -> list[torch.Tensor]:
+        """log P(label | prompt) for every label of every (prompt_ids, label_ids) query, in one forward."""
+        rows: list[Row] = []
+        slot = 0
+        for prompt, labels in queries:
+            rows += self._direct_rows(prompt, labels, slot)
+            slot += len(labels)
+        return list(self._score(rows, slot).split([len(labels) for _, labels in queries]))
+
+    def _label_prior(self, template: str | None, labels: list[str], label_ids: list[list[int]]) -> torch.Tensor:
+        """Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): the model's label
+        log-probs for content-free texts, averaged, cached per (template, labels).
+
+        Small and quantized models carry a strong prior for some label words whatever the text
+        says; dividing it out measured 85 % -> 93 % (4-bit) and 97 % -> 95 % (float) on the
+        built-in sentiment set (docs/quantization.md).
+        """
+        key = (template, tuple(labels))
+        prior = self._priors.get(key)
+        if prior is None:
+            queries = [(self.preparer.classify_ids(text, labels, template), label_ids) for text in CONTENT_FREE_TEXTS]
+            prior = torch.stack(self._label_logprobs(queries)).mean(dim=0)
+            if len(self._priors) >= 1024:
+                self._priors.pop(next(iter(self._priors)))
+            self._priors[key] = prior
+        return prior
+
+    def classify(self, items: list[PreparedClassify]) -> list[Answer]:
+        with self.model_lock:  # the decoder is called directly here, not through the hooked forward
+            return self._classify(items)
+
+    def _expert_scores(self, items: list[PreparedClassify]) -> list[dict[str, torch.Tensor]]:
+        """Per request, each expert's log-probabilities normalised over its labels, from one
+        forward pass for the whole batch: ``direct`` (the label as the chat answer, or after the
+        caller's template; calibrated unless the model says not), and with the default method
+        ``channel`` (log P(text | "The following message is <label>:")) and ``plain`` (the label
+        after the plain prompt, calibrated). bench/probes/experts.py weighs them offline."""
+        rows: list[Row] = []
+        spans: list[tuple[slice, slice | None, slice | None]] = []
+        slot = 0
+        for item in items:
+            n = len(item.label_ids)
+            rows += self._direct_rows(item.prompt_ids, item.label_ids, slot)
+            direct, slot = slice(slot, slot + n), slot + n
+            channel = plain = None
+            if item.channel is not None:
+                rows += self._channel_rows(item.channel, slot)
+                channel, slot = slice(slot, slot + n), slot + n
+            if item.plain is not None:
+                rows += self._direct_rows(item.plain.prompt_ids, item.plain.label_ids, slot)
+                plain, slot = slice(slot, slot + n), slot + n
+            spans.append((direct, channel, plain))
+        per_slot = self._score(rows, slot)
+        calibrate = self.config.classification_calibration == "content_free"
+        found = []
+        for item, (direct, channel, plain) in zip(items, spans, strict=True):
+            labels = item.request.labels
+            scores = per_slot[direct]
+            if calibrate:
+                scores = scores - self._label_prior(item.template, labels, item.label_ids)
+            experts = {"direct": scores.log_softmax(dim=0)}
+            if channel is not None:
+                experts["channel"] = per_slot[channel].log_softmax(dim=0)
+            if plain is not None:
+                plain_scores = per_slot[plain]
+                if calibrate:
+                    plain_scores = plain_scores - self._label_prior(item.plain.template, labels, item.plain.label_ids)  # type: ignore[union-attr]
+                experts["plain"] = plain_scores.log_softmax(dim=0)
+            found.append(experts)
+        return found
+
+    @torch.inference_mode()
+    def _classify(self, items: list[PreparedClassify]) -> list[Answer]:
+        """Score every (request, label) pair in one forward pass; probabilities per label.
+
+        A template request is its direct score alone; the default method weighs its experts
+        (``classification_weights``) and adds them: a product of experts.
+        """
+        weights = self.config.classification_weights
+        answers = []
+        for item, experts in zip(items, self._expert_scores(items), strict=True):
+            labels = item.request.labels
+            combined = experts["direct"]
+            if len(experts) > 1:  # the default method: weighted experts
+                combined = combined * weights.chat
+                for name in ("channel", "plain"):
+                    if name in experts:
+                        combined = combined + getattr(weights, name) * experts[name]
+            probs = combined.softmax(dim=0).tolist()
+            best = max(range(len(labels)), key=probs.__getitem__)
+            answers.append(
+                Answer(
+                    ClassifyOutput(label=labels[best], scores=dict(zip(labels, probs, strict=True))),
+                    Usage(prompt_tokens=item.prompt_tokens, completion_tokens=0),
+                )
+            )
+        return answers
+
+    def run(self, items: list[Prepared]) -> list[Answer]:
+        """Run one homogeneous batch (all generate or all classify)."""
+        if isinstance(items[0], PreparedGenerate):
+            return self.generate(items)  # type: ignore[arg-type]
+        return self.classify(items)  # type: ignore[arg-type]

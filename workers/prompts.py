@@ -1,0 +1,95 @@
+"""Prompts and limits every backend's request side shares (transformers, openai, echo): how a
+classification prompt is rendered, what a too-costly request is told. Torch-free: it runs in the
+consumer processes."""
+
+from __future__ import annotations
+
+import ctypes
+
+from shared import templates
+from shared.config import ModelConfig
+from shared.errors import ErrorCode, FleetError
+from shared.schemas import ClassifyRequest, GenerateRequest
+from workers.wire import Prepared, PreparedClassify, PreparedGenerate
+
+# A model without a chat template classifies with this plain prompt when no template is given.
+PLAIN_TEMPLATE = 'Text: "{text}"\nCategory ({labels}):'
+# Texts that say nothing: the model's label preference after them is its bias, not evidence.
+CONTENT_FREE_TEXTS = ("N/A", " ", "[MASK]")
+# A rendered prompt longer than context x this many characters cannot fit the context window
+# (tokenizers average 3-5 characters per token): refuse it before tokenizing it.
+MAX_CHARS_PER_TOKEN = 16
+# A generation prompt longer than its token budget x this many characters is first counted on that
+# prefix only: over budget there, it is refused without tokenizing the rest.
+PREFIX_CHARS_PER_TOKEN = 8
+# Where no tokenizer is at hand (echo, a remote server), a token is counted as this many characters.
+CHARS_PER_TOKEN = 4
+
+
+def release_memory() -> None:
+    """Give freed heap back to the OS after a huge request (glibc keeps it otherwise, and a consumer
+    grew 416 -> 1,079 MB over eight 2 MB requests). A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def join_labels(labels: list[str]) -> str:
+    """'a or b', 'a, b or c': how the classification template lists the choices."""
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
+
+
+def capitalized(label: str) -> str:
+    """A label as the first word of an answer: 'not spam' -> 'Not spam'; 'iPhone' and 'USA' stay."""
+    return label if label[1:2].isupper() else label[:1].upper() + label[1:]
+
+
+def render_prompt(template: str, text: str, labels: list[str], context: int) -> str:
+    """The classification prompt, never via str.format (a caller's format spec could ask for
+    gigabytes; shared/templates.py): INVALID_INPUT for a bad template, PROMPT_TOO_LONG when it
+    could not fit a ``context``-token window."""
+    try:
+        return templates.render(template, text, join_labels(labels), max_chars=context * MAX_CHARS_PER_TOKEN)
+    except templates.TemplateError as exc:
+        code = ErrorCode.PROMPT_TOO_LONG if isinstance(exc, templates.RenderedTooLong) else ErrorCode.INVALID_INPUT
+        raise FleetError(code, f"prompt_template {exc}") from None
+
+
+def too_costly(prepared: Prepared, limit: int) -> str:
+    """PROMPT_TOO_LONG's message for a request that costs more than ``limit`` padded tokens: what it
+    costs, why, and what to change."""
+    rows = getattr(prepared, "rows", 1)
+    message = (f"this request costs {prepared.cost_tokens:,} padded tokens to run ({rows} rows x "
+               f"{prepared.cost_tokens // max(rows, 1):,} tokens), over this worker's limit of {limit:,} "
+               "(batching.max_request_tokens)")
+    if isinstance(prepared, PreparedClassify) and prepared.template is None:
+        message += ("; without a prompt_template a classification scores a row per label and per multi-token "
+                    "label, each as long as the text: use fewer or shorter labels, a shorter text, or a prompt_template")
+    return message
+
+
+class LengthPreparer:
+    """The request side of a model without a local tokenizer (echo, a remote server): validates and
+    renders as the real engine does, and counts tokens by length (~4 characters each) for the
+    batcher's token budget and the context check."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.context = config.max_context_tokens
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def prepare(self, request: GenerateRequest | ClassifyRequest) -> Prepared:
+        if isinstance(request, GenerateRequest):
+            text = "\n".join(m["content"] for m in request.chat_messages())
+            ids = [0] * max(1, len(text) // CHARS_PER_TOKEN)
+            if len(ids) + request.max_new_tokens > self.context:
+                raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"prompt is {len(ids)} tokens; context {self.context}")
+            return PreparedGenerate(request, ids)
+        template = request.prompt_template or self.config.classification_template
+        prompt = render_prompt(template or self.config.classification_instruction, request.text, request.labels, self.context)
+        return PreparedClassify(request, template, [0] * max(1, len(prompt) // CHARS_PER_TOKEN),
+                                [[1] for _ in request.labels])
