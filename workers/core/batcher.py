@@ -29,6 +29,7 @@ from opentelemetry import trace
 
 from shared.errors import as_fleet_error
 from shared.telemetry import tracer
+from workers.wire import BatchInfo
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ class Shape:
 
     rows: int
     width: int
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    size: int
-    batch_wait_ms: float
-    inference_ms: float
-    leader: bool = False  # the batch's first member: batch-level metrics are counted once, through it
 
 
 @dataclass(order=True)
