@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_DEVICE ?= auto
 STAMP  := $(VENV)/.autoglm-installed
 
-.PHONY: setup demo test test-unit prepare worker bench clean
+.PHONY: setup demo test test-all test-unit prepare worker bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: prepare
 
 test: prepare
 	$(PY) -m pytest tests
+
+# Everything, the long checks marked `slow` included (`-m ''` overrides the default `-m 'not slow'`).
+test-all: prepare
+	$(PY) -m pytest tests -m ''
 
 test-unit: setup
 	$(PY) -m pytest tests/unit

@@ -118,12 +118,14 @@ class Answer(msgspec.Struct, frozen=True):
 
 class BatchInfo(msgspec.Struct, frozen=True, array_like=True):
     """The batch an item ran in. ``leader``: its first member, so batch-level metrics are counted once
-    per batch by whichever consumer gets it."""
+    per batch by whichever consumer gets it. ``continuous``: a continuously batched generation row;
+    ``size`` is then the rows decoding when it joined, and the times are its own."""
 
     size: int
     batch_wait_ms: float
     inference_ms: float
     leader: bool = False
+    continuous: bool = False
 
 
 class Request(msgspec.Struct, frozen=True, array_like=True):

@@ -176,12 +176,15 @@ def test_metrics_reflect_a_burst(traced: Traced) -> None:
     assert float(depth_line.split()[-1]) > 0, depth_line  # the burst is waiting in Redis
     for h in handles:
         h.result(timeout=300)
+    traced.fleet.client.submit_generate("Say hi.", max_new_tokens=4).result(timeout=300)  # greedy: continuous
     text = traced.metrics()
     count = float(next(l for l in text.splitlines() if l.startswith('autoglm_batch_size_count{task_type="classification"}')).split()[-1])
     total = float(next(l for l in text.splitlines() if l.startswith('autoglm_batch_size_sum{task_type="classification"}')).split()[-1])
     assert total >= 40 and count >= 40 / 6  # every request of the burst went through a batch of <= 6
     assert 'autoglm_tasks_total{code="",outcome="success",task_type="classification"}' in text
     assert "autoglm_model_load_seconds" in text
+    rows = float(next(l for l in text.splitlines() if l.startswith('autoglm_continuous_rows_count{task_type="text_generation"}')).split()[-1])
+    assert rows >= 1  # continuously batched generations are counted too
 
 
 def test_compose_file_names_the_services_and_runs_what_the_tests_run() -> None:

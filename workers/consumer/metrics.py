@@ -39,6 +39,9 @@ BATCH_SIZE = Histogram("autoglm_batch_size", "Requests per model batch", ["task_
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
 BATCH_SECONDS = Histogram("autoglm_batch_seconds", "Model time per batch", ["task_type"],
                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+CONTINUOUS_ROWS = Histogram("autoglm_continuous_rows", "Rows decoding together when a generation joined the "
+                            "running batch (continuous batching)", ["task_type"],
+                            buckets=(1, 2, 4, 8, 12, 16, 24, 32, 64, 128, 256))
 TOKENS = Counter("autoglm_tokens", "Tokens processed (rate() of it is tokens/s)", ["kind"])
 MODEL_LOAD = Gauge("autoglm_model_load_seconds", "Time to load each model at worker start", ["model"],
                    multiprocess_mode="max")

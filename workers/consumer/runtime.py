@@ -91,7 +91,9 @@ class Runtime:
         rank = self.settings.queue_class(request.priority).rank
         answer, info = self.engine.infer(preparer.name, prepared, rank, trace_headers().get("traceparent", ""), task_id)
         kind = str(request.task_type)
-        if info.leader:  # batch-level figures once per batch, by whichever consumer got its first member
+        if info.continuous:  # a generation row of the running batch: no batch of its own to count
+            metrics.CONTINUOUS_ROWS.labels(kind).observe(info.size)
+        elif info.leader:  # batch-level figures once per batch, by whichever consumer got its first member
             metrics.BATCH_SIZE.labels(kind).observe(info.size)
             metrics.BATCH_SECONDS.labels(kind).observe(info.inference_ms / 1000.0)
         metrics.TOKENS.labels("input").inc(prepared.prompt_tokens)

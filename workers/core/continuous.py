@@ -227,7 +227,7 @@ class ContinuousGenerator:
             self.streams.end(row.task_id, answer.output.finish_reason)  # type: ignore[union-attr]
         self._end_spans(row, answer)
         info = BatchInfo(size=row.rows_at_admission, batch_wait_ms=(row.admitted - row.submitted) * 1000.0,
-                         inference_ms=(now - row.admitted) * 1000.0, leader=False)
+                         inference_ms=(now - row.admitted) * 1000.0, continuous=True)
         row.future.set_result((answer, info))
 
     def _fail(self, row: _Row, error: FleetError) -> None:
