@@ -173,7 +173,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 def _cmd_result(args: argparse.Namespace) -> int:
     handle = _client().handle(args.task_id)
-    print(json.dumps({"id": handle.id, "status": handle.status()}))
+    status = handle.status()
+    if status == "UNKNOWN":  # a typo, another fleet's id, or expired: not "still queued"
+        from producers.client import unknown_task
+
+        raise unknown_task(handle.id)
+    print(json.dumps({"id": handle.id, "status": status}))
     if handle.ready():
         print(json.dumps(handle.result().model_dump(mode="json"), indent=2))
     return 0

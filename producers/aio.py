@@ -18,9 +18,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from producers.client import FleetClient, Request
+from producers.client import FleetClient, Request, unknown_task
 from producers.outcome import READY, decode_outcome
 from shared import streams, webhook_urls
+from shared.broker import submitted_key
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority, TaskResult, TaskType
@@ -154,8 +155,17 @@ class AsyncFleetClient:
 
     # -- results -------------------------------------------------------------------------------
     async def status(self, task_id: str) -> str:
-        """PENDING (queued, unknown or expired), STARTED, SUCCESS, FAILURE or REVOKED."""
-        return (await self._meta(task_id))["status"]
+        """PENDING (queued), STARTED, SUCCESS, FAILURE, REVOKED, or UNKNOWN (never submitted to this
+        fleet, or expired: see TaskHandle.status)."""
+        status = (await self._meta(task_id))["status"]
+        return "UNKNOWN" if status == "PENDING" and not await self.known(task_id) else status
+
+    async def known(self, task_id: str) -> bool:
+        """Whether this fleet has (or had, within the result's lifetime) a task with this id."""
+        try:
+            return bool(await self._redis.exists(submitted_key(task_id)))
+        except RedisError as exc:
+            raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {task_id}'s state: {exc}") from exc
 
     async def _meta(self, task_id: str) -> dict[str, Any]:
         try:
@@ -167,13 +177,18 @@ class AsyncFleetClient:
         return self._backend.decode_result(raw)
 
     async def result(self, task_id: str, timeout: float | None = None) -> TaskResult:
-        """The TaskResult, or FleetError with the worker's code, or TimeoutError."""
+        """The TaskResult, or FleetError with the worker's code (NOT_FOUND for an id this fleet does
+        not know), or TimeoutError."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.005
+        delay, looked_up = 0.005, False
         while True:
             meta = await self._meta(task_id)
             if meta["status"] in READY:
                 break
+            if not looked_up and meta["status"] == "PENDING":  # once per wait: is there such a task at all?
+                looked_up = True
+                if not await self.known(task_id):
+                    raise unknown_task(task_id)
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"task {task_id} not finished after {timeout}s (status {meta['status']})")
             await asyncio.sleep(delay)

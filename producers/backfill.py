@@ -202,7 +202,8 @@ def run_backfill(
 ) -> dict[str, Any]:
     """``on_settled(ok)`` is called once per line answered in this run (the Batch API keeps its
     request_counts with it); ``cancelled()`` is asked between chunks: once true, nothing more is
-    submitted, the tasks in flight are cancelled and reported as CANCELLED errors."""
+    submitted, the tasks in flight are cancelled and listed in the errors file with code CANCELLED
+    (not settled: a request cancelled before its answer neither completed nor failed)."""
     errors = errors or output.with_suffix(".errors.jsonl")
     for path in (output, errors, output.with_suffix(".journal")):
         _end_torn_line(path)
@@ -295,14 +296,13 @@ def run_backfill(
             else:  # look up now and then whether the batch was cancelled
                 settle(block=False)
                 time.sleep(0.25)
-        if stop():  # cancelled: what is still in flight is cancelled, and reported so
+        if stop():  # cancelled: what is still in flight is cancelled, and listed so (not counted as failed)
             settle(block=False)
             for cid, handle in in_flight.items():
                 handle.cancel()
-                err.write(json.dumps({"custom_id": cid, "task_id": handle.id, "status": "failed", "error": FleetError(
+                err.write(json.dumps({"custom_id": cid, "task_id": handle.id, "status": "cancelled", "error": FleetError(
                     ErrorCode.CANCELLED, f"task {handle.id} was cancelled with its batch").to_dict()}) + "\n")
-                counts["failed:CANCELLED"] += 1
-                settled_hook(False)
+                counts["cancelled"] += 1
             in_flight.clear()
     progress.tick(0, force=True)
     sys.stderr.write("\n")

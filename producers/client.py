@@ -24,7 +24,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop
 
 from producers.outcome import decode_outcome
 from shared import fairqueue, streams, task_types, webhook_urls
-from shared.broker import redis_client
+from shared.broker import redis_client, submitted_key
 from shared.config import Settings, load_settings
 from shared.errors import ErrorCode, FleetError, invalid_input
 from shared.pipelines import PIPELINE, STEP_TASK, PipelineRequest, check_input, step_request
@@ -39,6 +39,11 @@ RECHECK_S = 1.0  # TaskHandle.result reads the stored state at least this often 
 # Celery's result consumer raises RuntimeError when it cannot resubscribe for the new task id.
 PUBLISH_ERRORS = (*BROKER_ERRORS, BatchPublishError, RuntimeError)
 Request = TaskRequestBase  # GenerateRequest, ClassifyRequest, or a plugin task type's request
+
+
+def unknown_task(task_id: str) -> FleetError:
+    return FleetError(ErrorCode.NOT_FOUND, f"no task {task_id} in this fleet: it was never submitted here, or its "
+                      "record expired (results are kept broker.result_expires_s)")
 
 
 def _summary(request: Request) -> str:
@@ -58,14 +63,25 @@ class TaskHandle:
         return self._result.id
 
     def status(self) -> str:
-        """PENDING (queued or unknown/expired), STARTED, SUCCESS or FAILURE."""
-        return self._result.state
+        """PENDING (queued), STARTED, SUCCESS, FAILURE, REVOKED, or UNKNOWN: this fleet never had
+        the id, or its record expired (``broker.result_expires_s``). Celery alone says PENDING for
+        both; the submitted marker set with every publish (shared/fairqueue.py) tells them apart."""
+        state = self._result.state
+        return "UNKNOWN" if state == "PENDING" and not self.known() else state
+
+    def known(self) -> bool:
+        """Whether this fleet has (or had, within the result's lifetime) a task with this id."""
+        try:
+            return bool(self._result.backend.client.exists(submitted_key(self.id)))
+        except BROKER_ERRORS as exc:
+            raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {self.id}'s state: {exc}") from exc
 
     def ready(self) -> bool:
         return self._result.ready()
 
     def result(self, timeout: float | None = None) -> TaskResult:
-        """The TaskResult; raises FleetError with the worker's code, or TimeoutError if not done.
+        """The TaskResult; raises FleetError with the worker's code (NOT_FOUND for an id this fleet
+        does not know), or TimeoutError if not done.
 
         Waits on Celery's pub/sub in slices of ``RECHECK_S`` and reads the stored state between
         them: Celery SUBSCRIBEs when ``get`` starts (not at publish: see ``_publish``), then reads
@@ -73,6 +89,7 @@ class TaskHandle:
         (seen once: a stream's reader asked for the result the moment it was recorded, and
         ``get`` waited out its whole timeout while the state said SUCCESS)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        looked_up = False
         try:
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -81,6 +98,11 @@ class TaskHandle:
                                              propagate=False)
                     break
                 except CeleryTimeoutError:  # the next get reads the stored state again first
+                    if not looked_up:  # not done at once: is there such a task at all? (once per wait)
+                        looked_up = True
+                        if self._result.state == "PENDING" and not self.known():
+                            self._result.backend.remove_pending_result(self._result)
+                            raise unknown_task(self.id) from None
                     if left is not None and left <= RECHECK_S:
                         # stop listening now: a later result() subscribes again, and a subscription left
                         # to the object's __del__ runs at interpreter exit, when redis-py cannot unsubscribe
@@ -287,7 +309,11 @@ class FleetClient:
                             for i, q in enumerate(queues)))
 
             def publish() -> TaskHandle:
-                return TaskHandle(steps.apply_async(headers=trace_headers()))
+                handle = TaskHandle(steps.apply_async(headers=trace_headers()))
+                # The handle is the last step's, published only when the step before it ends: its
+                # marker is set now, so the pipeline is known from the start (TaskHandle.status).
+                handle._result.backend.client.set(submitted_key(handle.id), 1, ex=self.settings.broker.result_expires_s)
+                return handle
 
             try:
                 handle = self._retrying()(publish)

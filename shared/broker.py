@@ -129,3 +129,9 @@ IN_TRANSIT_MS = 200
 
 def in_transit_key(queue: str) -> str:
     return f"autoglm:in-transit:{queue}"
+
+
+# Set with every publish of a task (shared/fairqueue.py) and kept as long as its result: a task id
+# with neither this marker nor a stored state was never submitted here, or has expired.
+def submitted_key(task_id: str) -> str:
+    return f"autoglm:submitted:{task_id}"

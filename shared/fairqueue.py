@@ -19,6 +19,10 @@ one shared share for callers that name no tenant). Publishing is one Lua script 
 the rotation if not in it), so a fetch never sees a tenant in the rotation without its list, or the
 reverse, for longer than one script. Producers and workers both publish through this channel
 (kombu's Redis transport with ``_put`` replaced); ``queue_depth`` counts a fair queue whole.
+
+Every publish of a task (any queue) also sets the task's *submitted* marker (shared/broker.py,
+``submitted_key``) in the same round trip, kept ``broker.result_expires_s``: Celery reports a queued
+task and an id it never saw alike (PENDING); the marker tells them apart (``TaskHandle.status``).
 """
 
 from __future__ import annotations
@@ -28,14 +32,17 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
+from shared.broker import submitted_key
 from shared.schemas import ANONYMOUS_TENANT
 
 TENANT_HEADER = "autoglm-tenant"
 
-# KEYS: tenant list, tenant set, rotation. ARGV: message, tenant.
+# KEYS: tenant list, tenant set, rotation, the task's submitted marker (optional). ARGV: message,
+# tenant, the marker's ttl in seconds.
 PUT = """
 redis.call('LPUSH', KEYS[1], ARGV[1])
 if redis.call('SADD', KEYS[2], ARGV[2]) == 1 then redis.call('RPUSH', KEYS[3], ARGV[2]) end
+if KEYS[4] then redis.call('SET', KEYS[4], '1', 'EX', ARGV[3]) end
 return 1
 """
 
@@ -117,10 +124,19 @@ async def queue_depth_async(client: Any, *queues: str) -> list[int]:
     return [int(n) for n in await pipe.execute()]
 
 
+def message_task_id(message: dict[str, Any]) -> str | None:
+    """The Celery task id a kombu message carries (protocol 2 header; None for other messages)."""
+    headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
+    task_id = headers.get("id")
+    return task_id if isinstance(task_id, str) and task_id else None
+
+
 class Channel(kombu_redis.Channel):
     #: queues whose messages are kept per tenant and served round-robin (the bulk queues)
     fair_queues: tuple[str, ...] = ()
-    from_transport_options = kombu_redis.Channel.from_transport_options + ("fair_queues",)
+    #: how long a task's submitted marker lives (the result's lifetime: broker.result_expires_s)
+    submitted_ttl_s: int = 86_400
+    from_transport_options = kombu_redis.Channel.from_transport_options + ("fair_queues", "submitted_ttl_s")
 
     _put_script: Any = None
 
@@ -131,11 +147,13 @@ class Channel(kombu_redis.Channel):
         return self._put_script
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        task_id = message_task_id(message)
+        marker, ttl = (submitted_key(task_id) if task_id else None), int(self.submitted_ttl_s)
         if queue not in self.fair_queues:
-            super()._put(queue, message, **kwargs)
+            self._put_plain(queue, message, marker, ttl, **kwargs)
             return
         tenant = message_tenant(message)
-        keys, args = put_keys(queue, tenant), [dumps(message), tenant]
+        keys, args = put_keys(queue, tenant) + ([marker] if marker else []), [dumps(message), tenant, ttl]
         publish_batch = kwargs.pop("_publish_batch", None)
         if publish_batch is not None:  # kombu's pipelined batch publishing (FleetClient.submit_many)
             script = self._script(publish_batch.pipeline)
@@ -144,6 +162,23 @@ class Channel(kombu_redis.Channel):
             return
         with self.conn_or_acquire() as client:
             self._script(client)(keys=keys, args=args, client=client)
+
+    def _put_plain(self, queue: str, message: dict[str, Any], marker: str | None, ttl: int, **kwargs: Any) -> None:
+        """kombu's LPUSH, with the marker in the same round trip (its pipeline, or one of ours)."""
+        publish_batch = kwargs.get("_publish_batch")
+        if marker is None or publish_batch is not None or (self._expires and queue in self._expires):
+            super()._put(queue, message, **kwargs)
+            if marker is not None and publish_batch is not None:
+                publish_batch.add("set", marker, 1, ttl)
+            elif marker is not None:
+                with self.conn_or_acquire() as client:
+                    client.set(marker, 1, ex=ttl)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            pipe.lpush(key, dumps(message))
+            pipe.set(marker, 1, ex=ttl)
+            pipe.execute()
 
     def _purge(self, queue: str) -> int:
         if queue not in self.fair_queues:

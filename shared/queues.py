@@ -53,6 +53,7 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
             "unacked_restore_interval": settings.broker.restore_interval_s,
             "unacked_restore_throttle": 1,
             "fair_queues": tuple(settings.bulk_queues()),
+            "submitted_ttl_s": settings.broker.result_expires_s,
         },
         # Publishing is retried once, by the producer's tenacity policy (producers/client.py).
         task_publish_retry=False,

@@ -299,7 +299,7 @@ class Runner:
                          request_counts={"total": total, "completed": 0, "failed": _lines(errors)})
             self.store.save(tenant, batch)
         counts = batch["request_counts"]
-        counts.update(completed=_lines(out), failed=_lines(errors))
+        counts.update(completed=_lines(out), failed=_failed_lines(errors))
         last_save = [0.0]
 
         def settled(ok: bool) -> None:
@@ -477,6 +477,12 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 def _lines(path: Path) -> int:
     return len(_read(path))
+
+
+def _failed_lines(path: Path) -> int:
+    """Error lines that count as failed requests: a request cancelled with its batch before it was
+    answered is listed in the error file (code CANCELLED) but did not fail (OpenAI's request_counts)."""
+    return sum(1 for line in _read(path) if line.get("error", {}).get("code") != ErrorCode.CANCELLED)
 
 
 def _jsonl(lines: list[dict[str, Any]]) -> bytes:

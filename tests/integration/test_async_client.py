@@ -41,7 +41,8 @@ def test_gathers_100_requests_without_blocking_the_loop(fleet: Fleet) -> None:
     outcomes, worst_gap = asyncio.run(main())
     assert len(outcomes) == 101
     assert all(not isinstance(o, Exception) for o in outcomes[:100]), [o for o in outcomes[:100] if isinstance(o, Exception)][:3]
-    assert isinstance(outcomes[100], TimeoutError)  # all-settled: one failure, 100 answers kept
+    failed = outcomes[100]  # all-settled: one failure (an id the fleet never had), 100 answers kept
+    assert isinstance(failed, FleetError) and failed.code == ErrorCode.NOT_FOUND, failed
     assert worst_gap < 0.25, f"the event loop stalled for {worst_gap:.3f}s"
 
 
@@ -51,6 +52,10 @@ def test_async_errors_carry_codes(fleet: Fleet) -> None:
             with pytest.raises(FleetError) as caught:
                 await client.submit_generate("hi", max_new_tokens=0)
             assert caught.value.code == ErrorCode.INVALID_INPUT
+            assert await client.status("no-such-task") == "UNKNOWN"  # not PENDING: nothing will ever answer it
+            with pytest.raises(FleetError) as unknown:
+                await client.result("no-such-task", timeout=60)
+            assert unknown.value.code == ErrorCode.NOT_FOUND
             result = await client.generate("What is the capital of France?", max_new_tokens=16, timeout=300)
             assert "Paris" in result.output.text  # type: ignore[union-attr]
 

@@ -120,9 +120,15 @@ def test_a_cancelled_batch_stops_submitting_and_keeps_what_finished(gateway: tup
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
     batch = _wait(client, batch.id, ("cancelled",), timeout=300)
     counts = batch.request_counts
-    assert counts.total == 400 and 5 <= counts.completed < 400 and counts.completed + counts.failed <= 400
+    # Requests cancelled before their answer neither completed nor failed (as OpenAI counts them);
+    # the error file still lists each of them with code CANCELLED, so none goes unaccounted for.
+    assert counts.total == 400 and 5 <= counts.completed < 400 and counts.failed == 0
     done = client.files.content(batch.output_file_id).text.splitlines()
     assert len(done) == counts.completed
+    cancelled = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+    assert cancelled and {line["error"]["code"] for line in cancelled} == {"CANCELLED"}
+    assert len(done) + len(cancelled) <= 400
+    assert not {line["custom_id"] for line in cancelled} & {json.loads(line)["custom_id"] for line in done}
 
 
 def test_tenants_see_only_their_own_files_and_batches(gateway: tuple[Gateway, Any]) -> None:

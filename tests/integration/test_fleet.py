@@ -181,21 +181,32 @@ def test_autoglm_trace_prints_a_tasks_timeline(fleet: Fleet, monkeypatch: pytest
     assert handle.id in out and "waiting in Redis" in out and "model (smollm2-135m, batch of" in out
 
 
-def test_a_wait_that_runs_out_is_a_one_line_timeout_and_the_task_can_be_read_later(
+def test_a_wait_that_runs_out_is_a_one_line_timeout_and_an_unknown_id_says_so(
         fleet: Fleet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from autoglm.cli import main
 
     monkeypatch.setenv("REDIS_URL", fleet.client.redis_url)
-    assert main(["trace", "no-such-task", "--timeout", "1"]) == 1
-    assert "error TIMEOUT: task no-such-task not finished after 1.0s" in capsys.readouterr().err
+    # An id this fleet never had is not "PENDING": the CLI says so and fails, at once.
+    assert main(["result", "no-such-task"]) == 2
+    assert "error NOT_FOUND: no task no-such-task in this fleet" in capsys.readouterr().err
+    assert fleet.client.handle("no-such-task").status() == "UNKNOWN"
+    # A real task that is not done in time: a one-line TIMEOUT, exit 1; `result` shows it pending.
+    slow = fleet.client.submit_generate("Tell a long story about a lighthouse keeper.", max_new_tokens=400)
+    assert main(["trace", slow.id, "--timeout", "0.5"]) == 1
+    assert f"error TIMEOUT: task {slow.id} not finished after 0.5s" in capsys.readouterr().err
+    assert main(["result", slow.id]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["status"] in ("PENDING", "STARTED")
+    slow.cancel()
     task_id = f"not-yet-published-{time.time_ns()}"  # nothing can answer it before it is published below
     handle = fleet.client.handle(task_id)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(FleetError) as unknown:
         handle.result(timeout=0.01)
+    assert unknown.value.code == ErrorCode.NOT_FOUND
     backend = fleet.client.app.backend
-    assert handle.id not in backend._pending_results.concrete  # no subscription left behind by the timeout
+    assert handle.id not in backend._pending_results.concrete  # no subscription left behind by the wait
     fleet.client.submit_many([{"task_type": "text_generation", "prompt": "Count to twenty.", "max_new_tokens": 16}],
                              task_ids=[task_id])
+    assert handle.status() in ("PENDING", "STARTED", "SUCCESS")
     assert handle.result(timeout=300).usage.completion_tokens >= 1  # waiting again subscribes again
 
 

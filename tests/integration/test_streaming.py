@@ -80,6 +80,13 @@ def test_cancelling_a_running_generation_takes_its_row_out(fleet: Fleet) -> None
     with pytest.raises(FleetError) as reader:
         list(stream)
     assert reader.value.code == ErrorCode.CANCELLED
+    # A cancel is the caller's wish, not a fault: one INFO line with its code, no ERROR, no traceback.
+    deadline = time.monotonic() + 10
+    while not [line for line in fleet.worker.log_path.read_text().splitlines() if handle.id in line and "failed: CANCELLED" in line]:
+        assert time.monotonic() < deadline, fleet.worker.log_tail()
+        time.sleep(0.1)
+    mine = [line for line in fleet.worker.log_path.read_text().splitlines() if handle.id in line]
+    assert not [line for line in mine if "ERROR" in line or "unexpected" in line], mine
 
 
 def test_the_official_openai_client_streams_a_chat_completion(fleet: Fleet, gateway: tuple[Gateway, str]) -> None:

@@ -54,12 +54,13 @@ def start_receiver() -> tuple[ThreadingHTTPServer, Receiver]:
 
 
 @pytest.fixture(scope="module")
-def hooked(prepared_models: None, redis_url: str) -> Iterator[tuple[Fleet, Receiver]]:
+def hooked(tiny_model: dict, redis_url: str) -> Iterator[tuple[Fleet, Receiver]]:
+    """Delivery is plumbing, whatever the answer: the tiny random model (conftest ``tiny_model``)."""
     server, receiver = start_receiver()
     config = {"secret": SECRET, "attempts": 3, "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 5,
               "allowed_hosts": ["127.0.0.1"]}  # the receiver lives on loopback, which is refused by default
     try:
-        with fleet_on(redis_url, webhooks=config, worker={"consumers": 1}) as fleet:
+        with fleet_on(redis_url, models=[tiny_model], webhooks=config, worker={"consumers": 1}) as fleet:
             yield fleet, receiver
     finally:
         server.shutdown()

@@ -129,7 +129,10 @@ def register(app: Celery, context: Callable[[], Runtime]) -> list[str]:
     for spec in task_types.installed():
         # ignore_result: the ledger stores SUCCESS itself, in the step that records the answer (one
         # round trip instead of three); failures are still stored by Celery (task_store_errors_even_if_ignored).
-        app.task(name=spec.celery_name, bind=True, ignore_result=True)(task_for(spec.name))
+        # throws: a FleetError is an answer with a code (a cancel, a prompt too long), which Celery would
+        # log at ERROR as "raised unexpected" with a traceback; the Telemetry middleware logs each
+        # failure once, and an INTERNAL one at ERROR with its traceback.
+        app.task(name=spec.celery_name, bind=True, ignore_result=True, throws=(FleetError,))(task_for(spec.name))
         names.append(spec.celery_name)
 
     @app.task(name=WEBHOOK_TASK, bind=True, ignore_result=True)
@@ -138,7 +141,7 @@ def register(app: Celery, context: Callable[[], Runtime]) -> list[str]:
         ctx = context()
         webhook_delivery.enqueue(ctx.ledger.client, ctx.settings, task_id, url, payload, None)
 
-    @app.task(name=STEP_TASK, bind=True, ignore_result=True)
+    @app.task(name=STEP_TASK, bind=True, ignore_result=True, throws=(FleetError,))
     def pipeline_step(self: Any, state: dict[str, Any]) -> dict[str, Any]:
         return pipeline.run_step(context(), self, state, handle)
 

@@ -71,7 +71,7 @@ async def status(task_id: str, state: State, who: Controlled,
         return TaskStatus(id=task_id, status=current if current in ("PENDING", "STARTED") else "PENDING",
                           status_url=status_url(task_id))
     except FleetError as exc:
-        if exc.code == ErrorCode.BROKER_UNAVAILABLE:
+        if exc.code in (ErrorCode.BROKER_UNAVAILABLE, ErrorCode.NOT_FOUND):  # 503 / 404, not a task's failure
             raise
         name = "CANCELLED" if exc.code == ErrorCode.CANCELLED else "FAILURE"
         return TaskStatus(id=task_id, status=name, status_url=status_url(task_id), error=ErrorBody(**exc.to_dict()),
