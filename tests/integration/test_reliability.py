@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from shared.dlq import DeadLetters
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import Priority
 from tests.integration.conftest import Fleet, cli_env, fleet_on
-from workers.consumer.ledger import Ledger
+from workers.consumer.ledger import UNACKED_KEY, Ledger
 
 pytestmark = pytest.mark.integration
 TEMPLATE = 'Review: "{text}"\nSentiment ({labels}):'
@@ -114,44 +115,92 @@ def test_a_cancelled_request_never_runs(faulty: Fleet) -> None:
     assert Ledger(faulty.client.redis_url, 60).counts(victim.id).get("executions", 0) == 0
 
 
-def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(tiny_model: dict, redis_url: str) -> None:
-    """Five kill -9s in a row at the default broker settings, each with 100 accepted tasks: every
-    task ends SUCCESS, each answer is computed once, and all are answered within the redelivery
-    bound of the kill (a killed worker's messages are restored visibility_timeout_s after its last
-    heartbeat, swept every restore_interval_s) plus what the work itself takes on this machine: the
-    replacement's start and twice the round's compute at the rate measured before the kill (a
-    slow machine must not fail this; a redelivery that waited for kombu's default hour would)."""
-    with fleet_on(redis_url, models=[tiny_model], faults={"slow_ms": 300}) as fleet:
-        redelivery_s = fleet.settings.broker.visibility_timeout_s + fleet.settings.broker.restore_interval_s
-        ledger = Ledger(redis_url, 60)
-        victim = fleet.worker
-        redelivered = 0
+@dataclass
+class Churned:
+    """A fleet whose workers the tests kill or stop; ``workers`` are the ones alive now."""
+
+    fleet: Fleet
+    workers: list[WorkerProcess]
+
+
+@pytest.fixture(scope="module")
+def churned(tiny_model: dict, redis_url: str) -> Iterator[Churned]:
+    """Two workers at the default broker settings on the tiny model, batches of >= 300 ms."""
+    with fleet_on(redis_url, models=[tiny_model], faults={"slow_ms": 300}, workers=[{}, {}]) as fleet:
+        state = Churned(fleet, list(fleet.workers))
         try:
-            for round_ in range(5):
-                handles = fleet.client.submit_many(classify(f"{REVIEWS[i % 6]} ({round_}.{i})") for i in range(100))
-                submitted = time.monotonic()
-                deadline = submitted + 120
-                while sum(h.ready() for h in handles) < 30 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                round_compute_s = (time.monotonic() - submitted) / 30 * 100
-                os.kill(victim.process.pid, signal.SIGKILL)  # mid-batch: batches take >= 300 ms
-                killed_at = time.monotonic()
-                victim.process.wait()
-                assert sum(h.ready() for h in handles) < 100
-                victim = WorkerProcess(fleet.client.redis_url, env=_env_of(fleet))  # the replacement
-                victim.wait_ready(fleet.client.app)
-                ready_after = time.monotonic() - killed_at
-                bound = redelivery_s + ready_after + 2 * round_compute_s
-                results = [h.result(timeout=max(1.0, killed_at + bound - time.monotonic())) for h in handles]
-                print(f"round {round_}: replacement ready {ready_after:.1f} s after the kill, all answered after "
-                      f"{time.monotonic() - killed_at:.1f} s (bound {bound:.1f} s; round's compute {round_compute_s:.1f} s)")
-                assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]
-                counts = [ledger.counts(h.id) for h in handles]
-                assert [c.get("executions") for c in counts] == [1] * 100, counts
-                redelivered += sum(c["deliveries"] >= 2 for c in counts)
+            yield state
         finally:
-            victim.stop()
+            for worker in state.workers:
+                worker.stop()
+
+
+def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(churned: Churned) -> None:
+    """Six kill -9s, both workers at once in three rounds, at the default broker settings, each
+    round with 100 accepted tasks spread over both: every task ends SUCCESS, each answer is computed
+    once, and all are answered within the redelivery bound of the kill (a killed worker's messages
+    are restored visibility_timeout_s after its last heartbeat, swept every restore_interval_s) plus
+    what the work itself takes on this machine: the replacements' start and twice the round's compute
+    at the rate measured before the kill (a slow machine must not fail this; a redelivery that waited
+    for kombu's default hour would). With both killed no live worker is left to sweep: the
+    replacements must find what the dead ones held."""
+    fleet = churned.fleet
+    redelivery_s = fleet.settings.broker.visibility_timeout_s + fleet.settings.broker.restore_interval_s
+    ledger = Ledger(fleet.client.redis_url, 60)
+    redelivered = 0
+    for round_ in range(3):
+        handles = fleet.client.submit_many(classify(f"{REVIEWS[i % 6]} ({round_}.{i})") for i in range(100))
+        submitted = time.monotonic()
+        deadline = submitted + 120
+        while sum(h.ready() for h in handles) < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        round_compute_s = (time.monotonic() - submitted) / 30 * 100
+        for victim in churned.workers:
+            os.kill(victim.process.pid, signal.SIGKILL)  # mid-batch: batches take >= 300 ms
+        killed_at = time.monotonic()
+        for victim in churned.workers:
+            victim.process.wait()
+        assert sum(h.ready() for h in handles) < 100
+        churned.workers = [WorkerProcess(fleet.client.redis_url, env=_env_of(fleet)) for _ in churned.workers]
+        for replacement in churned.workers:
+            replacement.wait_ready(fleet.client.app)
+        ready_after = time.monotonic() - killed_at
+        bound = redelivery_s + ready_after + 2 * round_compute_s
+        results = [h.result(timeout=max(1.0, killed_at + bound - time.monotonic())) for h in handles]
+        print(f"round {round_}: replacements ready {ready_after:.1f} s after the kills, all answered after "
+              f"{time.monotonic() - killed_at:.1f} s (bound {bound:.1f} s; round's compute {round_compute_s:.1f} s)")
+        assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]
+        counts = [ledger.counts(h.id) for h in handles]
+        assert [c.get("executions") for c in counts] == [1] * 100, counts
+        redelivered += sum(c["deliveries"] >= 2 for c in counts)
     assert redelivered > 0, "no task was redelivered: the kills hit nothing"
+
+
+def test_sigterm_mid_batch_hands_back_what_it_holds_and_every_task_is_answered_once(churned: Churned) -> None:
+    """Scale-down (an autoscaler, a rolling deploy): SIGTERM is a warm shutdown. A worker stopped with
+    batches running finishes them, and every message it holds but has not started goes back to its
+    queue as it exits: none is left unacked for the visibility timeout. A replacement answers the
+    rest; every task is answered once."""
+    fleet = churned.fleet
+    handles = fleet.client.submit_many(classify(f"{REVIEWS[i % 6]} (term {i})") for i in range(100))
+    deadline = time.monotonic() + 120
+    while sum(h.ready() for h in handles) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for worker in churned.workers:
+        worker.process.send_signal(signal.SIGTERM)  # mid-batch: batches take >= 300 ms
+    for worker in churned.workers:
+        assert worker.process.wait(timeout=120) == 0, worker.log_tail()
+    assert sum(h.ready() for h in handles) < 100  # they stopped with work left over
+    ours = {h.id for h in handles}
+    unacked = redis.Redis.from_url(fleet.client.redis_url).hvals(UNACKED_KEY)
+    held = [m for m in map(json.loads, unacked) if m[0].get("headers", {}).get("id") in ours]
+    assert not held, f"{len(held)} messages left unacked: they would wait for the visibility timeout"
+    churned.workers = [WorkerProcess(fleet.client.redis_url, env=_env_of(fleet))]
+    churned.workers[0].wait_ready(fleet.client.app)
+    results = [h.result(timeout=300) for h in handles]
+    assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]
+    ledger = Ledger(fleet.client.redis_url, 60)
+    assert [ledger.counts(h.id).get("executions") for h in handles] == [1] * 100
 
 
 def _env_of(fleet: Fleet) -> dict[str, str]:
