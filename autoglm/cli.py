@@ -53,7 +53,8 @@ def _serving_workers(settings: Any) -> dict[str, list[str]]:
     if not settings.redis_url:
         return {}
     try:
-        registry = Registry(redis_client(settings.redis_url, outage_s=0, timeout_s=1.0), settings)
+        registry = Registry(redis_client(settings.redis_url, outage_s=0, timeout_s=1.0,
+                                             master_name=settings.broker.master_name), settings)
         return {m.name: registry.workers(m.name) for m in settings.models}
     except RedisError:
         return {}
@@ -241,7 +242,7 @@ def _dead_letters():  # noqa: ANN202
     from shared.dlq import DeadLetters
 
     client = _client()
-    return client, DeadLetters(client.redis_url)
+    return client, DeadLetters(client.redis_url, master_name=client.settings.broker.master_name)
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:

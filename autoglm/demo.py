@@ -41,7 +41,7 @@ def run_demo(bulk: int = 64, as_json: bool = False, settings: Settings | None = 
     bulk_items = [examples[i % len(examples)] for i in range(bulk)]
 
     exit_on_sigterm()  # a stopped demo stops its embedded broker and worker too
-    with broker_url(settings.redis_url) as url:
+    with broker_url(settings.redis_url, settings.broker.master_name) as url:
         print(f"[demo] broker: {url}{'' if settings.redis_url else ' (embedded)'}", flush=True)
         client = FleetClient(url, settings)
         with running_worker(client.app, url) as worker:

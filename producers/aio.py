@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from producers.client import FleetClient, Request, unknown_task
 from producers.outcome import READY, decode_outcome
 from shared import streams, webhook_urls
-from shared.broker import submitted_key
+from shared.broker import async_redis, submitted_key
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority, TaskResult, TaskType
@@ -62,17 +62,14 @@ class AsyncFleetClient:
         # failing with "too many connections".
         # Short timeouts and one quick retry: during an outage callers get BROKER_UNAVAILABLE in
         # about a second (a gateway answers 503 + Retry-After) instead of hanging on the default 5 s.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._sync.redis_url, max_connections=16, timeout=None, socket_timeout=2.0, socket_connect_timeout=1.0,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        master = self.settings.broker.master_name
+        self._redis = async_redis(self._sync.redis_url, master, max_connections=16, socket_timeout=2.0,
+                                  socket_connect_timeout=1.0, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
         # Stream readers block in XREAD (up to 250 ms each turn): a pool of their own, so a gateway's
         # many open SSE responses never queue the result polls and rate-limit calls behind them.
-        streams_pool = aioredis.BlockingConnectionPool.from_url(
-            self._sync.redis_url, max_connections=self.settings.streams.max_readers, timeout=None, socket_timeout=5.0,
-            socket_connect_timeout=1.0, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
-        self._stream_redis = aioredis.Redis(connection_pool=streams_pool)
+        self._stream_redis = async_redis(self._sync.redis_url, master, max_connections=self.settings.streams.max_readers,
+                                         socket_timeout=5.0, socket_connect_timeout=1.0,
+                                         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
 
     # -- submitting ----------------------------------------------------------------------------
     async def submit(self, request: Request | dict[str, Any]) -> AsyncTaskHandle:

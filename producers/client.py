@@ -178,7 +178,8 @@ class FleetClient:
         self.app.conf.result_backend_max_retries = 1
         setup_tracing("autoglm-producer")
         self._models = {m.name: m for m in self.settings.models}
-        self.registry = Registry(redis_client(url, outage_s=0, timeout_s=0.5), self.settings)
+        self.registry = Registry(redis_client(url, outage_s=0, timeout_s=0.5, master_name=self.settings.broker.master_name),
+                                 self.settings)
 
     # -- building requests ---------------------------------------------------------------------
     def _check(self, request: Request, resolve_callback: bool = True) -> Request:

@@ -12,11 +12,15 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from shared.errors import ErrorCode, FleetError
 
@@ -83,24 +87,76 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit)
 
 
-def redis_client(url: str, outage_s: float = 30.0, timeout_s: float | None = None, decode: bool = True) -> redis.Redis:
+def async_redis(url: str, master_name: str | None = None, max_connections: int | None = None, **options: Any) -> Any:
+    """An asyncio client; with ``max_connections``, on a blocking pool of that size (awaiting callers
+    queue for a connection instead of failing). Through a Sentinel URL, a client of the current master
+    (redis-py's asyncio SentinelConnectionPool, which cannot block: the bound is not applied there)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    if not is_sentinel(url) and max_connections is None:
+        return aioredis.from_url(url, **options)
+    if not is_sentinel(url):
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None, **options)
+        return aioredis.Redis(connection_pool=pool)
+    if not master_name:
+        raise FleetError(ErrorCode.INVALID_INPUT, f"redis_url {url} is a Sentinel URL: set broker.master_name")
+    endpoint = sentinel_endpoint(url)
+    timeout = options.get("socket_connect_timeout") or 1.0
+    sentinels = AsyncSentinel(endpoint.sentinels, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return sentinels.master_for(master_name, db=endpoint.db, password=endpoint.password, **options)
+
+
+def is_sentinel(url: str | None) -> bool:
+    """A Sentinel URL in Celery's form: ``sentinel://h1:26379;sentinel://h2:26379/0``."""
+    return bool(url) and url.startswith("sentinel://")  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class SentinelEndpoint:
+    """What a Sentinel URL names: the sentinels, and the database and password of the master."""
+
+    sentinels: list[tuple[str, int]]
+    db: int = 0
+    password: str | None = None
+
+
+def sentinel_endpoint(url: str) -> SentinelEndpoint:
+    parts = [urlsplit(part.strip()) for part in url.split(";") if part.strip()]
+    if not parts or any(p.scheme != "sentinel" or not p.hostname for p in parts):
+        raise FleetError(ErrorCode.INVALID_INPUT, f"redis_url {url!r}: a Sentinel URL is sentinel://host:port "
+                         "parts joined by ';' (Celery's form), the database as the path of one")
+    db = next((int(p.path.strip("/")) for p in parts if p.path.strip("/").isdigit()), 0)
+    password = next((unquote(p.password) for p in parts if p.password), None)
+    return SentinelEndpoint([(p.hostname or "", p.port or 26379) for p in parts], db, password)
+
+
+def redis_client(url: str, outage_s: float = 30.0, timeout_s: float | None = None, decode: bool = True,
+                 master_name: str | None = None) -> redis.Redis:
     """A client for the fleet's own keys (ledger, DLQ) that rides out a Redis restart: connection
     errors are retried with exponential backoff (redis-py's own Retry) for about ``outage_s``
-    (0: never retried). ``timeout_s`` bounds each call, for callers that must not block."""
+    (0: never retried). ``timeout_s`` bounds each call, for callers that must not block. A Sentinel
+    URL gives a client of the current master (``master_name``), which finds the new one after a
+    failover on its next connection (redis-py's SentinelConnectionPool)."""
     attempts = int(outage_s / 0.5)
-    return redis.Redis.from_url(
-        url,
-        decode_responses=decode,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), attempts),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    options: dict[str, Any] = {
+        "decode_responses": decode, "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), attempts),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    if not master_name:
+        raise FleetError(ErrorCode.INVALID_INPUT, f"redis_url {url} is a Sentinel URL: set broker.master_name "
+                         "(AUTOGLM_BROKER__MASTER_NAME) to the master the sentinels monitor")
+    endpoint = sentinel_endpoint(url)
+    sentinels = Sentinel(endpoint.sentinels, socket_timeout=timeout_s or 1.0, socket_connect_timeout=timeout_s or 1.0)
+    return sentinels.master_for(master_name, db=endpoint.db, password=endpoint.password, **options)
 
 
-def ping(url: str, timeout_s: float = 2.0) -> None:
+def ping(url: str, timeout_s: float = 2.0, master_name: str | None = None) -> None:
     """Raise BROKER_UNAVAILABLE with the URL in the message when Redis does not answer."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    client = redis_client(url, outage_s=0, timeout_s=timeout_s, master_name=master_name)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -110,10 +166,10 @@ def ping(url: str, timeout_s: float = 2.0) -> None:
 
 
 @contextlib.contextmanager
-def broker_url(configured: str | None) -> Iterator[str]:
+def broker_url(configured: str | None, master_name: str | None = None) -> Iterator[str]:
     """Yield the configured URL (checked) or start an embedded server for the block's duration."""
     if configured:
-        ping(configured)
+        ping(configured, master_name=master_name)
         yield configured
         return
     with EmbeddedRedis() as server:

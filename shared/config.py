@@ -455,6 +455,10 @@ class BrokerConfig(_Section):
     publish_budget_s: Annotated[float, Field(gt=0)] = Field(
         default=5.0, description="Producers give up publishing (BROKER_UNAVAILABLE) after this long in all."
     )
+    master_name: str | None = Field(
+        default=None, description="Redis Sentinel: the name of the master the sentinels monitor. Required when "
+        "redis_url is a Sentinel URL (sentinel://h1:26379;sentinel://h2:26379/0), Celery's form.",
+    )
 
     @model_validator(mode="after")
     def _heartbeat_beats_timeout(self) -> BrokerConfig:
@@ -593,6 +597,13 @@ class Settings(BaseSettings):
         default={}, description="TEST ONLY fault injection (workers/core/faults.py); empty in production."
     )
     models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sentinel_names_its_master(self) -> Settings:
+        if (self.redis_url or "").startswith("sentinel://") and not self.broker.master_name:
+            raise ValueError("redis_url is a Sentinel URL: set broker.master_name (AUTOGLM_BROKER__MASTER_NAME) "
+                             "to the name of the master the sentinels monitor")
+        return self
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:

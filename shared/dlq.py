@@ -21,9 +21,9 @@ DLQ_KEY = "autoglm:dlq"
 
 
 class DeadLetters:
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, master_name: str | None = None) -> None:
         # Raw bytes: a malformed message's body is kept as it was, which need not be UTF-8.
-        self.client = redis_client(redis_url, decode=False)
+        self.client = redis_client(redis_url, decode=False, master_name=master_name)
 
     def push(self, task_id: str, task_name: str, request: Any, queue: str, error: dict[str, Any],
              history: list[dict[str, Any]], deliveries: int) -> None:

@@ -211,3 +211,14 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same channel reached through Redis Sentinel (kombu's SentinelChannel finds the master)."""
+
+    from_transport_options = tuple(dict.fromkeys(Channel.from_transport_options
+                                                 + kombu_redis.SentinelChannel.from_transport_options))
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.transport import TRANSPORT_ALIASES
 
+from shared.broker import is_sentinel
 from shared.config import Settings
 from shared.task_types import CLASSIFY_TASK, GENERATE_TASK  # noqa: F401 - the task names, for callers of this module
 
@@ -25,11 +27,22 @@ def declared_queues(settings: Settings) -> list[Queue]:
     return [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in settings.declared_queue_names()]
 
 
+def use_sentinel_transport(path: str) -> None:
+    """Make ``sentinel://`` mean this transport in this process. kombu fails over between the ``;``
+    parts of a Sentinel URL by parsing the next part afresh, and the scheme then picks the transport
+    again: stock kombu's, without the fair queues, the submitted marker or the reliable fetch (seen:
+    the first publish after a master's failover skipped them all)."""
+    TRANSPORT_ALIASES["sentinel"] = path
+
+
 def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Celery:
     app = Celery(name, broker=redis_url, backend=redis_url)
     # Bulk queues keep one list per tenant, served round-robin (shared/fairqueue.py); workers use a
     # subclass of the same channel (workers/consumer/transport.py).
-    app.conf.broker_transport = "shared.fairqueue:Transport"
+    sentinel = is_sentinel(redis_url)
+    app.conf.broker_transport = "shared.fairqueue:SentinelTransport" if sentinel else "shared.fairqueue:Transport"
+    if sentinel:
+        use_sentinel_transport(app.conf.broker_transport)
     interactive = settings.queue_name(settings.queue_classes()[0].priority)
     app.conf.update(
         task_queues=declared_queues(settings),
@@ -54,13 +67,15 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
             "unacked_restore_throttle": 1,
             "fair_queues": tuple(settings.bulk_queues()),
             "submitted_ttl_s": settings.broker.result_expires_s,
+            **({"master_name": settings.broker.master_name} if sentinel else {}),
         },
         # Publishing is retried once, by the producer's tenacity policy (producers/client.py).
         task_publish_retry=False,
         # Result writes survive a Redis restart: retried until the broker is back.
         result_backend_always_retry=True,
         result_backend_max_retries=20,
-        result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout_s,
+                                          **({"master_name": settings.broker.master_name} if sentinel else {})},
         broker_connection_retry_on_startup=True,
     )
     return app

@@ -44,7 +44,7 @@ def run_worker(concurrency: int | None = None, loglevel: str | None = None, host
         # it starts, which inherit it) counts into files here; the first serves their sum.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="autoglm-metrics-")
         atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-    with broker_url(settings.redis_url) as url:
+    with broker_url(settings.redis_url, settings.broker.master_name) as url:
         if not settings.redis_url:
             print(f"embedded broker running; point producers at it with REDIS_URL={url}", file=sys.stderr, flush=True)
         settings = settings.model_copy(update={"redis_url": url})

@@ -130,3 +130,14 @@ def test_the_cuda_decode_settings_reach_transformers_manager_and_a_cpu_keeps_its
     config = ContinuousBatchingConfig(**options)  # every key is one of the manager's own arguments
     assert config.default_compile_level == 2 and config.max_requests_per_batch == 96 + on_gpu.interactive_reserve
     assert options["auto_switch_to_flash"] is False  # classification shares the model's attention
+
+
+def test_a_sentinel_url_needs_the_masters_name_and_is_read_in_celerys_form() -> None:
+    from shared.broker import sentinel_endpoint
+
+    with pytest.raises(ValidationError, match="broker.master_name"):
+        load_settings(redis_url="sentinel://h1:26379;sentinel://h2:26379/0")
+    settings = load_settings(redis_url="sentinel://h1:26379;sentinel://:s3cret@h2/2", broker={"master_name": "main"})
+    assert settings.broker.master_name == "main"
+    endpoint = sentinel_endpoint(settings.redis_url or "")
+    assert endpoint.sentinels == [("h1", 26379), ("h2", 26379)] and endpoint.db == 2 and endpoint.password == "s3cret"

@@ -22,10 +22,11 @@ from celery import Celery, signals
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
 from shared import task_types
+from shared.broker import is_sentinel
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError
 from shared.pipelines import STEP_TASK
-from shared.queues import WEBHOOK_TASK, make_celery
+from shared.queues import WEBHOOK_TASK, make_celery, use_sentinel_transport
 from shared.telemetry import setup_logging, setup_tracing
 from workers.consumer import metrics, tasks
 from workers.consumer.group import ConsumerGroup
@@ -43,6 +44,8 @@ def create_app(settings: Settings) -> Celery:
             ErrorCode.BROKER_UNAVAILABLE, "the worker needs REDIS_URL (or run `autoglm worker`, which can embed one)"
         )
     app = make_celery(settings, settings.redis_url, name="autoglm-worker")
+    if is_sentinel(settings.redis_url):
+        use_sentinel_transport("workers.consumer.transport:SentinelTransport")
     app.conf.broker_transport_options.update(
         visibility_heartbeat_s=settings.broker.heartbeat_s,
         task_names=(*(spec.celery_name for spec in task_types.installed()), STEP_TASK, WEBHOOK_TASK),
@@ -50,7 +53,7 @@ def create_app(settings: Settings) -> Celery:
     )
     app.conf.update(
         # Reliable fetch, malformed messages to the DLQ, visibility heartbeat (workers/consumer/transport.py).
-        broker_transport="workers.consumer.transport:Transport",
+        broker_transport="workers.consumer.transport:" + ("SentinelTransport" if is_sentinel(settings.redis_url) else "Transport"),
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
         worker_prefetch_multiplier=1,
@@ -110,7 +113,7 @@ class ConsumerProcess:
             self.deliverer = Deliverer(settings, settings.redis_url or "", hostname).start()
         if settings.worker.metrics_port and self.ctx.engine.owner:  # one /metrics per worker: the first consumer's
             metrics.serve(settings.worker.metrics_port, settings.redis_url or "", settings.all_queues(),
-                          settings.worker.metrics_host)
+                          settings.worker.metrics_host, settings.broker.master_name)
 
     def _logging(self, **_: object) -> None:
         # Connecting here stops Celery from installing its own handlers: every line is ours (JSON).

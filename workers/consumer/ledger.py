@@ -83,8 +83,8 @@ class Claim:
 
 
 class Ledger:
-    def __init__(self, redis_url: str, ttl_s: int) -> None:
-        self.client = redis_client(redis_url)
+    def __init__(self, redis_url: str, ttl_s: int, master_name: str | None = None) -> None:
+        self.client = redis_client(redis_url, master_name=master_name)
         self.ttl_s = ttl_s
         self._claim = self.client.register_script(CLAIM)
         self._record = self.client.register_script(RECORD)

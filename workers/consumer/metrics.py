@@ -50,10 +50,10 @@ MODEL_LOAD = Gauge("autoglm_model_load_seconds", "Time to load each model at wor
 class QueueDepth(Collector):
     """Depth of every (model, priority) queue: sum by ``model`` for a model's backlog."""
 
-    def __init__(self, redis_url: str, queues: Sequence[tuple[str, str, str]]) -> None:
+    def __init__(self, redis_url: str, queues: Sequence[tuple[str, str, str]], master_name: str | None = None) -> None:
         from shared.broker import redis_client
 
-        self.client = redis_client(redis_url, outage_s=1.0)
+        self.client = redis_client(redis_url, outage_s=1.0, master_name=master_name)
         self.queues = list(queues)  # (queue, priority, model)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -67,12 +67,13 @@ class QueueDepth(Collector):
         yield family
 
 
-def serve(port: int, redis_url: str, queues: Sequence[tuple[str, str, str]], host: str = "127.0.0.1") -> None:
+def serve(port: int, redis_url: str, queues: Sequence[tuple[str, str, str]], host: str = "127.0.0.1",
+          master_name: str | None = None) -> None:
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every consumer's counts, summed at scrape time
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    registry.register(QueueDepth(redis_url, queues))
+    registry.register(QueueDepth(redis_url, queues, master_name))
     start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", host, port)
 

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 class Presence:
     def __init__(self, settings: Settings, worker: str, models: list[str]) -> None:
-        self.registry = Registry(redis_client(settings.redis_url or "", outage_s=0, timeout_s=2.0), settings)
+        self.registry = Registry(redis_client(settings.redis_url or "", outage_s=0, timeout_s=2.0,
+                                              master_name=settings.broker.master_name), settings)
         self.worker, self.models, self.interval_s = worker, models, settings.broker.heartbeat_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="presence", daemon=True)

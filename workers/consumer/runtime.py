@@ -34,9 +34,10 @@ class Runtime:
         self.preparers = preparers
         self.engine = engine
         url = settings.redis_url or ""
-        self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s)
-        self.dead_letters = DeadLetters(url)
-        self.cache = ResultCache(url, ttl_s=settings.broker.cache_ttl_s)
+        master = settings.broker.master_name
+        self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s, master_name=master)
+        self.dead_letters = DeadLetters(url, master_name=master)
+        self.cache = ResultCache(url, ttl_s=settings.broker.cache_ttl_s, master_name=master)
         self.middleware = default_chain()
         self.processors = {name: processors.Chain(settings, name) for name in preparers}
 

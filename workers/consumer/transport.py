@@ -288,3 +288,15 @@ class Transport(fairqueue.Transport):
                 channel.qos.renew()
             except channel.connection_errors:
                 log.debug("visibility renewal failed; next beat retries", exc_info=True)
+
+
+class SentinelChannel(Channel, fairqueue.SentinelChannel):
+    """The worker's channel (reliable fetch, DLQ, heartbeat) through Redis Sentinel."""
+
+    from_transport_options = tuple(dict.fromkeys(Channel.from_transport_options
+                                                 + fairqueue.SentinelChannel.from_transport_options))
+
+
+class SentinelTransport(Transport):
+    default_port = 26379
+    Channel = SentinelChannel

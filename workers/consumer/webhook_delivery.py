@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from shared import webhook_urls
+from shared.broker import async_redis
 from shared.config import Settings
 from shared.errors import FleetError
 from shared.schemas import ANONYMOUS_TENANT
@@ -130,7 +131,7 @@ class Deliverer:
             log.exception("webhook deliverer stopped")
 
     async def _main(self) -> None:
-        client = aioredis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=2)
+        client = async_redis(self.redis_url, self.settings.broker.master_name, socket_timeout=10, socket_connect_timeout=2)
         config = self.settings.webhooks
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
         async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits, follow_redirects=False) as http:

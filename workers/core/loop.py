@@ -88,7 +88,7 @@ class EngineCore:
         if self.faults:
             log.warning("FAULT INJECTION IS ON (test only): %s", settings.faults)
         # No retries, short timeout: a peek that fails is answered "no" and never stalls the model.
-        self._peek = redis_client(settings.redis_url or "", outage_s=0, timeout_s=0.5)
+        self._peek = redis_client(settings.redis_url or "", outage_s=0, timeout_s=0.5, master_name=settings.broker.master_name)
         self._urgent_queues = settings.urgent_queues(names)
         self.batcher = MicroBatcher(
             self._run_batch,
@@ -100,7 +100,7 @@ class EngineCore:
             urgent_upstream=self._interactive_queued if self._urgent_queues else None,
             most_urgent=settings.queue_classes()[0].rank,
         )  # no thread of its own: serve() runs its batches (see there why)
-        self.streams = StreamWriter(redis_client(settings.redis_url or "", outage_s=0, timeout_s=1.0),
+        self.streams = StreamWriter(redis_client(settings.redis_url or "", outage_s=0, timeout_s=1.0, master_name=settings.broker.master_name),
                                     settings.streams.ttl_s)
         self.continuous: dict[str, ContinuousGenerator] = {}
         if settings.batching.continuous.enabled:

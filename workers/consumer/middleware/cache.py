@@ -14,8 +14,8 @@ from workers.consumer.middleware.job import Job, Middleware
 
 
 class ResultCache:
-    def __init__(self, redis_url: str, ttl_s: int) -> None:
-        self.client = redis_client(redis_url)
+    def __init__(self, redis_url: str, ttl_s: int, master_name: str | None = None) -> None:
+        self.client = redis_client(redis_url, master_name=master_name)
         self.ttl_s = ttl_s
 
     def get(self, key: str) -> TaskResult | None:
