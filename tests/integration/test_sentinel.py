@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,18 +18,12 @@ import pytest
 import redis
 
 from shared.errors import ErrorCode, FleetError
-from tests.integration.conftest import Fleet, fleet_on
+from tests.integration.conftest import Fleet, fleet_on, free_port
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (Sentinel) on PATH")]
 MASTER = "autoglm"
 LABELS = ["positive", "negative"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -54,7 +47,7 @@ class Group:
         for _ in range(replicas):
             self._server("--replicaof", "127.0.0.1", str(master))
         for _ in range(3):
-            port = _port()
+            port = free_port()
             conf = self.folder / f"sentinel-{port}.conf"
             conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor {MASTER} 127.0.0.1 {master} 2\n"
                             f"sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 5000\n"
@@ -74,7 +67,7 @@ class Group:
         raise AssertionError("the Sentinel group did not come up")
 
     def _server(self, *args: str) -> int:
-        port = _port()
+        port = free_port()
         self.servers[port] = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.folder), "--dbfilename", f"dump-{port}.rdb", *args], stdout=subprocess.DEVNULL)
