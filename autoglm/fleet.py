@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,10 +44,14 @@ class WorkerProcess:
     def wait_ready(self, app: Celery, timeout: float = 600.0) -> None:
         """Block until this worker's consumers all answer a control ping (models are loaded by then)."""
         deadline = time.monotonic() + timeout
+        host = socket.gethostname()  # Celery's %h
+        expected = [f"{self.hostname_prefix}@{host}"] + [f"{self.hostname_prefix}.{n}@{host}" for n in range(1, self.consumers)]
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
-            replies = app.control.ping(timeout=0.5) or []
+            # Asked by name, the ping returns as soon as they all answer (kombu sets the reply limit to
+            # the number of destinations); a ping to all waits out its whole timeout on every poll.
+            replies = app.control.ping(destination=expected, timeout=0.5) or []
             names = {name for reply in replies for name in reply}
             mine = [n for n in names if n.startswith(self.hostname_prefix + "@") or n.startswith(self.hostname_prefix + ".")]
             if len(mine) >= self.consumers:
