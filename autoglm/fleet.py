@@ -52,9 +52,7 @@ class WorkerProcess:
             # Asked by name, the ping returns as soon as they all answer (kombu sets the reply limit to
             # the number of destinations); a ping to all waits out its whole timeout on every poll.
             replies = app.control.ping(destination=expected, timeout=0.5) or []
-            names = {name for reply in replies for name in reply}
-            mine = [n for n in names if n.startswith(self.hostname_prefix + "@") or n.startswith(self.hostname_prefix + ".")]
-            if len(mine) >= self.consumers:
+            if set(expected) <= {name for reply in replies for name in reply}:
                 return
         raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"worker not ready after {timeout}s:\n{self.log_tail()}")
 

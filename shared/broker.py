@@ -99,12 +99,10 @@ def async_redis(url: str, master_name: str | None = None, max_connections: int |
     if not is_sentinel(url):
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None, **options)
         return aioredis.Redis(connection_pool=pool)
-    if not master_name:
-        raise FleetError(ErrorCode.INVALID_INPUT, f"redis_url {url} is a Sentinel URL: set broker.master_name")
-    endpoint = sentinel_endpoint(url)
+    master, endpoint = _master(url, master_name), sentinel_endpoint(url)
     timeout = options.get("socket_connect_timeout") or 1.0
     sentinels = AsyncSentinel(endpoint.sentinels, socket_timeout=timeout, socket_connect_timeout=timeout)
-    return sentinels.master_for(master_name, db=endpoint.db, password=endpoint.password, **options)
+    return sentinels.master_for(master, db=endpoint.db, password=endpoint.password, **options)
 
 
 def is_sentinel(url: str | None) -> bool:
@@ -119,6 +117,13 @@ class SentinelEndpoint:
     sentinels: list[tuple[str, int]]
     db: int = 0
     password: str | None = None
+
+
+def _master(url: str, master_name: str | None) -> str:
+    if not master_name:
+        raise FleetError(ErrorCode.INVALID_INPUT, f"redis_url {url} is a Sentinel URL: set broker.master_name "
+                         "(AUTOGLM_BROKER__MASTER_NAME) to the master the sentinels monitor")
+    return master_name
 
 
 def sentinel_endpoint(url: str) -> SentinelEndpoint:
@@ -146,12 +151,9 @@ def redis_client(url: str, outage_s: float = 30.0, timeout_s: float | None = Non
     }
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **options)
-    if not master_name:
-        raise FleetError(ErrorCode.INVALID_INPUT, f"redis_url {url} is a Sentinel URL: set broker.master_name "
-                         "(AUTOGLM_BROKER__MASTER_NAME) to the master the sentinels monitor")
-    endpoint = sentinel_endpoint(url)
+    master, endpoint = _master(url, master_name), sentinel_endpoint(url)
     sentinels = Sentinel(endpoint.sentinels, socket_timeout=timeout_s or 1.0, socket_connect_timeout=timeout_s or 1.0)
-    return sentinels.master_for(master_name, db=endpoint.db, password=endpoint.password, **options)
+    return sentinels.master_for(master, db=endpoint.db, password=endpoint.password, **options)
 
 
 def ping(url: str, timeout_s: float = 2.0, master_name: str | None = None) -> None:

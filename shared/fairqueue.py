@@ -169,14 +169,17 @@ class Channel(kombu_redis.Channel):
             return
         tenant = message_tenant(message)
         keys, args = put_keys(queue, tenant) + ([marker] if marker else []), [dumps(message), tenant, ttl]
-        publish_batch = kwargs.pop("_publish_batch", None)
-        if publish_batch is not None:  # kombu's pipelined batch publishing (FleetClient.submit_many)
-            script = self._script(publish_batch.pipeline)
+        self._eval(self._script, keys, args, kwargs.pop("_publish_batch", None))
+
+    def _eval(self, script_for: Any, keys: list[str], args: list[Any], publish_batch: Any) -> None:
+        """Run a publish script now, or add it to kombu's pipelined batch (FleetClient.submit_many)."""
+        if publish_batch is not None:
+            script = script_for(publish_batch.pipeline)
             publish_batch.pipeline.scripts.add(script)  # the pipeline loads it first if the server lacks it
             publish_batch.add("evalsha", script.sha, len(keys), *keys, *args)
             return
         with self.conn_or_acquire() as client:
-            self._script(client)(keys=keys, args=args, client=client)
+            script_for(client)(keys=keys, args=args, client=client)
 
     def _put_plain(self, queue: str, message: dict[str, Any], marker: str | None, ttl: int, **kwargs: Any) -> None:
         """kombu's LPUSH, with the marker set by the same command (a script)."""
@@ -187,14 +190,7 @@ class Channel(kombu_redis.Channel):
                     client.set(marker, 1, ex=ttl)
             return
         keys = [self._q_for_pri(queue, self._get_message_priority(message, reverse=False)), marker]
-        publish_batch = kwargs.pop("_publish_batch", None)
-        if publish_batch is not None:
-            script = self._plain_script(publish_batch.pipeline)
-            publish_batch.pipeline.scripts.add(script)
-            publish_batch.add("evalsha", script.sha, len(keys), *keys, dumps(message), ttl)
-            return
-        with self.conn_or_acquire() as client:
-            self._plain_script(client)(keys=keys, args=[dumps(message), ttl], client=client)
+        self._eval(self._plain_script, keys, [dumps(message), ttl], kwargs.pop("_publish_batch", None))
 
     def _purge(self, queue: str) -> int:
         if queue not in self.fair_queues:

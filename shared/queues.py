@@ -43,6 +43,7 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
     app.conf.broker_transport = "shared.fairqueue:SentinelTransport" if sentinel else "shared.fairqueue:Transport"
     if sentinel:
         use_sentinel_transport(app.conf.broker_transport)
+    master = {"master_name": settings.broker.master_name} if sentinel else {}
     interactive = settings.queue_name(settings.queue_classes()[0].priority)
     app.conf.update(
         task_queues=declared_queues(settings),
@@ -67,7 +68,7 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
             "unacked_restore_throttle": 1,
             "fair_queues": tuple(settings.bulk_queues()),
             "submitted_ttl_s": settings.broker.result_expires_s,
-            **({"master_name": settings.broker.master_name} if sentinel else {}),
+            **master,
         },
         # Publishing is retried once, by the producer's tenacity policy (producers/client.py).
         task_publish_retry=False,
@@ -75,7 +76,7 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
         result_backend_always_retry=True,
         result_backend_max_retries=20,
         result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout_s,
-                                          **({"master_name": settings.broker.master_name} if sentinel else {})},
+                                          **master},
         broker_connection_retry_on_startup=True,
     )
     return app

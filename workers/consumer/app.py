@@ -44,8 +44,9 @@ def create_app(settings: Settings) -> Celery:
             ErrorCode.BROKER_UNAVAILABLE, "the worker needs REDIS_URL (or run `autoglm worker`, which can embed one)"
         )
     app = make_celery(settings, settings.redis_url, name="autoglm-worker")
+    transport = "workers.consumer.transport:" + ("SentinelTransport" if is_sentinel(settings.redis_url) else "Transport")
     if is_sentinel(settings.redis_url):
-        use_sentinel_transport("workers.consumer.transport:SentinelTransport")
+        use_sentinel_transport(transport)
     app.conf.broker_transport_options.update(
         visibility_heartbeat_s=settings.broker.heartbeat_s,
         task_names=(*(spec.celery_name for spec in task_types.installed()), STEP_TASK, WEBHOOK_TASK),
@@ -53,7 +54,7 @@ def create_app(settings: Settings) -> Celery:
     )
     app.conf.update(
         # Reliable fetch, malformed messages to the DLQ, visibility heartbeat (workers/consumer/transport.py).
-        broker_transport="workers.consumer.transport:" + ("SentinelTransport" if is_sentinel(settings.redis_url) else "Transport"),
+        broker_transport=transport,
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
         worker_prefetch_multiplier=1,
