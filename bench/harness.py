@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 
@@ -50,11 +51,12 @@ class Harness:
             "bulk": {"name": f"bench-{self.run_id}-{tag}-bulk", "rank": 1},
         }
 
-    def client(self, tag: str, models: list[dict] | None = None) -> FleetClient:
+    def client(self, tag: str, models: list[dict] | None = None, **overrides: Any) -> FleetClient:
+        """A producer on this tag's queues; ``overrides``: more settings fields (e.g. ``broker``)."""
         if models is None and "AUTOGLM_MODELS" in self.env:
             models = json.loads(self.env["AUTOGLM_MODELS"])  # a --shape run: route to the model its workers load
         extra = {"models": models} if models is not None else {}
-        settings = load_settings(redis_url=self.redis_url, queues=self.queues(tag), **extra)
+        settings = load_settings(redis_url=self.redis_url, queues=self.queues(tag), **extra, **overrides)
         return FleetClient(self.redis_url, settings)
 
     @contextlib.contextmanager

@@ -105,6 +105,27 @@ def async_redis(url: str, master_name: str | None = None, max_connections: int |
     return sentinels.master_for(master, db=endpoint.db, password=endpoint.password, **options)
 
 
+class NotReplicated(redis.RedisError):
+    """A write reached the master, but fewer replicas than ``broker.min_replicas_acked`` confirmed it in
+    time: it could be lost with the master, so it does not count as done (a publish is retried, then
+    BROKER_UNAVAILABLE; a worker's answer record puts the message back)."""
+
+
+def replicated(pipe: Any, wanted: int, timeout_s: float) -> list[Any]:
+    """Run a pipeline's writes, then Redis ``WAIT`` on the same connection: the replies, once
+    ``wanted`` replicas have every write (0: no WAIT). Raises NotReplicated when fewer confirm in
+    ``timeout_s``. WAIT counts the replicas that reached this connection's last write, so it must be
+    sent on the connection that wrote: a pipeline is one connection."""
+    if wanted <= 0:
+        return pipe.execute()
+    pipe.execute_command("WAIT", wanted, max(1, int(timeout_s * 1000)))
+    *replies, acked = pipe.execute()
+    if int(acked) < wanted:
+        raise NotReplicated(f"{acked} of {wanted} replicas confirmed the write within {timeout_s:g}s "
+                            "(broker.min_replicas_acked)")
+    return replies
+
+
 def is_sentinel(url: str | None) -> bool:
     """A Sentinel URL in Celery's form: ``sentinel://h1:26379;sentinel://h2:26379/0``."""
     return bool(url) and url.startswith("sentinel://")  # type: ignore[union-attr]

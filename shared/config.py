@@ -459,6 +459,14 @@ class BrokerConfig(_Section):
         default=None, description="Redis Sentinel: the name of the master the sentinels monitor. Required when "
         "redis_url is a Sentinel URL (sentinel://h1:26379;sentinel://h2:26379/0), Celery's form.",
     )
+    min_replicas_acked: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="A publish, and a worker's record of an answer, returns only once this many replicas "
+        "have it (Redis WAIT), so an accepted task survives the master's loss; fewer within "
+        "replica_ack_timeout_s: the publish is retried, then BROKER_UNAVAILABLE. 0: a single Redis.",
+    )
+    replica_ack_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=1.0, description="How long one publish waits for min_replicas_acked replicas before it counts as failed.",
+    )
 
     @model_validator(mode="after")
     def _heartbeat_beats_timeout(self) -> BrokerConfig:

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu.exceptions import BatchPublishError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
-from shared.broker import submitted_key
+from shared.broker import replicated, submitted_key
 from shared.schemas import ANONYMOUS_TENANT
 
 TENANT_HEADER = "autoglm-tenant"
@@ -140,12 +141,35 @@ def message_task_id(message: dict[str, Any]) -> str | None:
     return task_id if isinstance(task_id, str) and task_id else None
 
 
+class DurablePublishBatch(kombu_redis.PublishBatch):
+    """kombu's pipelined publish batch (``producer.batch()``), each flush ending with WAIT: the
+    batch's messages count as published once the channel's ``min_replicas_acked`` replicas have them."""
+
+    def flush(self) -> None:  # kombu's flush, with the pipeline run through ``replicated``
+        self._check_usable()
+        if not self._buffered:
+            return
+        try:
+            replicated(self.pipeline, self.channel.min_replicas_acked, self.channel.replica_ack_timeout_s)
+        except BaseException as exc:
+            self._failed, self._buffered = exc, 0
+            self.pipeline.reset()
+            if isinstance(exc, Exception):
+                raise BatchPublishError("Redis publish batch failed or was not replicated; delivery is uncertain") from exc
+            raise
+        self._buffered = 0
+
+
 class Channel(kombu_redis.Channel):
     #: queues whose messages are kept per tenant and served round-robin (the bulk queues)
     fair_queues: tuple[str, ...] = ()
     #: how long a task's submitted marker lives (the result's lifetime: broker.result_expires_s)
     submitted_ttl_s: int = 86_400
-    from_transport_options = kombu_redis.Channel.from_transport_options + ("fair_queues", "submitted_ttl_s")
+    #: replicas that must confirm a publish (WAIT) before it returns; 0: none (broker.min_replicas_acked)
+    min_replicas_acked: int = 0
+    replica_ack_timeout_s: float = 1.0
+    from_transport_options = kombu_redis.Channel.from_transport_options + (
+        "fair_queues", "submitted_ttl_s", "min_replicas_acked", "replica_ack_timeout_s")
 
     _put_script: Any = None
     _put_plain_script: Any = None
@@ -179,7 +203,17 @@ class Channel(kombu_redis.Channel):
             publish_batch.add("evalsha", script.sha, len(keys), *keys, *args)
             return
         with self.conn_or_acquire() as client:
-            script_for(client)(keys=keys, args=args, client=client)
+            if not self.min_replicas_acked:
+                script_for(client)(keys=keys, args=args, client=client)
+                return
+            with client.pipeline(transaction=False) as pipe:  # the script and WAIT on one connection
+                script_for(client)(keys=keys, args=args, client=pipe)
+                replicated(pipe, self.min_replicas_acked, self.replica_ack_timeout_s)
+
+    def create_publish_batch(self, max_size: int) -> Any:
+        if not self.min_replicas_acked:
+            return super().create_publish_batch(max_size)
+        return DurablePublishBatch(self, max_size)
 
     def _put_plain(self, queue: str, message: dict[str, Any], marker: str | None, ttl: int, **kwargs: Any) -> None:
         """kombu's LPUSH, with the marker set by the same command (a script)."""

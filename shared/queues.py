@@ -68,6 +68,8 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
             "unacked_restore_throttle": 1,
             "fair_queues": tuple(settings.bulk_queues()),
             "submitted_ttl_s": settings.broker.result_expires_s,
+            "min_replicas_acked": settings.broker.min_replicas_acked,
+            "replica_ack_timeout_s": settings.broker.replica_ack_timeout_s,
             **master,
         },
         # Publishing is retried once, by the producer's tenacity policy (producers/client.py).

@@ -37,6 +37,22 @@ def test_publishing_into_an_outage_raises_broker_unavailable_within_the_budget(c
     assert took < settings.broker.publish_budget_s + 3, took  # a bound on giving up, not a speed target
 
 
+@pytest.mark.parametrize("call", ["submit", "submit_many"])
+def test_a_publish_no_replica_confirms_is_not_accepted(redis_url: str, call: str) -> None:
+    """broker.min_replicas_acked: 1 on a Redis with no replica: the write reaches the master, WAIT
+    sees no replica confirm it, so the submit is retried and then refused, never reported accepted."""
+    settings = load_settings(redis_url=redis_url, broker={"min_replicas_acked": 1, "replica_ack_timeout_s": 0.05,
+                                                          "publish_budget_s": 1.0})
+    client = FleetClient(redis_url, settings)
+    try:
+        with pytest.raises(FleetError) as caught:
+            client.submit(REQUEST) if call == "submit" else client.submit_many([REQUEST] * 5)
+    finally:
+        client.close()
+    assert caught.value.code == ErrorCode.BROKER_UNAVAILABLE and caught.value.retryable
+    assert "0 of 1 replicas confirmed" in str(caught.value.__cause__) + str(caught.value.__cause__.__cause__)
+
+
 def test_sigterm_to_autoglm_broker_stops_its_server() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "autoglm.cli", "broker"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from kombu.transport.redis import Channel as RedisChannel
 
-from shared.broker import redis_client
+from shared.broker import redis_client, replicated
 
 PREFIX = "autoglm:task"
 UNACKED_KEY = RedisChannel.unacked_key  # kombu's hash of messages delivered but not yet acked
@@ -55,11 +55,13 @@ store_state(KEYS[3], ARGV[3], ARGV[4])
 return {deliveries, 'mine', ''}
 """
 # KEYS: ledger hash, Celery's result key. ARGV: answer json, ledger ttl, SUCCESS state, result ttl,
-# 1 when the model computed this answer now (0: it came from the cache or the ledger).
+# 1 when the model computed this answer now (0: it came from the cache or the ledger), the delivery
+# tag. A delivery's record sent again (its first reply was lost with a failed master, and the client
+# retried it on the new one) is not a second execution: the hash keeps who recorded.
 RECORD = STORE_STATE + """
-if ARGV[5] == '1' then
+if ARGV[5] == '1' and not (ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'recorded_by') == ARGV[6]) then
   redis.call('HINCRBY', KEYS[1], 'executions', 1)
-  redis.call('HSET', KEYS[1], 'result', ARGV[1])
+  redis.call('HSET', KEYS[1], 'result', ARGV[1], 'recorded_by', ARGV[6])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 store_state(KEYS[2], ARGV[3], ARGV[4])
@@ -83,9 +85,14 @@ class Claim:
 
 
 class Ledger:
-    def __init__(self, redis_url: str, ttl_s: int, master_name: str | None = None) -> None:
+    """``min_replicas_acked``: a recorded answer returns only once that many replicas have it (Redis
+    WAIT; NotReplicated otherwise), so an answer the fleet acked survives the master's loss."""
+
+    def __init__(self, redis_url: str, ttl_s: int, master_name: str | None = None, min_replicas_acked: int = 0,
+                 replica_ack_timeout_s: float = 1.0) -> None:
         self.client = redis_client(redis_url, master_name=master_name)
         self.ttl_s = ttl_s
+        self.min_replicas_acked, self.replica_ack_timeout_s = min_replicas_acked, replica_ack_timeout_s
         self._claim = self.client.register_script(CLAIM)
         self._record = self.client.register_script(RECORD)
 
@@ -98,11 +105,18 @@ class Ledger:
             args=[delivery_tag or "", self.ttl_s, started.value, started.expires_s])
         return Claim(int(deliveries), outcome, json.loads(result) if outcome == "done" else None)
 
-    def record(self, task_id: str, result: dict[str, Any], success: StoredState, executed: bool = True) -> None:
+    def record(self, task_id: str, result: dict[str, Any], success: StoredState, executed: bool = True,
+               delivery_tag: str = "") -> None:
         """The task's answer, one more execution (when ``executed``) and its SUCCESS state, in one
-        atomic step: a redelivery finds either all of it or none. One round trip."""
-        self._record(keys=[f"{PREFIX}:{task_id}", success.key],
-                     args=[json.dumps(result), self.ttl_s, success.value, success.expires_s, int(executed)])
+        atomic step: a redelivery finds either all of it or none. One round trip (WAIT included)."""
+        keys = [f"{PREFIX}:{task_id}", success.key]
+        args = [json.dumps(result), self.ttl_s, success.value, success.expires_s, int(executed), delivery_tag or ""]
+        if not self.min_replicas_acked:
+            self._record(keys=keys, args=args)
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            self._record(keys=keys, args=args, client=pipe)
+            replicated(pipe, self.min_replicas_acked, self.replica_ack_timeout_s)
 
     def counts(self, task_id: str) -> dict[str, int]:
         raw = self.client.hmget(f"{PREFIX}:{task_id}", "deliveries", "executions")

@@ -35,7 +35,9 @@ class Runtime:
         self.engine = engine
         url = settings.redis_url or ""
         master = settings.broker.master_name
-        self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s, master_name=master)
+        self.ledger = Ledger(url, ttl_s=settings.broker.result_expires_s, master_name=master,
+                             min_replicas_acked=settings.broker.min_replicas_acked,
+                             replica_ack_timeout_s=settings.broker.replica_ack_timeout_s)
         self.dead_letters = DeadLetters(url, master_name=master)
         self.cache = ResultCache(url, ttl_s=settings.broker.cache_ttl_s, master_name=master)
         self.middleware = default_chain()

@@ -13,6 +13,7 @@ from typing import Any
 from celery.exceptions import Ignore, Reject
 from redis.exceptions import RedisError
 
+from shared.broker import NotReplicated
 from shared.errors import ErrorCode, FleetError
 from workers.consumer.ledger import StoredState
 from workers.consumer.middleware.job import Job, Middleware
@@ -53,4 +54,9 @@ class Redelivery(Middleware):
         return None
 
     def after_success(self, ctx: Any, job: Job, result: dict[str, Any]) -> None:
-        ctx.ledger.record(job.task_id, result, stored_state(job.task, "SUCCESS", result), executed=job.executed)
+        try:
+            ctx.ledger.record(job.task_id, result, stored_state(job.task, "SUCCESS", result), executed=job.executed,
+                              delivery_tag=job.delivery_tag)
+        except NotReplicated as exc:  # on the master only: not acked, so a failover cannot lose the task
+            log.warning("task %s answered but its record was not replicated (%s); the message goes back", job.task_id, exc)
+            raise Reject(str(exc), requeue=True) from exc
