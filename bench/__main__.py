@@ -141,7 +141,7 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
             elif name == "enqueue":
                 from bench import enqueue
 
-                summary.update(enqueue.run(harness, size["enqueue"], size["single"]))
+                summary.update(enqueue.run(harness, size["enqueue"], size["single"], rounds=1 if mode == "quick" else 2))
             elif name == "quantization":
                 from bench import quantization
 
