@@ -36,7 +36,11 @@ def use_sentinel_transport(path: str) -> None:
 
 
 def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Celery:
-    app = Celery(name, broker=redis_url, backend=redis_url)
+    backend = redis_url
+    if settings.broker.min_replicas_acked:  # stored states wait for replicas too (shared/result_backend.py)
+        kind = "ReplicatedSentinelBackend" if is_sentinel(redis_url) else "ReplicatedRedisBackend"
+        backend = f"shared.result_backend:{kind}+{redis_url}"
+    app = Celery(name, broker=redis_url, backend=backend)
     # Bulk queues keep one list per tenant, served round-robin (shared/fairqueue.py); workers use a
     # subclass of the same channel (workers/consumer/transport.py).
     sentinel = is_sentinel(redis_url)
@@ -80,5 +84,7 @@ def make_celery(settings: Settings, redis_url: str, name: str = "autoglm") -> Ce
         result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout_s,
                                           **master},
         broker_connection_retry_on_startup=True,
+        autoglm_min_replicas_acked=settings.broker.min_replicas_acked,
+        autoglm_replica_ack_timeout_s=settings.broker.replica_ack_timeout_s,
     )
     return app

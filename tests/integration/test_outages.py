@@ -11,11 +11,13 @@ import time
 
 import pytest
 import redis
+from celery.backends.redis import RedisBackend
 
 from producers.client import FleetClient
-from shared.broker import EmbeddedRedis
+from shared.broker import EmbeddedRedis, NotReplicated
 from shared.config import load_settings
 from shared.errors import ErrorCode, FleetError
+from shared.queues import make_celery
 
 pytestmark = pytest.mark.integration
 REQUEST = {"task_type": "classification", "text": "fine", "labels": ["yes", "no"]}
@@ -51,6 +53,16 @@ def test_a_publish_no_replica_confirms_is_not_accepted(redis_url: str, call: str
         client.close()
     assert caught.value.code == ErrorCode.BROKER_UNAVAILABLE and caught.value.retryable
     assert "0 of 1 replicas confirmed" in str(caught.value.__cause__) + str(caught.value.__cause__.__cause__)
+
+
+def test_a_state_the_result_backend_stores_waits_for_replicas_too(redis_url: str) -> None:
+    """A failure's state is stored by Celery's backend, not the ledger: with min_replicas_acked it
+    also counts only once replicas confirm it (retried by Celery's backend policy, then raised)."""
+    settings = load_settings(redis_url=redis_url, broker={"min_replicas_acked": 1, "replica_ack_timeout_s": 0.05})
+    backend = make_celery(settings, redis_url).backend
+    with pytest.raises(NotReplicated):
+        backend.set("celery-task-meta-outage-test", "{}", max_retries=1)
+    assert type(make_celery(load_settings(redis_url=redis_url), redis_url).backend) is RedisBackend  # 0: Celery's own
 
 
 def test_sigterm_to_autoglm_broker_stops_its_server() -> None:

@@ -139,7 +139,7 @@ SUBMITS = 2000
 
 @pytest.fixture(scope="module")
 def sentinel_fleet(group: Group, tiny_model: dict) -> Iterator[Fleet]:
-    with fleet_on(group.url, models=[tiny_model], broker=BROKER) as fleet:
+    with fleet_on(group.url, models=[tiny_model], broker=BROKER, faults={"fail_marker": "POISON"}) as fleet:
         yield fleet
 
 
@@ -154,6 +154,10 @@ def test_every_part_works_through_sentinel(sentinel_fleet: Fleet, group: Group) 
     master = redis.Redis(port=group.master_port())
     assert master.exists(f"autoglm:task:{handles[0].id}")  # the ledger wrote to the master the sentinels name
     assert sentinel_fleet.client.handle("no-such-task").status() == "UNKNOWN"
+    poisoned = sentinel_fleet.client.submit(classify("POISON"))  # a failure is stored by Celery's backend
+    with pytest.raises(FleetError) as failed:  # (shared/result_backend.py: it waits for a replica too)
+        poisoned.result(timeout=60)
+    assert failed.value.code == ErrorCode.INTERNAL
 
 
 def test_a_replica_and_a_sentinel_killed_cost_no_accepted_task(sentinel_fleet: Fleet, group: Group) -> None:
