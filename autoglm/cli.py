@@ -99,7 +99,7 @@ def _cmd_models_eval(args: argparse.Namespace) -> int:
     from shared.config import load_settings
     from workers.artifacts import float_dir, prepared_path, resolve_source
     from workers.backends.transformers.batch_side import Engine
-    from workers.prepare.evaluation import Family, accuracy
+    from workers.prepare.evaluation import Family, accuracy, first_per_label
 
     settings = load_settings()
     model = settings.model(args.name) if args.name else settings.models[0]
@@ -109,12 +109,29 @@ def _cmd_models_eval(args: argparse.Namespace) -> int:
     paths = {"served": prepared_path(settings, model)}
     if args.float:
         paths["float"] = float_dir(settings, model, resolve_source(model.source))
+    shots = first_per_label(family.examples(), labels, args.examples) if args.examples else None
     for kind, path in paths.items():
         engine = Engine(model, path, device=settings.worker.device)
-        score = accuracy(engine, family, "all", args.template)
-        print(json.dumps({"model": model.name, "weights": kind, "examples": len(rows), "labels": labels,
-                          "template": args.template, "accuracy": round(score, 4)}))
+        if shots is None:
+            score = accuracy(engine, family, "all", args.template)
+            print(json.dumps({"model": model.name, "weights": kind, "examples": len(rows), "labels": labels,
+                              "template": args.template, "accuracy": round(score, 4)}))
+            continue
+        scored = len(rows) - len({text for text, _ in shots})  # the same rows both ways: those not shown
+        print(json.dumps({"model": model.name, "weights": kind, "scored": scored, "labels": labels,
+                          "examples_per_label": args.examples,
+                          "zero_shot": round(_zero_shot_on(engine, family, shots), 4),
+                          "with_examples": round(accuracy(engine, family, "all", shots=shots), 4)}))
     return 0
+
+
+def _zero_shot_on(engine: Any, family: Any, shots: list[tuple[str, str]]) -> float:
+    """Zero-shot accuracy on the rows that --examples does not show (the comparison's same rows)."""
+    from workers.prepare.evaluation import Family, accuracy
+
+    shown = {text for text, _ in shots}
+    rest = Family(family.name, family.labels, [row for row in family.rows if row[0] not in shown])
+    return accuracy(engine, rest, "all")
 
 
 def _labelled_rows(path: Path) -> list[dict[str, str]]:
@@ -291,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--labels", help="comma-separated label set (default: the labels found in the file)")
     ev.add_argument("--template", help="a prompt_template to compare with the default method")
     ev.add_argument("--float", action="store_true", help="also score the float source model")
+    ev.add_argument("--examples", type=int, default=0, metavar="K",
+                    help="show the first K rows of each label as examples; score the rest zero-shot and with them")
     ev.set_defaults(func=_cmd_models_eval)
 
     sub.add_parser("broker", help="run an embedded Redis-compatible broker in the foreground").set_defaults(func=_cmd_broker)

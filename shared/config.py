@@ -26,7 +26,7 @@ from pydantic_settings import (
 from shared import plugins, templates
 from shared.errors import ErrorCode, FleetError
 from shared.pipelines import PipelineConfig
-from shared.schemas import Priority, TaskType
+from shared.schemas import MAX_EXAMPLES, LabelledExample, Priority, TaskType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "default.yaml"
@@ -248,6 +248,16 @@ class ModelConfig(_Section):
     )
     classification_weights: ExpertWeights = Field(
         default=ExpertWeights(), description="Weights of the default method's experts (chat, channel, plain).")
+    classification_examples: dict[str, Annotated[list[LabelledExample], Field(min_length=1, max_length=MAX_EXAMPLES)]] = Field(
+        default_factory=dict,
+        description="Named example sets ({name: [{text, label}]}): a classification request names one "
+        "(example_set) instead of sending its examples each time.",
+    )
+    classification_examples_weight: Annotated[float, Field(ge=0)] = Field(
+        default=0.25, description="How much a request's examples count: the weight of the prototype expert (the "
+        "text's cosine to each label's mean example) beside the chat expert's 1.0. Chosen on the selection split.")
+    classification_examples_temperature: Annotated[float, Field(gt=0)] = Field(
+        default=0.05, description="The prototype expert's cosines are divided by this before the softmax.")
     classification_calibration: Literal["content_free", "none"] = Field(
         default="content_free",
         description="content_free: divide out the label prior measured on content-free texts "

@@ -12,12 +12,16 @@ import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared import templates
 
 MAX_TEXT_CHARS = 32_000
 MAX_LABELS = 32
+MAX_LABEL_CHARS = 64
+MAX_DESCRIPTION_CHARS = 300
+MAX_EXAMPLES = 64
+MAX_EXAMPLE_CHARS = 2_000
 # A producer's clock may be a little ahead of the worker's, and a bulk message may wait in its queue
 # for days; a timestamp outside this window is not a clock reading (``submitted_at: -1.7e308`` made
 # every wait infinite, in results, webhooks and the worker's metrics for the rest of its life).
@@ -129,8 +133,58 @@ class GenerateRequest(TaskRequestBase):
         return [{"role": "user", "content": self.prompt or ""}]
 
 
+class LabelSpec(_Strict):
+    """A label with what it means (``labels: [{"name": ..., "description": ...}]``)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
+    description: Annotated[str, Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS)] | None = None
+
+
+class LabelledExample(_Strict):
+    """One example of a label: the model is shown it before the text to classify."""
+
+    text: Annotated[str, Field(min_length=1, max_length=MAX_EXAMPLE_CHARS)]
+    label: Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("must not be blank")
+        return text
+
+
+def _label_objects(data: Any) -> Any:
+    """``labels`` given as objects: their names stay in ``labels`` (what every backend reads) and
+    their descriptions go to ``label_descriptions``."""
+    if not isinstance(data, dict) or not isinstance(data.get("labels"), list):
+        return data
+    if not any(isinstance(label, dict) for label in data["labels"]):
+        return data
+    names, descriptions = [], dict(data.get("label_descriptions") or {})
+    for index, label in enumerate(data["labels"]):
+        if not isinstance(label, dict):
+            names.append(label)
+            continue
+        try:
+            spec = LabelSpec.model_validate(label)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise ValueError(f"labels[{index}].{where}: {error['msg']}") from None
+        names.append(spec.name)
+        if spec.description is not None:
+            descriptions[spec.name] = spec.description
+    return {**data, "labels": names, "label_descriptions": descriptions or None}
+
+
 class ClassifyRequest(TaskRequestBase):
-    """Zero-shot classification: pick the most likely of ``labels`` for ``text``.
+    """Classification: pick the most likely of ``labels`` for ``text``.
+
+    ``labels`` are names, or objects ``{"name", "description"}`` (descriptions are shown to the model
+    with the label list). ``examples`` (``[{"text", "label"}]``) or ``example_set`` (a named set of
+    the model's config, ``classification_examples``) show the model labelled texts first: the
+    default method only (not with ``prompt_template``).
 
     ``prompt_template`` must contain ``{text}``; it may contain ``{labels}`` (comma-joined); no
     other placeholders, format specs or conversions (shared/templates.py).
@@ -139,9 +193,29 @@ class ClassifyRequest(TaskRequestBase):
     task_type: Literal[TaskType.CLASSIFICATION] = TaskType.CLASSIFICATION
     text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
     labels: Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=2, max_length=MAX_LABELS)
+        list[Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]], Field(min_length=2, max_length=MAX_LABELS)
     ]
+    label_descriptions: dict[str, Annotated[str, Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS)]] | None = None
+    examples: Annotated[list[LabelledExample], Field(min_length=1, max_length=MAX_EXAMPLES)] | None = None
+    example_set: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
     prompt_template: str | None = None
+
+    _labels_as_objects = model_validator(mode="before")(_label_objects)
+
+    @model_validator(mode="after")
+    def _examples_name_the_labels(self) -> ClassifyRequest:
+        for name in self.label_descriptions or {}:
+            if name not in self.labels:
+                raise ValueError(f"label_descriptions: {name!r} is not one of the labels")
+        for index, example in enumerate(self.examples or []):
+            if example.label not in self.labels:
+                raise ValueError(f"examples[{index}].label: {example.label!r} is not one of the labels {self.labels}")
+        if self.examples and self.example_set:
+            raise ValueError("give examples or example_set, not both")
+        if self.prompt_template is not None and (self.examples or self.example_set or self.label_descriptions):
+            raise ValueError("examples, example_set and label descriptions work with the default method: drop "
+                             "prompt_template, or write them into it")
+        return self
 
     @field_validator("labels")
     @classmethod

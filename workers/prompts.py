@@ -5,6 +5,7 @@ consumer processes."""
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 from shared import templates
 from shared.config import ModelConfig
@@ -43,6 +44,50 @@ def join_labels(labels: list[str]) -> str:
 def capitalized(label: str) -> str:
     """A label as the first word of an answer: 'not spam' -> 'Not spam'; 'iPhone' and 'USA' stay."""
     return label if label[1:2].isupper() else label[:1].upper() + label[1:]
+
+
+@dataclass(frozen=True)
+class Shots:
+    """What a classification shows the model besides its text: label descriptions and labelled
+    examples (hashable: the engine caches each label prior per prompt shape, shots included)."""
+
+    examples: tuple[tuple[str, str], ...] = ()  # (text, label), in the order they are shown
+    descriptions: tuple[tuple[str, str], ...] = ()  # (label, description), in label order
+
+    def __bool__(self) -> bool:
+        return bool(self.examples or self.descriptions)
+
+
+def shots_for(request: ClassifyRequest, config: ModelConfig) -> Shots:
+    """The request's descriptions and examples (inline, or the model's named ``example_set``);
+    INVALID_INPUT naming the field for a set the model lacks or one labelled outside the request's
+    labels. Examples are interleaved label by label (a1 b1 c1 a2 b2 ...): a run of one label last
+    would tilt the answer towards it."""
+    examples = list(request.examples or [])
+    if request.example_set is not None:
+        found = config.classification_examples.get(request.example_set)
+        if found is None:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"example_set: {request.example_set!r} is not defined for model "
+                             f"{config.name}; defined: {sorted(config.classification_examples)}")
+        foreign = sorted({e.label for e in found} - set(request.labels))
+        if foreign:
+            raise FleetError(ErrorCode.INVALID_INPUT, f"example_set: {request.example_set!r} has examples labelled "
+                             f"{foreign}, which are not among this request's labels {request.labels}")
+        examples = list(found)
+    queues = {label: [e.text for e in examples if e.label == label] for label in request.labels}
+    ordered = [(queue[i], label) for i in range(max(map(len, queues.values()), default=0))
+               for label, queue in queues.items() if i < len(queue)]
+    descriptions = tuple((label, request.label_descriptions[label]) for label in request.labels
+                         if request.label_descriptions and label in request.label_descriptions)
+    return Shots(tuple(ordered), descriptions)
+
+
+def describe(descriptions: tuple[tuple[str, str], ...], shown: dict[str, str]) -> str:
+    """The label descriptions as lines a prompt starts with ('' when there are none); ``shown``: how
+    each label is written in that prompt."""
+    if not descriptions:
+        return ""
+    return "Categories:\n" + "\n".join(f"- {shown.get(label, label)}: {text}" for label, text in descriptions) + "\n\n"
 
 
 def render_prompt(template: str, text: str, labels: list[str], context: int) -> str:
@@ -90,6 +135,13 @@ class LengthPreparer:
                 raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"prompt is {len(ids)} tokens; context {self.context}")
             return PreparedGenerate(request, ids)
         template = request.prompt_template or self.config.classification_template
-        prompt = render_prompt(template or self.config.classification_instruction, request.text, request.labels, self.context)
-        return PreparedClassify(request, template, [0] * max(1, len(prompt) // CHARS_PER_TOKEN),
-                                [[1] for _ in request.labels])
+        shots = shots_for(request, self.config)  # an unknown example_set is refused here too
+        instruction = template or self.config.classification_instruction
+        prompt = describe(shots.descriptions, {}) + "".join(
+            render_prompt(instruction, text, request.labels, self.context) + label for text, label in shots.examples)
+        prompt += render_prompt(instruction, request.text, request.labels, self.context)
+        tokens = max(1, len(prompt) // CHARS_PER_TOKEN)
+        if shots.examples and tokens > self.context:
+            raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"{'examples' if request.examples else 'example_set'}: the prompt "
+                             f"with {len(shots.examples)} examples is ~{tokens} tokens; model {self.name} takes {self.context}")
+        return PreparedClassify(request, template, [0] * tokens, [[1] for _ in request.labels])

@@ -41,6 +41,16 @@ class Plain(msgspec.Struct, frozen=True, array_like=True):
     label_ids: list[list[int]]
 
 
+class Examples(msgspec.Struct, frozen=True, array_like=True):
+    """The prototype expert of a classification with examples: the text's tokens, each example's
+    tokens and its label's index (the core embeds them and scores the text against each label's
+    mean example)."""
+
+    text_ids: list[int]
+    example_ids: list[list[int]]
+    labels: list[int]
+
+
 class PreparedGenerate(msgspec.Struct, frozen=True, array_like=True, tag="generate"):
     request: GenerateRequest
     input_ids: list[int]
@@ -61,6 +71,7 @@ class PreparedClassify(msgspec.Struct, frozen=True, array_like=True, tag="classi
     label_ids: list[list[int]]
     channel: Channel | None = None
     plain: Plain | None = None
+    examples: Examples | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -75,7 +86,7 @@ class PreparedClassify(msgspec.Struct, frozen=True, array_like=True, tag="classi
         """Sequences this request adds to a batch (one scoring row per multi-token label, per
         channel prefix, and per plain-prompt label)."""
         rows = self._direct(self.label_ids) + (len(self.channel.prefix_ids) if self.channel else 0)
-        return rows + (self._direct(self.plain.label_ids) if self.plain else 0)
+        return rows + (self._direct(self.plain.label_ids) if self.plain else 0) + (1 if self.examples else 0)
 
     @property
     def width(self) -> int:
@@ -84,6 +95,8 @@ class PreparedClassify(msgspec.Struct, frozen=True, array_like=True, tag="classi
             width = max(width, len(self.channel.text_ids) + max(len(ids) for ids in self.channel.prefix_ids))
         if self.plain is not None:
             width = max(width, len(self.plain.prompt_ids) + max(len(ids) for ids in self.plain.label_ids) - 1)
+        if self.examples is not None:
+            width = max(width, len(self.examples.text_ids))
         return width
 
     @property

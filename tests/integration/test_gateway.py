@@ -108,6 +108,26 @@ def test_token_submit_long_poll_result(gateways: Gateways) -> None:
     assert "Paris" in done.json()["result"]["output"]["text"]
 
 
+def test_a_classification_with_label_descriptions_and_examples(gateways: Gateways) -> None:
+    """Labels as {name, description} and examples are taken over HTTP and answered; an example
+    labelled outside the label set is a 422 INVALID_INPUT that names the field, before any work."""
+    headers = gateways.token("acme")
+    body = {"task_type": "classification", "text": "The app crashes when I open settings.",
+            "labels": [{"name": "technical", "description": "the product misbehaves: errors, crashes, slowness"},
+                       {"name": "billing", "description": "charges, refunds, invoices"}],
+            "examples": [{"text": "I was charged twice this month.", "label": "billing"},
+                         {"text": "The page shows an error 500.", "label": "technical"}]}
+    accepted = httpx.post(f"{gateways.first.url}/v1/tasks", json=body, headers=headers, timeout=10)
+    assert accepted.status_code == 202, accepted.text
+    done = httpx.get(f"{gateways.first.url}{accepted.json()['status_url']}", params={"wait": 120}, headers=headers, timeout=130)
+    assert done.json()["status"] == "SUCCESS", done.text
+    assert set(done.json()["result"]["output"]["scores"]) == {"technical", "billing"}
+    bad = {**body, "examples": [{"text": "Where is my parcel?", "label": "shipping"}]}
+    refused = httpx.post(f"{gateways.first.url}/v1/tasks", json=bad, headers=headers, timeout=10)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "INVALID_INPUT"
+    assert "examples[0].label: 'shipping' is not one of the labels" in refused.json()["error"]["message"]
+
+
 def test_auth_roles_and_tenancy(gateways: Gateways) -> None:
     url = f"{gateways.first.url}/v1/tasks"
     body = {"task_type": "classification", "text": "Nice.", "labels": ["positive", "negative"]}

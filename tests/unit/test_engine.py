@@ -369,3 +369,67 @@ def test_a_configured_gptq_kernel_is_tried_first_then_gptqmodels_own_choice(tmp_
     assert kernel_attempts(None, 4) == [None] and kernel_attempts("gptq_marlin", None) == [None]  # float: nothing
     (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "gptq", "bits": 4}}')
     assert gptq_bits(tmp_path) == 4 and gptq_bits(tmp_path / "missing") is None
+
+
+EXAMPLES = [{"text": "I lost my wallet with the card in it", "label": "card lost or stolen"},
+            {"text": "The terminal said my card was declined", "label": "card payment declined"},
+            {"text": "How much money is in my account?", "label": "check balance"},
+            {"text": "Someone stole my bag and my card", "label": "card lost or stolen"}]
+BANK = ["card lost or stolen", "card payment declined", "check balance"]
+
+
+def test_examples_add_a_prototype_expert_computed_once_per_example_set(engine: Engine) -> None:
+    """Examples are embedded once per set (cached), the text once per request; the expert is the
+    text's cosine to each label's mean example, weighted by how well those means separate the
+    examples themselves; a batch answers as one request at a time."""
+    texts = ["My card was refused at the shop", "What is my balance?", "My card is gone"]
+    engine._example_cache.clear()
+    alone = [engine.classify([engine.prepare(ClassifyRequest(text=t, labels=BANK, examples=EXAMPLES))])[0] for t in texts]
+    assert len(engine._example_cache) == 1  # three requests, one example set
+    batched = engine.classify([engine.prepare(ClassifyRequest(text=t, labels=BANK, examples=EXAMPLES)) for t in texts])
+    for one, many in zip(alone, batched, strict=True):
+        assert one.output.scores == pytest.approx(many.output.scores, abs=1e-4)  # type: ignore[union-attr]
+    item = engine.prepare(ClassifyRequest(text=texts[0], labels=BANK, examples=EXAMPLES))
+    zero = engine.classify([engine.prepare(ClassifyRequest(text=texts[0], labels=BANK))])[0]
+    with torch.inference_mode():  # as classify runs it
+        experts = engine._expert_scores([item])[0]  # type: ignore[list-item]
+    centre, prototypes, separation = next(iter(engine._example_cache.values()))
+    assert 0.0 <= separation <= 1.0 and prototypes.shape[0] == len(BANK)
+    weight = engine.config.classification_examples_weight
+    without = torch.tensor([zero.output.scores[label] for label in BANK]).log()  # type: ignore[union-attr]
+    combined = (without.log_softmax(0) + weight * experts["examples"]).softmax(0).tolist()
+    assert [alone[0].output.scores[label] for label in BANK] == pytest.approx(combined, abs=1e-4)  # type: ignore[union-attr]
+    assert item.prompt_ids == engine.prepare(ClassifyRequest(text=texts[0], labels=BANK)).prompt_ids  # type: ignore[union-attr]
+
+
+def test_label_descriptions_open_the_prompt_and_its_calibration(engine: Engine) -> None:
+    request = ClassifyRequest(text="My card was refused", labels=[{"name": "card payment declined", "description": "a payment failed"},
+                                                                  "card lost or stolen"])
+    item = engine.prepare(request)
+    chat = engine.tokenizer.decode(item.prompt_ids)  # type: ignore[union-attr]
+    assert "Categories:\n- Card payment declined: a payment failed\n\nClassify the text" in chat
+    assert engine.tokenizer.decode(item.plain.prompt_ids).startswith("Categories:\n- card payment declined: a payment failed")  # type: ignore[union-attr]
+    engine.classify([item])  # type: ignore[list-item]
+    described = [key for key in engine._priors if key[2].descriptions]  # the prior was measured on the same prompt
+    assert described and described[0][2].descriptions == (("card payment declined", "a payment failed"),)
+
+
+def test_a_bad_example_set_is_refused_naming_the_field(engine: Engine) -> None:
+    saved = engine.config
+    sets = {"bank": [{"text": "I lost it", "label": "card lost or stolen"}], "other": [{"text": "hi", "label": "greeting"}]}
+    engine.config = engine.preparer.config = saved.model_copy(update={"classification_examples": ModelConfig(
+        **{**saved.model_dump(), "classification_examples": sets}).classification_examples})
+    try:
+        assert engine.prepare(ClassifyRequest(text="x", labels=BANK, example_set="bank")).examples is not None  # type: ignore[union-attr]
+        with pytest.raises(FleetError) as unknown:
+            engine.prepare(ClassifyRequest(text="x", labels=BANK, example_set="nope"))
+        with pytest.raises(FleetError) as foreign:
+            engine.prepare(ClassifyRequest(text="x", labels=BANK, example_set="other"))
+    finally:
+        engine.config = engine.preparer.config = saved
+    assert unknown.value.code == ErrorCode.INVALID_INPUT and "example_set: 'nope' is not defined" in unknown.value.message
+    assert foreign.value.code == ErrorCode.INVALID_INPUT and "['greeting']" in foreign.value.message
+    long = [{"text": "word " * 300, "label": label} for label in BANK]  # 300+ tokens each, over the 256 context
+    with pytest.raises(FleetError) as too_long:
+        engine.prepare(ClassifyRequest(text="x", labels=BANK, examples=long))
+    assert too_long.value.code == ErrorCode.PROMPT_TOO_LONG and too_long.value.message.startswith("examples[0].text:")

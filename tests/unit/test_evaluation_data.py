@@ -33,3 +33,14 @@ def test_a_changed_selection_row_invalidates_them(monkeypatch: pytest.MonkeyPatc
         other = next(r[1] for r in rows if r[1] != label)
         return [(t, other if t == text else g, s) for t, g, s in rows]
     assert _with_rows(monkeypatch, relabel) != before
+
+
+def test_the_new_families_split_each_label_in_half_and_never_repeat_a_text() -> None:
+    from workers.prepare.evaluation import new_families
+
+    for family in new_families():
+        texts = [text for text, _, _ in family.rows]
+        assert len(texts) == len(set(texts)), family.name
+        for label in family.labels:
+            parts = [part for _, gold, part in family.rows if gold == label]
+            assert parts.count("selection") == parts.count("report") >= 5, (family.name, label)

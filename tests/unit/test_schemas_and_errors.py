@@ -8,7 +8,7 @@ import time
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from shared.errors import CATALOG, ErrorCode, FleetError, as_fleet_error
+from shared.errors import CATALOG, ErrorCode, FleetError, as_fleet_error, invalid_input
 from shared.schemas import ClassifyRequest, GenerateRequest, TaskRequest
 
 adapter: TypeAdapter = TypeAdapter(TaskRequest)
@@ -83,3 +83,25 @@ def test_the_result_cache_key_is_per_tenant() -> None:
         return ClassifyRequest(text="x", labels=["a", "b"], cache=True, tenant=tenant).cache_key("m")
 
     assert key("a") != key("b") and key("a") == key("a") and key(None) not in (key("a"), key("b"))
+
+
+def test_labels_may_carry_descriptions_and_requests_examples() -> None:
+    request = ClassifyRequest(text="It crashed", labels=[{"name": "technical", "description": "the product misbehaves"},
+                                                         "billing"], examples=[{"text": "Charged twice", "label": "billing"}])
+    assert request.labels == ["technical", "billing"]
+    assert request.label_descriptions == {"technical": "the product misbehaves"}
+    assert ClassifyRequest.model_validate_json(request.model_dump_json()) == request  # the wire form round-trips
+
+
+@pytest.mark.parametrize(("body", "names"), [
+    ({"examples": [{"text": "x", "label": "shipping"}]}, "examples[0].label: 'shipping' is not one of the labels"),
+    ({"examples": [{"text": "  ", "label": "billing"}]}, "examples.0.text"),
+    ({"examples": [{"text": "x", "label": "billing"}], "example_set": "support"}, "not both"),
+    ({"labels": [{"name": "technical", "description": ""}, "billing"]}, "labels[0].description"),
+    ({"examples": [{"text": "x", "label": "billing"}], "prompt_template": "{text}"}, "drop prompt_template"),
+])
+def test_a_bad_example_or_description_is_invalid_input_naming_the_field(body: dict, names: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ClassifyRequest(**{"text": "It crashed", "labels": ["technical", "billing"], **body})
+    assert invalid_input(caught.value).code == ErrorCode.INVALID_INPUT
+    assert names in invalid_input(caught.value).message

@@ -38,7 +38,7 @@ from shared.config import ModelConfig, Settings
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, GenerateOutput, Usage
 from workers.backends.base import Backend
-from workers.prompts import join_labels, render_prompt
+from workers.prompts import Shots, describe, join_labels, render_prompt, shots_for
 from workers.wire import Answer, Prepared, PreparedClassify, PreparedGenerate
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,14 @@ class OpenAIEngine:
     def _classify_native(self, item: PreparedClassify) -> Answer:
         """An Open-AutoGLM gateway's own API: submit, then long-poll the task (waits count against timeout_s)."""
         request = item.request
+        shots = shots_for(request, self.config) if item.template is None else Shots()
+        extra: dict[str, Any] = {"prompt_template": item.template} if item.template else {}
+        if shots.descriptions:
+            extra["label_descriptions"] = dict(shots.descriptions)
+        if shots.examples:  # a named set is this fleet's config: the remote one gets its examples inline
+            extra["examples"] = [{"text": text, "label": label} for text, label in shots.examples]
         body = {"task_type": "classification", "text": request.text, "labels": request.labels, "model": self.remote_model,
-                "priority": str(request.priority), **({"prompt_template": item.template} if item.template else {})}
+                "priority": str(request.priority), **extra}
         task = self._request("POST", self.base + "/tasks", ok=202, json=body)
         deadline = time.monotonic() + self.options.timeout_s
         while True:
@@ -192,8 +198,15 @@ class OpenAIEngine:
                 + f"\nAnswer with one of: {join_labels(request.labels)}."
         else:
             user = render_prompt(self.config.classification_instruction, request.text, request.labels, context)
-        reply = self._call({"messages": [{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": user}],
-                            "max_tokens": self.options.classify_max_tokens, "temperature": 0.0})
+        shots = shots_for(request, self.config) if item.template is None else Shots()
+        messages = [{"role": "system", "content": CLASSIFY_SYSTEM + ("\n\n" + describe(shots.descriptions, {}).strip()
+                                                                      if shots.descriptions else "")}]
+        for text, label in shots.examples:  # each example as a finished exchange, then the question
+            messages += [{"role": "user", "content": render_prompt(self.config.classification_instruction, text,
+                                                                   request.labels, context)},
+                         {"role": "assistant", "content": label}]
+        messages.append({"role": "user", "content": user})
+        reply = self._call({"messages": messages, "max_tokens": self.options.classify_max_tokens, "temperature": 0.0})
         said = reply["choices"][0]["message"]["content"] or ""
         label = match_label(said, request.labels)
         if label is None:

@@ -13,8 +13,21 @@ from transformers import AutoConfig, AutoTokenizer
 from shared.config import ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
-from workers.prompts import PLAIN_TEMPLATE, PREFIX_CHARS_PER_TOKEN, capitalized, release_memory, render_prompt
-from workers.wire import Channel, Plain, Prepared, PreparedClassify, PreparedGenerate
+from workers.prompts import (
+    PLAIN_TEMPLATE,
+    PREFIX_CHARS_PER_TOKEN,
+    Shots,
+    capitalized,
+    describe,
+    release_memory,
+    render_prompt,
+    shots_for,
+)
+from workers.wire import Channel, Examples, Plain, Prepared, PreparedClassify, PreparedGenerate
+
+# A request's examples are embedded in the core (once per example set, then cached): their tokens in
+# all are bounded so one request cannot hold the model for long (a named set is under the same bound).
+EXAMPLE_TOKENS = 8_192
 
 
 class Preparer:
@@ -82,20 +95,29 @@ class Preparer:
             )
         return PreparedGenerate(request, ids)
 
-    def classify_ids(self, text: str, labels: list[str], template: str | None) -> list[int]:
+    def classify_ids(self, text: str, labels: list[str], template: str | None, shots: Shots = Shots()) -> list[int]:
         """The prompt's token ids. With a template: the rendered text, labels to follow after a
         space. Without (the default): the chat method - the instruction, text and label list as the
         user's turn of the model's own chat template, the label to follow as the assistant's answer.
         An instruct model answers its chat format for any label set; a plain template must be
-        worded per task (docs/quantization.md, "Classification method")."""
+        worded per task (docs/quantization.md, "Classification method"). ``shots``' label
+        descriptions open the prompt (its examples go to the prototype expert, ``examples``)."""
         if template is not None:
-            return self.tokenizer(render_prompt(template, text, labels, self.context))["input_ids"]
-        labels = self.chat_labels(labels)
-        user = render_prompt(self.config.classification_instruction, text, labels, self.context)
+            described = describe(shots.descriptions, {})
+            return self.tokenizer(described + render_prompt(template, text, labels, self.context))["input_ids"]
+        shown = dict(zip(labels, self.chat_labels(labels), strict=True))
+        user = render_prompt(self.config.classification_instruction, text, list(shown.values()), self.context)
         chat = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
+            [{"role": "user", "content": describe(shots.descriptions, shown) + user}], tokenize=False,
+            add_generation_prompt=True)
         return self.tokenizer(chat, add_special_tokens=False)["input_ids"]
+
+    def examples(self, text: str, labels: list[str], shots: Shots) -> Examples | None:
+        """The prototype expert's tokens: the text and each example as plain text (no prompt)."""
+        if not shots.examples:
+            return None
+        encode = self.tokenizer([text] + [shown for shown, _ in shots.examples], add_special_tokens=False)["input_ids"]
+        return Examples(encode[0], encode[1:], [labels.index(label) for _, label in shots.examples])
 
     def channel(self, text: str, labels: list[str]) -> Channel | None:
         """The text's tokens and each label's channel prefix (``classification_channel``), or None
@@ -121,16 +143,30 @@ class Preparer:
         template = request.prompt_template or self.config.classification_template
         if template is None and not self.tokenizer.chat_template:
             template = PLAIN_TEMPLATE
-        prompt_ids = self.classify_ids(request.text, request.labels, template)
+        shots = shots_for(request, self.config)
+        prompt_ids = self.classify_ids(request.text, request.labels, template, Shots(descriptions=shots.descriptions))
         label_ids = self.label_ids(request.labels, template)
         channel = self.channel(request.text, request.labels) if template is None else None
         plain = None
         if template is None and self.config.classification_plain is not None:
             plain_template = self.config.classification_plain
-            plain = Plain(plain_template, self.classify_ids(request.text, request.labels, plain_template),
+            plain = Plain(plain_template, self.classify_ids(request.text, request.labels, plain_template,
+                                                            Shots(descriptions=shots.descriptions)),
                           self.label_ids(request.labels, plain_template))
+        examples = self.examples(request.text, request.labels, shots)
+        if examples is not None:
+            field = "examples" if request.examples else "example_set"
+            for index, ids in enumerate(examples.example_ids):
+                if len(ids) > self.context:
+                    raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"{field}[{index}].text: {len(ids)} tokens; model "
+                                     f"{self.name} takes {self.context}")
+            total = sum(map(len, examples.example_ids))
+            if total > EXAMPLE_TOKENS:
+                raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"{field}: {len(examples.example_ids)} examples of {total:,} "
+                                 f"tokens in all, over {EXAMPLE_TOKENS:,}: send fewer or shorter examples")
         longest = len(prompt_ids) + max(len(ids) for ids in label_ids)
         if longest > self.context:
+            release_memory()
             raise FleetError(
                 ErrorCode.PROMPT_TOO_LONG,
                 f"text is {len(prompt_ids)} tokens with the template; model {self.name} takes {self.context}",
@@ -140,5 +176,5 @@ class Preparer:
         if plain is not None and len(plain.prompt_ids) + max(map(len, plain.label_ids)) > self.context:
             raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"text is {len(plain.prompt_ids)} tokens with the plain prompt; "
                              f"model {self.name} takes {self.context}")
-        return PreparedClassify(request, template, prompt_ids, label_ids, channel, plain)
+        return PreparedClassify(request, template, prompt_ids, label_ids, channel, plain, examples)
 
