@@ -86,7 +86,8 @@ class AsyncFleetClient:
     async def submit_generate(self, prompt: str | None = None, **params: Any) -> AsyncTaskHandle:
         return await self.submit({"task_type": TaskType.TEXT_GENERATION, "prompt": prompt, **params})
 
-    async def submit_classify(self, text: str, labels: list[str], **params: Any) -> AsyncTaskHandle:
+    async def submit_classify(self, text: str, labels: list[str] | list[str | dict[str, str]],
+                              **params: Any) -> AsyncTaskHandle:
         params.setdefault("priority", Priority.BULK)
         return await self.submit({"task_type": TaskType.CLASSIFICATION, "text": text, "labels": labels, **params})
 

@@ -328,8 +328,9 @@ class FleetClient:
         model, priority ("interactive" default), deadline (epoch s)."""
         return self.submit({"task_type": TaskType.TEXT_GENERATION, "prompt": prompt, **params})
 
-    def submit_classify(self, text: str, labels: list[str], **params: Any) -> TaskHandle:
-        """Enqueue a classification. ``params``: prompt_template, model, priority ("bulk" default), deadline."""
+    def submit_classify(self, text: str, labels: list[str] | list[str | dict[str, str]], **params: Any) -> TaskHandle:
+        """Enqueue a classification. ``labels``: names, or ``{"name", "description"}``. ``params``: examples
+        (``[{"text", "label"}]``) or example_set, prompt_template, model, priority ("bulk" default), deadline."""
         params.setdefault("priority", Priority.BULK)
         return self.submit({"task_type": TaskType.CLASSIFICATION, "text": text, "labels": labels, **params})
 
@@ -381,7 +382,8 @@ class FleetClient:
         """``for piece in client.stream("Tell me a story"): print(piece, end="")``"""
         yield from self.submit_generate(prompt, stream=True, **params).stream(timeout)
 
-    def classify(self, text: str, labels: list[str], timeout: float | None = 120, **params: Any) -> TaskResult:
+    def classify(self, text: str, labels: list[str] | list[str | dict[str, str]], timeout: float | None = 120,
+                 **params: Any) -> TaskResult:
         params.setdefault("priority", Priority.INTERACTIVE)
         return self.submit_classify(text, labels, **params).result(timeout)
 

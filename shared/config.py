@@ -254,8 +254,9 @@ class ModelConfig(_Section):
         "(example_set) instead of sending its examples each time.",
     )
     classification_examples_weight: Annotated[float, Field(ge=0)] = Field(
-        default=0.25, description="How much a request's examples count: the weight of the prototype expert (the "
-        "text's cosine to each label's mean example) beside the chat expert's 1.0. Chosen on the selection split.")
+        default=0.5, description="How much a request's examples count: the weight of the prototype expert (the "
+        "text's cosine to each label's mean example, scaled by how well those means separate the examples) beside "
+        "the chat expert's 1.0. Chosen on the selection split of the seven evaluation families (bench/RESULTS.md).")
     classification_examples_temperature: Annotated[float, Field(gt=0)] = Field(
         default=0.05, description="The prototype expert's cosines are divided by this before the softmax.")
     classification_calibration: Literal["content_free", "none"] = Field(

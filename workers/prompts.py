@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from shared import templates
 from shared.config import ModelConfig
 from shared.errors import ErrorCode, FleetError
-from shared.schemas import ClassifyRequest, GenerateRequest
+from shared.schemas import ClassifyRequest, GenerateRequest, LabelledExample
 from workers.wire import Prepared, PreparedClassify, PreparedGenerate
 
 # A model without a chat template classifies with this plain prompt when no template is given.
@@ -58,12 +58,17 @@ class Shots:
         return bool(self.examples or self.descriptions)
 
 
+NO_SHOTS = Shots()
+
+
 def shots_for(request: ClassifyRequest, config: ModelConfig) -> Shots:
     """The request's descriptions and examples (inline, or the model's named ``example_set``);
     INVALID_INPUT naming the field for a set the model lacks or one labelled outside the request's
     labels. Examples are interleaved label by label (a1 b1 c1 a2 b2 ...): a run of one label last
     would tilt the answer towards it."""
-    examples = list(request.examples or [])
+    # In the engine core a request arrives rebuilt without validation (workers/wire.py): its
+    # examples are plain dicts there.
+    examples = [e if isinstance(e, LabelledExample) else LabelledExample(**e) for e in request.examples or []]
     if request.example_set is not None:
         found = config.classification_examples.get(request.example_set)
         if found is None:
@@ -77,9 +82,13 @@ def shots_for(request: ClassifyRequest, config: ModelConfig) -> Shots:
     queues = {label: [e.text for e in examples if e.label == label] for label in request.labels}
     ordered = [(queue[i], label) for i in range(max(map(len, queues.values()), default=0))
                for label, queue in queues.items() if i < len(queue)]
-    descriptions = tuple((label, request.label_descriptions[label]) for label in request.labels
-                         if request.label_descriptions and label in request.label_descriptions)
-    return Shots(tuple(ordered), descriptions)
+    return Shots(tuple(ordered), descriptions_of(request))
+
+
+def descriptions_of(request: ClassifyRequest) -> tuple[tuple[str, str], ...]:
+    """(label, description) for the labels that have one, in label order."""
+    given = request.label_descriptions or {}
+    return tuple((label, given[label]) for label in request.labels if label in given)
 
 
 def describe(descriptions: tuple[tuple[str, str], ...], shown: dict[str, str]) -> str:

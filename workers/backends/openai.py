@@ -38,7 +38,7 @@ from shared.config import ModelConfig, Settings
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, GenerateOutput, Usage
 from workers.backends.base import Backend
-from workers.prompts import Shots, describe, join_labels, render_prompt, shots_for
+from workers.prompts import NO_SHOTS, describe, join_labels, render_prompt, shots_for
 from workers.wire import Answer, Prepared, PreparedClassify, PreparedGenerate
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class OpenAIEngine:
     def _classify_native(self, item: PreparedClassify) -> Answer:
         """An Open-AutoGLM gateway's own API: submit, then long-poll the task (waits count against timeout_s)."""
         request = item.request
-        shots = shots_for(request, self.config) if item.template is None else Shots()
+        shots = shots_for(request, self.config) if item.template is None else NO_SHOTS
         extra: dict[str, Any] = {"prompt_template": item.template} if item.template else {}
         if shots.descriptions:
             extra["label_descriptions"] = dict(shots.descriptions)
@@ -198,7 +198,7 @@ class OpenAIEngine:
                 + f"\nAnswer with one of: {join_labels(request.labels)}."
         else:
             user = render_prompt(self.config.classification_instruction, request.text, request.labels, context)
-        shots = shots_for(request, self.config) if item.template is None else Shots()
+        shots = shots_for(request, self.config) if item.template is None else NO_SHOTS
         messages = [{"role": "system", "content": CLASSIFY_SYSTEM + ("\n\n" + describe(shots.descriptions, {}).strip()
                                                                       if shots.descriptions else "")}]
         for text, label in shots.examples:  # each example as a finished exchange, then the question

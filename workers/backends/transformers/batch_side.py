@@ -25,7 +25,7 @@ from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
 from workers.backends.transformers.request_side import Preparer
 from workers.backends.transformers.sampling import PerRowSampling, PerRowStop
-from workers.prompts import CONTENT_FREE_TEXTS, Shots, shots_for
+from workers.prompts import CONTENT_FREE_TEXTS, NO_SHOTS, Shots, descriptions_of
 from workers.wire import Answer, Channel, Examples, Prepared, PreparedClassify, PreparedGenerate
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ class Engine:
         return list(self._score(rows, slot).split([len(labels) for _, labels in queries]))
 
     def _label_prior(self, template: str | None, labels: list[str], label_ids: list[list[int]],
-                     shots: Shots = Shots()) -> torch.Tensor:
+                     shots: Shots = NO_SHOTS) -> torch.Tensor:
         """Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): the model's label
         log-probs for content-free texts, averaged, cached per (template, labels).
 
@@ -393,7 +393,7 @@ class Engine:
         found = []
         for item, (direct, channel, plain) in zip(items, spans, strict=True):
             labels = item.request.labels
-            shots = Shots(descriptions=shots_for(item.request, self.config).descriptions)  # the prompt's own
+            shots = Shots(descriptions=descriptions_of(item.request))  # the prompt's own (examples: below)
             scores = per_slot[direct]
             if calibrate:
                 scores = scores - self._label_prior(item.template, labels, item.label_ids, shots)

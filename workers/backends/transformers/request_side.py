@@ -14,6 +14,7 @@ from shared.config import ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
 from workers.prompts import (
+    NO_SHOTS,
     PLAIN_TEMPLATE,
     PREFIX_CHARS_PER_TOKEN,
     Shots,
@@ -95,7 +96,7 @@ class Preparer:
             )
         return PreparedGenerate(request, ids)
 
-    def classify_ids(self, text: str, labels: list[str], template: str | None, shots: Shots = Shots()) -> list[int]:
+    def classify_ids(self, text: str, labels: list[str], template: str | None, shots: Shots = NO_SHOTS) -> list[int]:
         """The prompt's token ids. With a template: the rendered text, labels to follow after a
         space. Without (the default): the chat method - the instruction, text and label list as the
         user's turn of the model's own chat template, the label to follow as the assistant's answer.
