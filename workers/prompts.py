@@ -48,8 +48,9 @@ def capitalized(label: str) -> str:
 
 @dataclass(frozen=True)
 class Shots:
-    """What a classification shows the model besides its text: label descriptions and labelled
-    examples (hashable: the engine caches each label prior per prompt shape, shots included)."""
+    """What a classification gives the model besides its text: label descriptions (in the prompt; the
+    transformers engine caches each label prior per prompt, descriptions included, so this is hashable)
+    and labelled examples (its prototype expert; a remote chat model gets them as earlier turns)."""
 
     examples: tuple[tuple[str, str], ...] = ()  # (text, label), in the order they are shown
     descriptions: tuple[tuple[str, str], ...] = ()  # (label, description), in label order
@@ -64,8 +65,8 @@ NO_SHOTS = Shots()
 def shots_for(request: ClassifyRequest, config: ModelConfig) -> Shots:
     """The request's descriptions and examples (inline, or the model's named ``example_set``);
     INVALID_INPUT naming the field for a set the model lacks or one labelled outside the request's
-    labels. Examples are interleaved label by label (a1 b1 c1 a2 b2 ...): a run of one label last
-    would tilt the answer towards it."""
+    labels. Examples are interleaved label by label (a1 b1 c1 a2 b2 ...): shown as chat turns, a run
+    of one label last would tilt the answer towards it."""
     # In the engine core a request arrives rebuilt without validation (workers/wire.py): its
     # examples are plain dicts there.
     examples = [e if isinstance(e, LabelledExample) else LabelledExample(**e) for e in request.examples or []]

@@ -355,7 +355,7 @@ class Engine:
         """
         key = (template, tuple(labels), shots)
         prior = self._priors.get(key)
-        if prior is None:  # with shots: measured on the same prompt, examples and descriptions included
+        if prior is None:  # with descriptions: measured on the same prompt, descriptions included
             queries = [(self.preparer.classify_ids(text, labels, template, shots), label_ids) for text in CONTENT_FREE_TEXTS]
             prior = torch.stack(self._label_logprobs(queries)).mean(dim=0)
             if len(self._priors) >= 1024:
