@@ -119,11 +119,28 @@ def replicated(pipe: Any, wanted: int, timeout_s: float) -> list[Any]:
     if wanted <= 0:
         return pipe.execute()
     pipe.execute_command("WAIT", wanted, max(1, int(timeout_s * 1000)))
-    *replies, acked = pipe.execute()
+    try:
+        *replies, acked = pipe.execute()
+    except redis.ResponseError as exc:  # WAIT (or a write) on a replica: a failover is under way
+        if "replica" not in str(exc).lower():
+            raise
+        pipe.connection_pool.disconnect()  # the next connection asks the sentinels for the master again
+        raise NotReplicated(f"the write reached a replica, not the master ({exc})") from exc
     if int(acked) < wanted:
         raise NotReplicated(f"{acked} of {wanted} replicas confirmed the write within {timeout_s:g}s "
                             "(broker.min_replicas_acked)")
     return replies
+
+
+def run_script(script: Any, keys: list[str], args: list[Any], client: Any, wanted: int, timeout_s: float) -> None:
+    """A registered Lua script, then WAIT for ``wanted`` replicas on the same connection (``replicated``);
+    with 0 the script alone, one command as before."""
+    if not wanted:
+        script(keys=keys, args=args, client=client)
+        return
+    with client.pipeline(transaction=False) as pipe:
+        script(keys=keys, args=args, client=pipe)
+        replicated(pipe, wanted, timeout_s)
 
 
 def is_sentinel(url: str | None) -> bool:

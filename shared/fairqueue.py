@@ -33,7 +33,7 @@ from kombu.exceptions import BatchPublishError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
-from shared.broker import replicated, submitted_key
+from shared.broker import replicated, run_script, submitted_key
 from shared.schemas import ANONYMOUS_TENANT
 
 TENANT_HEADER = "autoglm-tenant"
@@ -203,12 +203,7 @@ class Channel(kombu_redis.Channel):
             publish_batch.add("evalsha", script.sha, len(keys), *keys, *args)
             return
         with self.conn_or_acquire() as client:
-            if not self.min_replicas_acked:
-                script_for(client)(keys=keys, args=args, client=client)
-                return
-            with client.pipeline(transaction=False) as pipe:  # the script and WAIT on one connection
-                script_for(client)(keys=keys, args=args, client=pipe)
-                replicated(pipe, self.min_replicas_acked, self.replica_ack_timeout_s)
+            run_script(script_for(client), keys, args, client, self.min_replicas_acked, self.replica_ack_timeout_s)
 
     def create_publish_batch(self, max_size: int) -> Any:
         if not self.min_replicas_acked:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from kombu.transport.redis import Channel as RedisChannel
 
-from shared.broker import redis_client, replicated
+from shared.broker import redis_client, run_script
 
 PREFIX = "autoglm:task"
 UNACKED_KEY = RedisChannel.unacked_key  # kombu's hash of messages delivered but not yet acked
@@ -111,12 +111,7 @@ class Ledger:
         atomic step: a redelivery finds either all of it or none. One round trip (WAIT included)."""
         keys = [f"{PREFIX}:{task_id}", success.key]
         args = [json.dumps(result), self.ttl_s, success.value, success.expires_s, int(executed), delivery_tag or ""]
-        if not self.min_replicas_acked:
-            self._record(keys=keys, args=args)
-            return
-        with self.client.pipeline(transaction=False) as pipe:
-            self._record(keys=keys, args=args, client=pipe)
-            replicated(pipe, self.min_replicas_acked, self.replica_ack_timeout_s)
+        run_script(self._record, keys, args, self.client, self.min_replicas_acked, self.replica_ack_timeout_s)
 
     def counts(self, task_id: str) -> dict[str, int]:
         raw = self.client.hmget(f"{PREFIX}:{task_id}", "deliveries", "executions")

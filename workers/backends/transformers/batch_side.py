@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,15 @@ def kernel_attempts(configured: str | None, bits: int | None) -> list[str | None
     if bits is None or configured is None:
         return [None]
     return [configured, None]
+
+
+def _label_means(embedded: torch.Tensor, index: torch.Tensor, labels: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples' mean, and each label's mean example centred on it at unit length (a zero row for
+    a label without examples): the prototype expert's reference points."""
+    centre = embedded.mean(dim=0)
+    means = torch.stack([(embedded[index == label] - centre).mean(dim=0) if (index == label).any()
+                         else torch.zeros_like(centre) for label in labels])
+    return centre, torch.nn.functional.normalize(means, dim=1)
 
 
 def padded_shape(rows: int, width: int, widths: list[int]) -> tuple[int, int]:
@@ -440,11 +449,9 @@ class Engine:
         cached = self._example_cache.get(key)
         if cached is None:
             embedded = self._embed(examples.example_ids)
-            centre = embedded.mean(dim=0)
             index = torch.tensor(examples.labels)
-            means = torch.stack([(embedded[index == label] - centre).mean(dim=0) if (index == label).any()
-                                 else torch.zeros_like(centre) for label in range(labels)])
-            cached = (centre, torch.nn.functional.normalize(means, dim=1), self._separation(embedded, index, labels))
+            centre, means = _label_means(embedded, index, range(labels))
+            cached = (centre, means, self._separation(embedded, index, labels))
             if len(self._example_cache) >= 256:
                 self._example_cache.pop(next(iter(self._example_cache)))
             self._example_cache[key] = cached
@@ -460,12 +467,10 @@ class Engine:
         for held in range(len(index)):
             keep = torch.arange(len(index)) != held
             rest, rest_index = embedded[keep], index[keep]
-            centre = rest.mean(dim=0)
             present = [label for label in range(labels) if (rest_index == label).any()]
             if index[held].item() not in present or len(present) < 2:
                 continue
-            means = torch.nn.functional.normalize(torch.stack([(rest[rest_index == label] - centre).mean(dim=0)
-                                                               for label in present]), dim=1)
+            centre, means = _label_means(rest, rest_index, present)
             guess = present[int((means @ torch.nn.functional.normalize(embedded[held] - centre, dim=0)).argmax())]
             right, counted = right + (guess == index[held].item()), counted + 1
         if not counted:
