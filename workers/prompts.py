@@ -17,6 +17,16 @@ from workers.wire import Prepared, PreparedClassify, PreparedGenerate
 PLAIN_TEMPLATE = 'Text: "{text}"\nCategory ({labels}):'
 # Texts that say nothing: the model's label preference after them is its bias, not evidence.
 CONTENT_FREE_TEXTS = ("N/A", " ", "[MASK]")
+# Ordinary sentences about nothing any label set is about: the bias a small model shows on real
+# sentences is not the one it shows on "N/A" (on emotions it answered joy 4 times in 48 and fear
+# never after content-free calibration). Written for this purpose, in no evaluation family.
+NEUTRAL_TEXTS = (
+    "The meeting is scheduled for three o'clock on Tuesday.", "The report has twelve pages and two appendices.",
+    "Please find the attached document.", "The train leaves from platform four.",
+    "This sentence describes an ordinary afternoon.", "The box contains several items of different sizes.",
+    "He walked to the corner and turned left.", "The form asks for a name, a date and a signature.",
+)
+CALIBRATION_TEXTS = {"neutral": NEUTRAL_TEXTS, "content_free": CONTENT_FREE_TEXTS}
 # A rendered prompt longer than context x this many characters cannot fit the context window
 # (tokenizers average 3-5 characters per token): refuse it before tokenizing it.
 MAX_CHARS_PER_TOKEN = 16

@@ -51,6 +51,17 @@ class Examples(msgspec.Struct, frozen=True, array_like=True):
     labels: list[int]
 
 
+class Encoded(msgspec.Struct, frozen=True, array_like=True):
+    """The sentence encoder's experts (``classification_encoder``), in its own tokenizer's ids: the
+    text; each label's phrase (the zero-shot expert; empty with a caller's template); each example
+    and its label's index (the prototype expert; empty without examples)."""
+
+    text_ids: list[int]
+    phrase_ids: list[list[int]]
+    example_ids: list[list[int]]
+    labels: list[int]
+
+
 class PreparedGenerate(msgspec.Struct, frozen=True, array_like=True, tag="generate"):
     request: GenerateRequest
     input_ids: list[int]
@@ -72,6 +83,7 @@ class PreparedClassify(msgspec.Struct, frozen=True, array_like=True, tag="classi
     channel: Channel | None = None
     plain: Plain | None = None
     examples: Examples | None = None
+    encoded: Encoded | None = None
 
     @property
     def prompt_tokens(self) -> int:

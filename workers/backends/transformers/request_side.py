@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 from shared.config import ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
+from workers.artifacts import encoder_folder
 from workers.prompts import (
     NO_SHOTS,
     PLAIN_TEMPLATE,
@@ -24,7 +25,7 @@ from workers.prompts import (
     render_prompt,
     shots_for,
 )
-from workers.wire import Channel, Examples, Plain, Prepared, PreparedClassify, PreparedGenerate
+from workers.wire import Channel, Encoded, Examples, Plain, Prepared, PreparedClassify, PreparedGenerate
 
 # A request's examples are embedded in the core (once per example set, then cached): their tokens in
 # all are bounded so one request cannot hold the model for long (a named set is under the same bound).
@@ -44,6 +45,9 @@ class Preparer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         positions = getattr(AutoConfig.from_pretrained(path, trust_remote_code=remote), "max_position_embeddings", None) or 1 << 30
         self.context = min(config.max_context_tokens, positions)
+        encoder = config.classification_encoder
+        # The encoder's own tokenizer (a few MB, no weights): its experts' ids are made here too.
+        self.encoder_tokenizer = None if encoder is None else AutoTokenizer.from_pretrained(encoder_folder(encoder.source))
 
     @property
     def name(self) -> str:
@@ -120,6 +124,21 @@ class Preparer:
         encode = self.tokenizer([text] + [shown for shown, _ in shots.examples], add_special_tokens=False)["input_ids"]
         return Examples(encode[0], encode[1:], [labels.index(label) for _, label in shots.examples])
 
+    def encoded(self, text: str, labels: list[str], template: str | None, shots: Shots) -> Encoded | None:
+        """The encoder experts' ids (``classification_encoder``): the text, each label's phrase (the
+        default method only: a caller's template asks for the LM's reading alone) and the examples,
+        each cut to the encoder's ``max_tokens``."""
+        encoder = self.config.classification_encoder
+        if encoder is None or self.encoder_tokenizer is None or (template is not None and not shots.examples):
+            return None
+        described = dict(shots.descriptions)
+        phrases = [] if template is not None else [
+            encoder.phrase.format(label=label) + (f" {described[label]}" if label in described else "") for label in labels]
+        texts = [text, *phrases, *(shown for shown, _ in shots.examples)]
+        ids = self.encoder_tokenizer(texts, truncation=True, max_length=encoder.max_tokens)["input_ids"]
+        return Encoded(ids[0], ids[1 : 1 + len(phrases)], ids[1 + len(phrases) :],
+                       [labels.index(label) for _, label in shots.examples])
+
     def channel(self, text: str, labels: list[str]) -> Channel | None:
         """The text's tokens and each label's channel prefix (``classification_channel``), or None
         when the model's config turns the channel off."""
@@ -177,5 +196,6 @@ class Preparer:
         if plain is not None and len(plain.prompt_ids) + max(map(len, plain.label_ids)) > self.context:
             raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"text is {len(plain.prompt_ids)} tokens with the plain prompt; "
                              f"model {self.name} takes {self.context}")
-        return PreparedClassify(request, template, prompt_ids, label_ids, channel, plain, examples)
+        encoded = self.encoded(request.text, request.labels, template, shots)
+        return PreparedClassify(request, template, prompt_ids, label_ids, channel, plain, examples, encoded)
 
