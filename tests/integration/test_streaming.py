@@ -147,7 +147,7 @@ def test_a_long_stream_that_keeps_coming_is_not_cut_at_the_gateways_wait(tiny_fl
     running = start_gateway(env, tmp_path)
     try:
         started, events = time.monotonic(), []
-        body = {"model": tiny_fleet.settings.models[0].name, "max_tokens": 400, "stream": True,
+        body = {"model": tiny_fleet.settings.models[0].name, "max_tokens": 1500, "stream": True,
                 "messages": [{"role": "user", "content": STORY}]}
         with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body, timeout=120,
                           headers={"Authorization": f"Bearer {issue(config, 'long-reader', Role.USER)}"}) as sse:
