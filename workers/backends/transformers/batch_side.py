@@ -23,11 +23,11 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, GPTQ
 from shared.config import ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
+from workers.artifacts import encoder_folder
 from workers.backends.transformers.request_side import Preparer
 from workers.backends.transformers.sampling import PerRowSampling, PerRowStop
-from workers.artifacts import encoder_folder
 from workers.prompts import CALIBRATION_TEXTS, NO_SHOTS, Shots, descriptions_of, shots_for
-from workers.wire import Answer, Channel, Encoded, Examples, Prepared, PreparedClassify, PreparedGenerate
+from workers.wire import Answer, Channel, Examples, Prepared, PreparedClassify, PreparedGenerate
 
 log = logging.getLogger(__name__)
 GPTQ_CACHE_ENV = "GPTQ_TORCH_CACHE_WEIGHTS"
