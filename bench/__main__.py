@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model",
-             "engine-core", "engine-sweep", "continuous", "decode")
+             "engine-core", "engine-sweep", "continuous", "decode", "cpu-peer")
 SIZES = {
     # A smoke run (tests/integration/test_bench_smoke.py): every scenario end to end, figures not reported.
     "quick": {"classify": 32, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 6, "backlog": 200,
@@ -166,6 +166,10 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
 
                 batch = next((int(b) for b in batches or [] if b.isdigit()), 32)  # --batch, else the CUDA default's 32
                 summary.update(engine_core.run(harness, size["core"], size["rounds"], batch))
+            elif name == "cpu-peer":
+                from bench import cpu_peer
+
+                summary.update(cpu_peer.run(harness, mode == "quick"))
             summary[f"seconds_{name}"] = round(time.perf_counter() - started, 1)
     return summary
 
@@ -182,6 +186,10 @@ def table(summary: dict[str, Any]) -> str:
         ("fast_fleet_vs_naive", ">= 1.25", lambda v: v >= 1.25),
         ("continuous_ttft_p95_gain", ">= 2", lambda v: v >= 2),
         ("continuous_throughput_ratio", ">= 0.9", lambda v: v >= 0.9),
+        ("llama_cpp_single_vs_peer", ">= 1.0", lambda v: v >= 1.0),
+        ("llama_cpp_8_vs_peer", ">= 2", lambda v: v >= 2),
+        ("llama_cpp_interactive_p95_ratio", "<= 1.5", lambda v: v <= 1.5),
+        ("llama_cpp_label_agreement", ">= 0.95", lambda v: v >= 0.95),
     ]
     lines = [f"device: {summary['device']}  mode: {summary['mode']}", "", "| metric | value | target | met |", "|---|---|---|---|"]
     for key, target, ok in targets:
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, ~2 minutes on 2 cores")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--only", default=",".join(s for s in SCENARIOS if s != "engine-sweep"),
+    parser.add_argument("--only", default=",".join(s for s in SCENARIOS if s not in ("engine-sweep", "cpu-peer")),
                         help=f"comma-separated subset of {SCENARIOS}")
     parser.add_argument("--quant", choices=["fp16", "gptq4", "gptq8"], default="fp16", help="with --shape: the "
                         "weights as they are (fp16 on a GPU) or a GPTQ artifact of them made here")

@@ -3,9 +3,11 @@ the step they finish.
 
 Why: a static batch ends when its longest row ends, and a request that arrives meanwhile waits
 for all of it; with lengths of 8-256 tokens most of a static batch's rows sit finished while the
-longest one decodes. transformers' ``ContinuousBatchingManager`` (paged KV cache, chunked prefill;
-the same scheduler as ``generate_batch``) schedules every step; this module is the engine core's
-admission control around it, and runs its steps in the engine core's own loop (``_Steps``, below):
+longest one decodes. The backend's scheduler runs every step (transformers: its
+``ContinuousBatchingManager``, paged KV cache and chunked prefill, driven by
+workers/backends/transformers/steps.py; llama_cpp: ``Slots``, llama.cpp sequences in one decode);
+this module is the engine core's admission control around it, and runs its steps in the engine
+core's own loop, one thread for every forward pass:
 
 - **priority**: requests wait here, most urgent first; bulk may fill ``max_rows`` rows, and
   ``interactive_reserve`` more rows are kept for interactive requests, so an interactive request
@@ -16,8 +18,9 @@ admission control around it, and runs its steps in the engine core's own loop (`
 - **nothing lost**: a row the manager fails (or a manager that stopped) goes to the static
   micro-batcher (``fallback``), which applies the retry/split policies as for any batch.
 
-Greedy requests only: the manager samples or not for all its rows, so sampled requests keep the
-static path (workers/backends/transformers/sampling.py has their per-row controls).
+Greedy requests only on transformers: its manager samples or not for all its rows, so sampled
+requests keep the static path there (workers/backends/transformers/sampling.py has their per-row
+controls); a backend whose scheduler samples per row (``samples_per_row``) takes them too.
 """
 
 from __future__ import annotations
@@ -32,14 +35,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from opentelemetry import trace
 
 from shared.config import ContinuousConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import GenerateOutput, Usage
 from shared.telemetry import tracer
-from workers.backends.transformers.batch_side import Engine
 from workers.core.stream_writer import StreamWriter
 from workers.wire import Answer, BatchInfo, PreparedGenerate
 
@@ -71,26 +72,24 @@ class _Row:
         return self.streamed or bool(self.prepared.request.stop)
 
 
-def eligible(prepared: Any) -> bool:
-    return isinstance(prepared, PreparedGenerate) and prepared.request.temperature == 0
+def eligible(prepared: Any, engine: Any) -> bool:
+    """Generation requests; sampled ones only where the backend samples per row (``samples_per_row``)."""
+    return isinstance(prepared, PreparedGenerate) and (
+        prepared.request.temperature == 0 or getattr(engine, "samples_per_row", False))
 
 
 class ContinuousGenerator:
-    def __init__(self, engine: Engine, config: ContinuousConfig, most_urgent: int, streams: StreamWriter | None,
+    def __init__(self, engine: Any, config: ContinuousConfig, most_urgent: int, streams: StreamWriter | None,
                  fallback: Fallback, faults: Any = None) -> None:
-        from transformers import ContinuousBatchingConfig, GenerationConfig
-
         self.engine = engine
         self.config = config
         self.most_urgent = most_urgent
         self.streams = streams
         self.fallback = fallback
         self.faults = faults
-        generation = GenerationConfig(do_sample=False, max_new_tokens=engine.context, eos_token_id=engine.stop_token_ids,
-                                      pad_token_id=engine.tokenizer.pad_token_id)
-        cb = ContinuousBatchingConfig(**config.manager_options())
-        self.manager = engine.model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
-        self._steps = _Steps(self.manager)
+        # The backend's scheduler: the manager that keeps the rows and the stepper that runs a step
+        # (transformers: its ContinuousBatchingManager; llama_cpp: its Slots, both in one).
+        self.manager, self._steps = engine.continuous_batches(config)
         self._waiting: list[tuple[int, int, _Row]] = []
         self._active: dict[str, _Row] = {}
         self._order = itertools.count()
@@ -121,7 +120,7 @@ class ContinuousGenerator:
         if self._active:
             try:
                 self._steps.run()
-            except Exception:  # the manager is broken (_Steps.failed): its rows go to static batches
+            except Exception:  # the scheduler is broken (its ``failed``): its rows go to static batches
                 log.exception("continuous batching for %s failed; its rows and every later one run in static "
                               "batches", self.engine.name)
                 for request_id, row in list(self._active.items()):
@@ -180,8 +179,9 @@ class ContinuousGenerator:
             row.spans = self._start_spans(row)
             self._active[request_id] = row
             request = row.prepared.request
+            sampling = {"temperature": request.temperature, "top_p": request.top_p} if request.temperature > 0 else {}
             self.manager.add_request(row.prepared.input_ids, request_id=request_id, max_new_tokens=request.max_new_tokens,
-                                     streaming=row.needs_steps, eos_token_id=self.engine.stop_token_ids)
+                                     streaming=row.needs_steps, eos_token_id=self.engine.stop_token_ids, **sampling)
 
     def _on_output(self, output: Any) -> None:
         row = self._active.get(output.request_id)
@@ -266,54 +266,6 @@ class ContinuousGenerator:
             model.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
         model.end()
         batch.end()
-
-
-class _Steps:
-    """The manager's generation loop, one step per call, in the calling thread.
-
-    Why not the manager's own thread (``manager.start()``): a second thread running torch has an
-    OpenMP pool of its own, and once libgomp manages more pool threads than CPUs it throttles every
-    pool's spin-wait to at most 1,000 turns; each short parallel region of a CPU forward pass then
-    waits for sleeping threads. With the thread running (idle, even) the engine core's
-    classification batches took 411-555 ms against 331-414 ms in-process (2-core AMD EPYC,
-    bench/RESULTS.md "2026-12-02, evening"). One thread also means one forward pass at a time
-    without a lock handoff, as in vLLM V1's engine-core busy loop.
-
-    The body is transformers' ``_generation_loop_body`` (5.24, pinned in pyproject.toml) minus its
-    0.1 s wait for requests: the engine core's loop decides when to step. In async mode (CUDA
-    graphs) the first step is not followed by an update, as in the manager's own bootstrap.
-    """
-
-    def __init__(self, manager: Any) -> None:
-        self.manager = manager
-        self.processor = manager._create_batch_processor()
-        manager.batch_processor = self.processor  # where the manager's own methods look for it
-        manager.current_batch = 0
-        self._bootstrapped = not self.processor.use_async_batching
-        self.failed: Exception | None = None
-
-    def run(self) -> None:
-        """One step; an exception is kept in ``failed`` (the caller sends later rows elsewhere) and raised."""
-        try:
-            with torch.inference_mode():
-                if not self.processor.prepare_next_batch():
-                    return  # nothing to schedule (every row finished or was cancelled)
-                self.manager._generation_step()
-                self.manager.current_batch += 1
-                if self._bootstrapped:
-                    self.processor.update_batch()
-                self._bootstrapped = True
-        except Exception as exc:
-            self.failed = exc
-            raise
-
-    def close(self) -> None:
-        """What the manager's ``stop()`` undoes after its thread (which never ran here): the model's
-        own attention implementation back, the paged cache released."""
-        if self.manager._original_attn_impl is not None:
-            self.manager.model.set_attn_implementation(self.manager._original_attn_impl)
-            self.manager._original_attn_impl = None
-        self.manager.batch_processor = self.processor = None
 
 
 def _chain(source: Future, target: Future) -> None:

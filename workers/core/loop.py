@@ -10,7 +10,8 @@ One thread here (serve): it takes in the requests that arrived, runs the next ba
 replies, in turn, so the model never waits for the GIL behind frame handling. Greedy generation is
 the exception: it runs continuously batched (workers/core/continuous.py), and each turn of this loop
 admits rows, runs one decoding step for the running rows and hands out their tokens and answers
-(one thread for every forward pass, so one OpenMP pool on a CPU: see ``_Steps`` there).
+(one thread for every forward pass, so one OpenMP pool on a CPU: see ``ManagerSteps`` in
+workers/backends/transformers/steps.py).
 
 Started by a consumer (workers/consumer/core_client.py) as ``python -m workers.core.loop ADDRESS PARENT_PID``;
 it dies with its parent (PR_SET_PDEATHSIG), and the parent restarts it if it dies alone.
@@ -105,7 +106,7 @@ class EngineCore:
         self.continuous: dict[str, ContinuousGenerator] = {}
         if settings.batching.continuous.enabled:
             for name, engine in self.engines.items():
-                if hasattr(getattr(engine, "model", None), "init_continuous_batching"):
+                if callable(getattr(engine, "continuous_batches", None)):
                     self.continuous[name] = ContinuousGenerator(
                         engine, settings.batching.continuous, most_urgent=self.batcher.most_urgent,
                         streams=self.streams, faults=self.faults,
@@ -144,7 +145,7 @@ class EngineCore:
         if model not in self.engines:
             raise KeyError(f"model {model!r} is not loaded in this engine core (loaded: {sorted(self.engines)})")
         context = span_context_of(traceparent)
-        if model in self.continuous and eligible(prepared):
+        if model in self.continuous and eligible(prepared, self.engines[model]):
             return self.continuous[model].submit(prepared, rank, task_id, context)  # type: ignore[arg-type]
         return self._static(model, prepared, rank, context, task_id)
 

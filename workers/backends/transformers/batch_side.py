@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, GPTQConfig
 
-from shared.config import ModelConfig
+from shared.config import ContinuousConfig, ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyOutput, ClassifyRequest, GenerateOutput, GenerateRequest, Usage
 from workers.artifacts import encoder_folder
@@ -262,6 +262,13 @@ class Engine:
             streamer=streamer,
         )
         return [self.decode_row(item, output[row, width:].tolist()) for row, item in enumerate(items)]
+
+    def continuous_batches(self, config: ContinuousConfig) -> tuple[Any, Any]:
+        """The scheduler the engine core's continuous batching drives: transformers' manager and
+        the stepper that runs it in the core's loop (workers/backends/transformers/steps.py)."""
+        from workers.backends.transformers.steps import continuous_batches
+
+        return continuous_batches(self, config)
 
     def cut_row(self, item: PreparedGenerate, new_ids: list[int]) -> tuple[list[int], str, str]:
         """A row's tokens and text up to its limit, first stop token or first stop string (the

@@ -1,0 +1,133 @@
+"""Scenario ``cpu-peer``: the fleet on a CPU against llama.cpp on the same GGUF weights, one run.
+
+Competitors, one after another on the same prompts (8 chat prompts, at most 64 new tokens, greedy):
+- ``peer``: llama-cpp-python's ``Llama.create_chat_completion`` on the bundled GGUF file, in this
+  process, one request after another (what a CPU user would run instead: llama.cpp's single stream);
+- the fleet on the ``transformers`` backend (the 8-bit GPTQ artifact) and on the ``llama_cpp``
+  backend (the GGUF file itself): one request at a time, then 8 and 16 in flight, every request
+  streamed so its time to first token is read as a client sees it.
+Then classification tasks/s on both fleets over the report rows of every family (default method),
+and how often their labels agree; and the llama_cpp fleet's interactive p95 under a bulk backlog
+against idle (bench/isolation.py on that fleet).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from bench.harness import Harness, percentile
+
+PROMPTS = ["Write one sentence about rivers.", "Explain what a volcano is.", "Give me a recipe idea with bread.",
+           "Why do owls hunt at night?", "Describe winter in a city.", "What makes a good bridge?",
+           "Tell me a fact about tea.", "How do robots learn?"]
+NEW_TOKENS = 64
+
+
+def messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def llama_model(settings: Any) -> dict[str, Any]:
+    """The bundled model's entry served by the llama_cpp backend (same source file, same method)."""
+    bundled = settings.models[0].model_dump(mode="json")
+    return {**bundled, "name": f"{bundled['name']}-llama", "backend": "llama_cpp", "options": {}}
+
+
+def peer(gguf: str, n: int) -> dict[str, Any]:
+    from llama_cpp import Llama
+
+    from workers.backends.llama_cpp.llama_engine import cpu_threads
+
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False)
+    llm.create_chat_completion(messages=messages("Hello"), max_tokens=4, temperature=0)  # warm-up
+    tokens, first, started = 0, [], time.perf_counter()
+    for prompt in (PROMPTS * n)[:n]:
+        t0 = time.perf_counter()
+        for i, chunk in enumerate(llm.create_chat_completion(messages=messages(prompt), max_tokens=NEW_TOKENS,
+                                                             temperature=0, stream=True)):
+            if i == 1:  # the first chunk carries only the role
+                first.append((time.perf_counter() - t0) * 1000)
+            tokens += bool(chunk["choices"][0]["delta"].get("content"))
+    wall = time.perf_counter() - started
+    del llm
+    return {"tok_per_s": round(tokens / wall, 1), "ttft_p50_ms": round(percentile(first, 50), 1),
+            "ttft_p95_ms": round(percentile(first, 95), 1), "requests": n}
+
+
+def fleet_generation(client: Any, model: str, in_flight: int, n: int) -> dict[str, Any]:
+    """``n`` requests, ``in_flight`` at a time (closed loop), each streamed."""
+    def one(prompt: str) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        handle = client.submit({"task_type": "text_generation", "messages": messages(prompt), "model": model,
+                                "max_new_tokens": NEW_TOKENS, "stream": True, "priority": "interactive"})
+        first = None
+        for _ in handle.stream(timeout=600):
+            if first is None:
+                first = (time.perf_counter() - t0) * 1000
+        result = handle.result(timeout=600)
+        return result.usage.completion_tokens, first if first is not None else (time.perf_counter() - t0) * 1000
+
+    one(PROMPTS[0])  # warm-up
+    started = time.perf_counter()
+    with ThreadPoolExecutor(in_flight) as pool:
+        done = list(pool.map(one, (PROMPTS * n)[:n]))
+    wall = time.perf_counter() - started
+    first = [f for _, f in done]
+    return {"tok_per_s": round(sum(t for t, _ in done) / wall, 1), "ttft_p50_ms": round(percentile(first, 50), 1),
+            "ttft_p95_ms": round(percentile(first, 95), 1), "requests": n, "in_flight": in_flight}
+
+
+def fleet_classification(client: Any, model: str, rows: list[tuple[str, list[str]]]) -> tuple[float, list[str]]:
+    requests = [{"task_type": "classification", "text": text, "labels": labels, "model": model, "priority": "bulk"}
+                for text, labels in rows]
+    client.submit(requests[0]).result(timeout=600)  # warm-up
+    started = time.perf_counter()
+    handles = client.submit_many(requests)
+    labels = [h.result(timeout=3600).output.label for h in handles]
+    return round(len(rows) / (time.perf_counter() - started), 2), labels
+
+
+def run(h: Harness, quick: bool) -> dict[str, Any]:
+    from bench import isolation
+    from workers.backends.llama_cpp import gguf_path
+    from workers.prepare.evaluation import families, new_families
+
+    settings = h.settings
+    transformers_model = settings.models[0].model_dump(mode="json")
+    llama = llama_model(settings)
+    singles, batched = (4, 8) if quick else (8, 32)
+    rows = [(text, family.labels) for family in (*families(), *new_families())
+            for text, _ in family.examples("report")[: 4 if quick else None]]
+    out: dict[str, Any] = {"peer": peer(str(gguf_path(settings.models[0])), singles)}
+    print(f"[bench] cpu-peer: llama.cpp single stream {json.dumps(out['peer'])}", flush=True)
+    labels: dict[str, list[str]] = {}
+    for name, model in (("transformers", transformers_model), ("llama_cpp", llama)):
+        with h.fleet(f"peer-{name}", models=[model]) as client:
+            out[f"{name}_single"] = fleet_generation(client, model["name"], 1, singles)
+            for in_flight in (8, 16):
+                out[f"{name}_{in_flight}"] = fleet_generation(client, model["name"], in_flight, batched if in_flight == 8 else 2 * batched)
+            out[f"{name}_classify_tasks_per_s"], labels[name] = fleet_classification(client, model["name"], rows)
+        print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name)})}", flush=True)
+    agree = sum(a == b for a, b in zip(labels["transformers"], labels["llama_cpp"], strict=True))
+    llama_harness = Harness(settings, h.redis_url, {**h.env, "AUTOGLM_MODELS": json.dumps([llama])})
+    isolated = isolation.run(llama_harness, 6 if quick else 40, 200 if quick else 2000, 16)
+    peer_single = out["peer"]["tok_per_s"]
+    return {
+        "cpu_peer": out,
+        "cpu_peer_tok_per_s": {"peer_single": peer_single,
+                               "llama_cpp_single": out["llama_cpp_single"]["tok_per_s"],
+                               "llama_cpp_8": out["llama_cpp_8"]["tok_per_s"],
+                               "llama_cpp_16": out["llama_cpp_16"]["tok_per_s"],
+                               "transformers_single": out["transformers_single"]["tok_per_s"],
+                               "transformers_8": out["transformers_8"]["tok_per_s"],
+                               "transformers_16": out["transformers_16"]["tok_per_s"]},
+        "llama_cpp_single_vs_peer": round(out["llama_cpp_single"]["tok_per_s"] / peer_single, 3),
+        "llama_cpp_8_vs_peer": round(out["llama_cpp_8"]["tok_per_s"] / peer_single, 3),
+        "llama_cpp_label_agreement": round(agree / len(rows), 4),
+        "llama_cpp_label_rows": len(rows),
+        "llama_cpp_interactive_p95_ratio": isolated["interactive_p95_ratio"],
+        "llama_cpp_isolation": isolated,
+    }

@@ -1,0 +1,214 @@
+"""The llama_cpp backend (workers/backends/llama_cpp/): the bundled GGUF file itself on llama.cpp.
+
+Real model, real library: answers are judged where a 135M model is reliable (a capital city,
+clear reviews), and labels are compared with the transformers backend's on the same rows. Skipped,
+saying why, where the extra is not installed (`make setup LLAMA_CPP=1` installs it; CI does).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+
+from shared.config import ContinuousConfig, ModelConfig, Settings, load_settings
+from shared.errors import ErrorCode, FleetError
+from shared.schemas import ClassifyRequest, GenerateRequest
+from workers.core.continuous import ContinuousGenerator, eligible
+
+NOT_INSTALLED = "llama-cpp-python (the llama_cpp extra) is not installed: `make setup LLAMA_CPP=1` builds it"
+INTERACTIVE, BULK = 0, 1
+CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+def llama_config(settings: Settings, **options: Any) -> ModelConfig:
+    bundled = settings.models[0]
+    return ModelConfig(**{**bundled.model_dump(), "name": "smollm2-135m-llama", "backend": "llama_cpp",
+                          "options": options})
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return load_settings()
+
+
+@pytest.fixture(scope="module")
+def llama(settings: Settings) -> Any:
+    pytest.importorskip("llama_cpp", reason=NOT_INSTALLED)
+    from workers.backends import batch_side
+
+    engine = batch_side(settings, llama_config(settings))
+    yield engine
+    engine.close()
+
+
+def ask(engine: Any, **request: Any) -> Any:
+    return engine.prepare(GenerateRequest(**request))
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.pieces: dict[str, list[tuple[int, str]]] = {}
+        self.ends: dict[str, str] = {}
+
+    def text(self, task_id: str, offset: int, text: str) -> None:
+        self.pieces.setdefault(task_id, []).append((offset, text))
+
+    def end(self, task_id: str, finish_reason: str) -> None:
+        self.ends[task_id] = finish_reason
+
+    def error(self, task_id: str, code: str, message: str) -> None:
+        self.ends[task_id] = code
+
+
+def generator(engine: Any, sink: Sink, static: list[str]) -> ContinuousGenerator:
+    def fallback(prepared: Any, rank: int, span: Any, task_id: str) -> Future:
+        static.append(task_id)
+        future: Future = Future()
+        future.set_result((engine.generate([prepared])[0], None))
+        return future
+
+    config = ContinuousConfig(max_rows=4, interactive_reserve=1)
+    return ContinuousGenerator(engine, config, most_urgent=INTERACTIVE, streams=sink, fallback=fallback)  # type: ignore[arg-type]
+
+
+def drive(gen: ContinuousGenerator, futures: list[Future], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(f.done() for f in futures):
+        assert time.monotonic() < deadline, "continuous batching did not finish"
+        gen.step()
+
+
+def test_the_bundled_gguf_answers_a_question_it_knows(llama: Any) -> None:
+    answer = llama.generate([ask(llama, messages=CAPITAL, max_new_tokens=12)])[0]
+    assert "Paris" in answer.output.text
+    assert answer.usage.prompt_tokens > 10 and 1 <= answer.usage.completion_tokens <= 12
+
+
+def test_rows_joining_a_running_batch_answer_as_they_do_alone(llama: Any) -> None:
+    """Rows join while others decode, and each answers its own question. Compared by the fact each
+    answer must hold, not word for word: llama.cpp's kernels depend on the batch's shape (one row:
+    vector products; several: matrix products), which moves log-probabilities by up to ~0.1 and
+    flips near-ties (seen: "The most obvious colour" alone, "This is the most obvious" beside others)."""
+    questions = {"What is the capital of France? Answer in one word.": "Paris",
+                 "What is the opposite of hot? One word.": "cold",
+                 "How many legs does a spider have? Answer with a number.": "8",
+                 "What is the chemical symbol for water?": "H2O"}
+    items = [ask(llama, messages=[{"role": "user", "content": q}], max_new_tokens=n)
+             for q, n in zip(questions, (24, 12, 20, 16), strict=True)]
+    alone = [llama.generate([item])[0].output.text for item in items]
+    assert all(fact in text for fact, text in zip(questions.values(), alone, strict=True)), alone
+    static: list[str] = []
+    gen = generator(llama, Sink(), static)
+    first = gen.submit(items[0], BULK, "a", trace.INVALID_SPAN_CONTEXT)
+    for _ in range(3):
+        gen.step()  # the first row is decoding when the others join
+    rest = [gen.submit(item, BULK, t, trace.INVALID_SPAN_CONTEXT) for item, t in zip(items[1:], "bcd", strict=True)]
+    drive(gen, [first, *rest])
+    together = [f.result()[0].output.text for f in [first, *rest]]
+    assert all(fact in text for fact, text in zip(questions.values(), together, strict=True)), together
+    assert static == [], "no row should have left the continuous batch"
+    assert not llama.slots.busy
+
+
+def test_sampled_rows_are_batched_continuously_and_vary(llama: Any) -> None:
+    sampled = ask(llama, prompt="Once upon a time", max_new_tokens=16, temperature=1.2, top_p=0.95)
+    assert eligible(sampled, llama), "llama.cpp rows sample per row, so sampled requests join the running batch"
+    static: list[str] = []
+    gen = generator(llama, Sink(), static)
+    futures = [gen.submit(sampled, BULK, f"s{i}", trace.INVALID_SPAN_CONTEXT) for i in range(4)]
+    drive(gen, futures)
+    texts = {f.result()[0].output.text for f in futures}
+    assert len(texts) > 1 and static == []
+
+
+def test_a_nucleus_of_one_token_is_greedy(llama: Any) -> None:
+    greedy = llama.generate([ask(llama, messages=CAPITAL, max_new_tokens=8)])[0].output.text
+    narrow = llama.generate([ask(llama, messages=CAPITAL, max_new_tokens=8, temperature=1.0, top_p=1e-6)])[0].output.text
+    assert narrow == greedy
+
+
+def test_a_stream_carries_the_text_in_order_and_a_stop_string_never_reaches_it(llama: Any) -> None:
+    full = llama.generate([ask(llama, prompt="List the days of the week:", max_new_tokens=40)])[0].output.text
+    assert len(full) > 12
+    stop = full[8:11]
+    sink = Sink()
+    gen = generator(llama, sink, [])
+    done = gen.submit(ask(llama, prompt="List the days of the week:", max_new_tokens=40, stream=True, stop=[stop]),
+                      INTERACTIVE, "t", trace.INVALID_SPAN_CONTEXT)
+    drive(gen, [done])
+    answer = done.result()[0]
+    streamed = "".join(text for _, text in sink.pieces["t"])
+    assert answer.output.finish_reason == "stop" and sink.ends["t"] == "stop"
+    assert stop not in streamed and streamed.strip() == answer.output.text
+    assert full.startswith(answer.output.text)
+
+
+def test_a_cancelled_row_leaves_and_frees_its_sequence(llama: Any) -> None:
+    gen = generator(llama, Sink(), [])
+    done = gen.submit(ask(llama, prompt="Count from one to a hundred:", max_new_tokens=200), BULK, "c",
+                      trace.INVALID_SPAN_CONTEXT)
+    for _ in range(4):
+        gen.step()
+    gen.cancel({"c"})
+    with pytest.raises(FleetError) as error:
+        done.result(timeout=1)
+    assert error.value.code == ErrorCode.CANCELLED
+    assert not llama.slots.busy
+
+
+def test_labels_agree_with_the_transformers_backend(llama: Any, settings: Settings) -> None:
+    """Same method, same tokens, other kernels: the labels of clear texts agree (bench `cpu-peer`
+    measures agreement on every report row)."""
+    from workers.artifacts import prepared_path
+    from workers.backends.transformers.batch_side import Engine
+    from workers.prepare.evaluation import families
+
+    reference = Engine(settings.models[0], prepared_path(settings, settings.models[0]), device="cpu")
+    rows = [(family, text) for family in families()[:2] for text, _ in family.examples("report")[:12]]
+    prepared = [(llama.prepare(ClassifyRequest(text=t, labels=f.labels)), reference.prepare(ClassifyRequest(text=t, labels=f.labels)))
+                for f, t in rows]
+    ours = [a.output.label for a in llama.classify([p for p, _ in prepared])]
+    theirs = [a.output.label for a in reference.classify([p for _, p in prepared])]
+    agree = sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(rows)
+    assert agree >= 0.9, list(zip(ours, theirs, strict=True))
+
+
+def test_classification_scores_are_the_same_in_a_batch_and_alone(llama: Any) -> None:
+    requests = [ClassifyRequest(text="An excellent, wonderful film: I loved every minute of it.", labels=["positive", "negative"]),
+                ClassifyRequest(text="Broken on arrival, useless, and the seller never answered my emails.",
+                                labels=["positive", "negative", "neutral"])]
+    items = [llama.prepare(r) for r in requests]
+    alone = [llama.classify([item])[0].output for item in items]
+    together = [a.output for a in llama.classify(items)]
+    assert [a.label for a in alone] == [b.label for b in together] == ["positive", "negative"]
+    for a, b in zip(alone, together, strict=True):
+        assert b.scores == pytest.approx(a.scores, abs=0.05)  # other batch shapes, other kernels: close, not equal
+
+
+def test_a_row_over_the_kv_cells_is_refused_not_stuck(llama: Any) -> None:
+    outputs: list[Any] = []
+    llama.slots.add_request([1] * 10, "too-long", max_new_tokens=llama.slots.kv_tokens, sink=outputs.append)
+    assert outputs and outputs[0].finished and "KV cells" in outputs[0].error
+    assert not llama.slots.busy
+
+
+def test_unknown_options_are_refused_by_name(settings: Settings) -> None:
+    from workers.backends.llama_cpp import LlamaCppBackend
+
+    with pytest.raises(FleetError) as error:
+        LlamaCppBackend.options(llama_config(settings, thread=2))
+    assert error.value.code == ErrorCode.INVALID_INPUT and "thread" in error.value.message
+
+
+def test_without_the_extra_the_backend_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.backends.llama_cpp.llama_engine import import_llama
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what an environment without the extra sees
+    with pytest.raises(FleetError) as error:
+        import_llama()
+    assert error.value.code == ErrorCode.MODEL_UNAVAILABLE and "llama-cpp" in error.value.message

@@ -1,0 +1,87 @@
+"""The ``llama_cpp`` backend: a GGUF file served by llama.cpp on CPU workers.
+
+Why a second local backend: on a CPU, llama.cpp's quantized kernels decode a GGUF model several
+times faster than transformers runs the dequantized GPTQ artifact (docs/architecture.md, "Which
+backend on a CPU"). GPTQ through transformers stays the card's path and the GPU path; a model
+whose source is a GGUF file may be served by either. Installed as an extra
+(``pip install '.[llama-cpp]'``): llama-cpp-python builds llama.cpp from source.
+
+Requests are prepared as for the transformers backend, with the GGUF file's own tokenizer and chat
+template (exported once to a folder beside the prepared models), so both backends see the same
+token ids; classification uses the same method (workers/backends/llama_cpp/llama_engine.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.config import ModelConfig, Settings
+from shared.errors import ErrorCode, FleetError
+from workers.artifacts import resolve_source
+from workers.backends.base import Backend
+
+
+class LlamaCppOptions(BaseModel):
+    """A model entry's ``options:`` for this backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threads: int | None = Field(default=None, ge=1, description="llama.cpp threads; None: the CPUs this process may use.")
+    kv_tokens: int = Field(default=8192, ge=256, description="KV cells shared by the generating rows (at least "
+                           "the model's context); a row reserves prompt + max_new_tokens when it joins.")
+    step_tokens: int = Field(default=512, ge=16, description="Tokens per generation step: decoding rows' one token "
+                             "each, then chunks of joining rows' prompts.")
+    score_tokens: int = Field(default=4096, ge=256, description="Tokens per classification decode (and the longest "
+                              "scored row).")
+    score_rows: int = Field(default=64, ge=1, description="Sequences per classification decode.")
+    log: bool = Field(default=False, description="Let llama.cpp's own log through (loading prints hundreds of lines).")
+
+
+def gguf_path(config: ModelConfig) -> Path:
+    source = resolve_source(config.source)
+    if source.gguf_file is None:
+        raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"model {config.name}: the llama_cpp backend serves a GGUF file; "
+                         f"source {config.source!r} is a folder")
+    return source.folder / source.gguf_file
+
+
+def tokenizer_dir(settings: Settings, config: ModelConfig) -> Path:
+    """The GGUF file's tokenizer and config as a Hugging Face folder (no weights), made once per file:
+    the request side tokenizes with it in consumer processes that never load the model."""
+    source = resolve_source(config.source)
+    path = settings.models_dir / "gguf-tokenizers" / f"{config.name}-{source.fingerprint}"
+    if (path / "config.json").exists():
+        return path
+    from transformers import AutoConfig, AutoTokenizer
+
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file).save_pretrained(partial)
+    AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file).save_pretrained(partial)
+    try:
+        partial.rename(path)  # atomic: a racing process's complete folder wins
+    except OSError:
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
+class LlamaCppBackend(Backend):
+    Options: ClassVar[type[BaseModel]] = LlamaCppOptions
+
+    @classmethod
+    def request_side(cls, settings: Settings, config: ModelConfig) -> Any:
+        from workers.backends.transformers.request_side import Preparer
+
+        return Preparer(config, tokenizer_dir(settings, config))
+
+    @classmethod
+    def batch_side(cls, settings: Settings, config: ModelConfig) -> Any:
+        from workers.backends.llama_cpp.llama_engine import LlamaEngine
+
+        continuous = settings.batching.continuous
+        return LlamaEngine(config, gguf_path(config), tokenizer_dir(settings, config), cls.options(config), continuous)
