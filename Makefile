@@ -7,10 +7,10 @@ PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 # Which torch build `setup` installs: auto (CUDA when nvidia-smi sees a GPU, else CPU) | cpu | cuda.
 TORCH_DEVICE ?= auto
-# LLAMA_CPP=1: also build the llama_cpp backend's extra (llama.cpp from source for this machine's CPU,
-# a few minutes on 2 cores; CI does). Only the library: llama-cpp-python's multimodal part and
-# llama.cpp's tools are off. AMX is off: ggml's AMX kernels crashed in llama_decode on a virtual
-# machine whose CPU reports AMX (docs/architecture.md, "Which backend on a CPU").
+# LLAMA_CPP=1: `setup` (and so `demo` and `test`) also builds the llama_cpp backend's extra, llama.cpp
+# from source for this machine's CPU (3-4 minutes on 2 cores); without it its tests skip, saying
+# why. Only the library: llama-cpp-python's multimodal part and llama.cpp's tools are off. AMX is
+# off: ggml's AMX kernels crashed in llama_decode on a virtual machine whose CPU reports AMX.
 LLAMA_CPP ?= 0
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \

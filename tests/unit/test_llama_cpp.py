@@ -212,3 +212,19 @@ def test_without_the_extra_the_backend_says_how_to_install_it(monkeypatch: pytes
     with pytest.raises(FleetError) as error:
         import_llama()
     assert error.value.code == ErrorCode.MODEL_UNAVAILABLE and "llama-cpp" in error.value.message
+
+
+def test_the_readme_model_entry_is_valid_configuration() -> None:
+    """README's llama_cpp model entry loads as settings and its options as the backend's."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from workers.backends.llama_cpp import LlamaCppBackend
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "backend: llama_cpp" in b]
+    settings = load_settings(models=yaml.safe_load(block)["models"])
+    (model,) = settings.models
+    assert model.backend == "llama_cpp" and LlamaCppBackend.options(model).kv_tokens == 8192

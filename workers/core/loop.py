@@ -7,9 +7,10 @@ handling (an H100 fed at a tenth of its rate). Here the consumer process(es) do 
 ZMQ socket; this process only collates, runs the model and replies. No Celery, no per-task threads.
 
 One thread here (serve): it takes in the requests that arrived, runs the next batch and sends its
-replies, in turn, so the model never waits for the GIL behind frame handling. Greedy generation is
-the exception: it runs continuously batched (workers/core/continuous.py), and each turn of this loop
-admits rows, runs one decoding step for the running rows and hands out their tokens and answers
+replies, in turn, so the model never waits for the GIL behind frame handling. Generation is the
+exception (greedy on transformers; sampled too on a backend that samples per row): it runs
+continuously batched (workers/core/continuous.py), and each turn of this loop admits rows, runs
+one decoding step for the running rows and hands out their tokens and answers
 (one thread for every forward pass, so one OpenMP pool on a CPU: see ``ManagerSteps`` in
 workers/backends/transformers/steps.py).
 
