@@ -2,26 +2,25 @@
 
 Real model, real library: answers are judged where a 135M model is reliable (a capital city,
 clear reviews), and labels are compared with the transformers backend's on the same rows. Skipped,
-saying why, where the extra is not installed (`make setup LLAMA_CPP=1` installs it; CI does).
+saying why, where the extra is not installed (`make setup LLAMA_CPP=1` installs it, `make test
+LLAMA_CPP=1` runs these too).
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
 from opentelemetry import trace
 
-from shared.config import ContinuousConfig, ModelConfig, Settings, load_settings
+from shared.config import ModelConfig, Settings, load_settings
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
-from workers.core.continuous import ContinuousGenerator, eligible
+from tests.unit.test_continuous import BULK, INTERACTIVE, Sink, drive, generator
+from workers.core.continuous import eligible
 
 NOT_INSTALLED = "llama-cpp-python (the llama_cpp extra) is not installed: `make setup LLAMA_CPP=1` builds it"
-INTERACTIVE, BULK = 0, 1
 CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
@@ -48,39 +47,6 @@ def llama(settings: Settings) -> Any:
 
 def ask(engine: Any, **request: Any) -> Any:
     return engine.prepare(GenerateRequest(**request))
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.pieces: dict[str, list[tuple[int, str]]] = {}
-        self.ends: dict[str, str] = {}
-
-    def text(self, task_id: str, offset: int, text: str) -> None:
-        self.pieces.setdefault(task_id, []).append((offset, text))
-
-    def end(self, task_id: str, finish_reason: str) -> None:
-        self.ends[task_id] = finish_reason
-
-    def error(self, task_id: str, code: str, message: str) -> None:
-        self.ends[task_id] = code
-
-
-def generator(engine: Any, sink: Sink, static: list[str]) -> ContinuousGenerator:
-    def fallback(prepared: Any, rank: int, span: Any, task_id: str) -> Future:
-        static.append(task_id)
-        future: Future = Future()
-        future.set_result((engine.generate([prepared])[0], None))
-        return future
-
-    config = ContinuousConfig(max_rows=4, interactive_reserve=1)
-    return ContinuousGenerator(engine, config, most_urgent=INTERACTIVE, streams=sink, fallback=fallback)  # type: ignore[arg-type]
-
-
-def drive(gen: ContinuousGenerator, futures: list[Future], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(f.done() for f in futures):
-        assert time.monotonic() < deadline, "continuous batching did not finish"
-        gen.step()
 
 
 def test_the_bundled_gguf_answers_a_question_it_knows(llama: Any) -> None:
