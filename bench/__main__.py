@@ -188,6 +188,8 @@ def table(summary: dict[str, Any]) -> str:
         ("continuous_throughput_ratio", ">= 0.9", lambda v: v >= 0.9),
         ("llama_cpp_single_vs_peer", ">= 1.0", lambda v: v >= 1.0),
         ("llama_cpp_8_vs_peer", ">= 2", lambda v: v >= 2),
+        ("llama_cpp_q8_0_single_vs_peer", ">= 1.0", lambda v: v >= 1.0),
+        ("llama_cpp_q8_0_8_vs_peer", ">= 2", lambda v: v >= 2),
         ("llama_cpp_interactive_p95_ratio", "<= 1.5", lambda v: v <= 1.5),
         ("llama_cpp_label_agreement", ">= 0.95", lambda v: v >= 0.95),
     ]

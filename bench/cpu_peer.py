@@ -8,7 +8,8 @@ Competitors, one after another on the same prompts (8 chat prompts, at most 64 n
   streamed so its time to first token is read as a client sees it.
 Then classification tasks/s on both fleets over the report rows of every family (default method),
 and how often their labels agree; and the llama_cpp fleet's interactive p95 under a bulk backlog
-against idle (bench/isolation.py on that fleet).
+against idle (bench/isolation.py on that fleet). The llama_cpp fleet runs twice: on the file as it is
+(Q4_1) and with ``requantize: Q8_0`` (the GEMM-friendly conversion; the isolation run uses that one).
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ def messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def llama_model(settings: Any) -> dict[str, Any]:
-    """The bundled model's entry served by the llama_cpp backend (same source file, same method)."""
+def llama_model(settings: Any, requantize: str | None = None) -> dict[str, Any]:
+    """The bundled model's entry served by the llama_cpp backend (same source file, same method;
+    ``requantize``: served converted to that type, as the backend's option does)."""
     bundled = settings.models[0].model_dump(mode="json")
-    return {**bundled, "name": f"{bundled['name']}-llama", "backend": "llama_cpp", "options": {}}
+    suffix = f"-{requantize.lower()}" if requantize else ""
+    return {**bundled, "name": f"{bundled['name']}-llama{suffix}", "backend": "llama_cpp",
+            "options": {"requantize": requantize} if requantize else {}}
 
 
 def peer(gguf: str, n: int) -> dict[str, Any]:
@@ -97,22 +101,25 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
 
     settings = h.settings
     transformers_model = settings.models[0].model_dump(mode="json")
-    llama = llama_model(settings)
+    llama, llama_q8 = llama_model(settings), llama_model(settings, "Q8_0")
     singles, batched = (4, 8) if quick else (8, 32)
     rows = [(text, family.labels) for family in (*families(), *new_families())
             for text, _ in family.examples("report")[: 4 if quick else None]]
     out: dict[str, Any] = {"peer": peer(str(gguf_path(settings.models[0])), singles)}
     print(f"[bench] cpu-peer: llama.cpp single stream {json.dumps(out['peer'])}", flush=True)
     labels: dict[str, list[str]] = {}
-    for name, model in (("transformers", transformers_model), ("llama_cpp", llama)):
+    for name, model in (("transformers", transformers_model), ("llama_cpp", llama), ("llama_cpp_q8_0", llama_q8)):
         with h.fleet(f"peer-{name}", models=[model]) as client:
             out[f"{name}_single"] = fleet_generation(client, model["name"], 1, singles)
             for in_flight in (8, 16):
                 out[f"{name}_{in_flight}"] = fleet_generation(client, model["name"], in_flight, batched if in_flight == 8 else 2 * batched)
             out[f"{name}_classify_tasks_per_s"], labels[name] = fleet_classification(client, model["name"], rows)
-        print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name)})}", flush=True)
-    agree = sum(a == b for a, b in zip(labels["transformers"], labels["llama_cpp"], strict=True))
-    llama_harness = Harness(settings, h.redis_url, {**h.env, "AUTOGLM_MODELS": json.dumps([llama])})
+        print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name + '_')})}", flush=True)
+
+    def agreement(name: str) -> float:
+        return round(sum(a == b for a, b in zip(labels["transformers"], labels[name], strict=True)) / len(rows), 4)
+
+    llama_harness = Harness(settings, h.redis_url, {**h.env, "AUTOGLM_MODELS": json.dumps([llama_q8])})
     isolated = isolation.run(llama_harness, 6 if quick else 40, 200 if quick else 2000, 16)
     peer_single = out["peer"]["tok_per_s"]
     return {
@@ -123,10 +130,16 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
                                "llama_cpp_16": out["llama_cpp_16"]["tok_per_s"],
                                "transformers_single": out["transformers_single"]["tok_per_s"],
                                "transformers_8": out["transformers_8"]["tok_per_s"],
-                               "transformers_16": out["transformers_16"]["tok_per_s"]},
+                               "transformers_16": out["transformers_16"]["tok_per_s"],
+                               "llama_cpp_q8_0_single": out["llama_cpp_q8_0_single"]["tok_per_s"],
+                               "llama_cpp_q8_0_8": out["llama_cpp_q8_0_8"]["tok_per_s"],
+                               "llama_cpp_q8_0_16": out["llama_cpp_q8_0_16"]["tok_per_s"]},
         "llama_cpp_single_vs_peer": round(out["llama_cpp_single"]["tok_per_s"] / peer_single, 3),
         "llama_cpp_8_vs_peer": round(out["llama_cpp_8"]["tok_per_s"] / peer_single, 3),
-        "llama_cpp_label_agreement": round(agree / len(rows), 4),
+        "llama_cpp_q8_0_single_vs_peer": round(out["llama_cpp_q8_0_single"]["tok_per_s"] / peer_single, 3),
+        "llama_cpp_q8_0_8_vs_peer": round(out["llama_cpp_q8_0_8"]["tok_per_s"] / peer_single, 3),
+        "llama_cpp_label_agreement": agreement("llama_cpp"),
+        "llama_cpp_q8_0_label_agreement": agreement("llama_cpp_q8_0"),
         "llama_cpp_label_rows": len(rows),
         "llama_cpp_interactive_p95_ratio": isolated["interactive_p95_ratio"],
         "llama_cpp_isolation": isolated,

@@ -156,6 +156,29 @@ def test_classification_scores_are_the_same_in_a_batch_and_alone(llama: Any) -> 
         assert b.scores == pytest.approx(a.scores, abs=0.05)  # other batch shapes, other kernels: close, not equal
 
 
+def test_a_requantized_file_is_made_once_and_answers_as_the_source(settings: Settings) -> None:
+    """``requantize: Q8_0``: the file is converted once into the models folder (llama.cpp's own
+    quantizer), later loads take the cached file, and the model still knows its facts."""
+    pytest.importorskip("llama_cpp", reason=NOT_INSTALLED)
+    from workers.backends import batch_side
+    from workers.backends.llama_cpp import LlamaCppBackend, served_gguf
+
+    config = llama_config(settings, requantize="Q8_0")
+    engine = batch_side(settings, config)
+    try:
+        assert engine.path.name.endswith("-q8_0.gguf") and engine.path.parent == settings.models_dir / "gguf"
+        made = engine.path.stat().st_mtime_ns
+        assert served_gguf(settings, config, LlamaCppBackend.options(config)) == engine.path
+        assert engine.path.stat().st_mtime_ns == made, "the cached conversion must be reused, not made again"
+        assert "Paris" in engine.generate([ask(engine, messages=CAPITAL, max_new_tokens=12)])[0].output.text
+        labels = [a.output.label for a in engine.classify([engine.prepare(ClassifyRequest(text=t, labels=["positive", "negative"]))
+                                                            for t in ("An excellent, wonderful film: I loved every minute of it.",
+                                                                      "Broken on arrival, useless, a waste of money.")])]
+        assert labels == ["positive", "negative"]
+    finally:
+        engine.close()
+
+
 def test_a_row_over_the_kv_cells_is_refused_not_stuck(llama: Any) -> None:
     outputs: list[Any] = []
     llama.slots.add_request([1] * 10, "too-long", max_new_tokens=llama.slots.kv_tokens, sink=outputs.append)

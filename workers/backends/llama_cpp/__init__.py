@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,6 +39,39 @@ class LlamaCppOptions(BaseModel):
                               "scored row).")
     score_rows: int = Field(default=64, ge=1, description="Sequences per classification decode.")
     log: bool = Field(default=False, description="Let llama.cpp's own log through (loading prints hundreds of lines).")
+    requantize: Literal["Q8_0", "Q4_0"] | None = Field(
+        default=None, description="Serve the file converted to this type (once, cached beside the prepared models): "
+        "llama.cpp's CPU matrix-matrix kernels take Q8_0 and Q4_0, not Q4_1, so batched decoding and "
+        "classification run faster (Q8_0 holds Q4_1's values to 8 bits; Q4_0 rounds them again).")
+
+
+def served_gguf(settings: Settings, config: ModelConfig, options: LlamaCppOptions) -> Path:
+    """The GGUF file the engine loads: the source, or its ``requantize`` conversion, made once with
+    llama.cpp's own ``llama_model_quantize`` (under a second on the bundled model) and kept by the
+    source's fingerprint."""
+    original = gguf_path(config)
+    if options.requantize is None:
+        return original
+    import ctypes
+
+    from workers.backends.llama_cpp.llama_engine import cpu_threads, import_llama
+
+    source = resolve_source(config.source)
+    path = settings.models_dir / "gguf" / f"{config.name}-{source.fingerprint}-{options.requantize.lower()}.gguf"
+    if path.exists():
+        return path
+    llama = import_llama()
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = {"Q8_0": llama.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama.LLAMA_FTYPE_MOSTLY_Q4_0}[options.requantize]
+    params.allow_requantize, params.nthread = True, cpu_threads()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    if llama.llama_model_quantize(str(original).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        partial.unlink(missing_ok=True)
+        raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"model {config.name}: llama.cpp could not convert "
+                         f"{original.name} to {options.requantize}")
+    partial.rename(path)
+    return path
 
 
 def gguf_path(config: ModelConfig) -> Path:
@@ -83,5 +116,6 @@ class LlamaCppBackend(Backend):
     def batch_side(cls, settings: Settings, config: ModelConfig) -> Any:
         from workers.backends.llama_cpp.llama_engine import LlamaEngine
 
-        continuous = settings.batching.continuous
-        return LlamaEngine(config, gguf_path(config), tokenizer_dir(settings, config), cls.options(config), continuous)
+        options = cls.options(config)
+        return LlamaEngine(config, served_gguf(settings, config, options), tokenizer_dir(settings, config), options,
+                           settings.batching.continuous)
