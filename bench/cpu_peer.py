@@ -96,6 +96,7 @@ def fleet_classification(client: Any, model: str, rows: list[tuple[str, list[str
 
 def run(h: Harness, quick: bool) -> dict[str, Any]:
     from bench import isolation
+    from workers.artifacts import resolve_source
     from workers.backends.llama_cpp import gguf_path
     from workers.prepare.evaluation import families, new_families
 
@@ -105,7 +106,7 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
     singles, batched = (4, 8) if quick else (8, 32)
     rows = [(text, family.labels) for family in (*families(), *new_families())
             for text, _ in family.examples("report")[: 4 if quick else None]]
-    out: dict[str, Any] = {"peer": peer(str(gguf_path(settings.models[0])), singles)}
+    out: dict[str, Any] = {"peer": peer(str(gguf_path(settings.models[0], resolve_source(settings.models[0].source))), singles)}
     print(f"[bench] cpu-peer: llama.cpp single stream {json.dumps(out['peer'])}", flush=True)
     labels: dict[str, list[str]] = {}
     for name, model in (("transformers", transformers_model), ("llama_cpp", llama), ("llama_cpp_q8_0", llama_q8)):

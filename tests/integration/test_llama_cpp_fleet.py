@@ -13,17 +13,14 @@ from typing import Any
 
 import pytest
 
-from shared.errors import ErrorCode, FleetError
 from tests.integration.conftest import Fleet, fleet_on
-from tests.integration.test_reliability import _engine_core_pid
+from tests.integration.test_reliability import REVIEWS, _engine_core_pid, others_of_a_permanent_fault
 from workers.consumer.ledger import Ledger
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama_cpp extra) is not installed: "
                     "`make setup LLAMA_CPP=1` builds it")
 
-REVIEWS = ["Wonderful food and friendly staff.", "Terrible service, cold food.", "I love this phone.",
-           "The worst hotel I have stayed in.", "A delightful, moving film.", "Broken on arrival, useless."]
 GOLD = ["positive", "negative", "positive", "negative", "positive", "negative"]
 LABELS = ["positive", "negative"]
 FAULTS = {"oom_batch_over": 2, "fail_marker": "FAIL-ME"}
@@ -59,12 +56,7 @@ def test_answers_and_streams_come_from_the_gguf_file(llama_fleet: Fleet) -> None
 
 
 def test_a_bad_request_fails_alone_and_batches_are_split_on_failure(llama_fleet: Fleet) -> None:
-    texts = [*REVIEWS[:3], "FAIL-ME please", *REVIEWS[3:]]
-    handles = llama_fleet.client.submit_many(classify(t) for t in texts)
-    with pytest.raises(FleetError) as caught:
-        handles[3].result(timeout=300)
-    assert caught.value.code == ErrorCode.INTERNAL
-    results = [h.result(timeout=300) for i, h in enumerate(handles) if i != 3]
+    results = others_of_a_permanent_fault(llama_fleet.client, classify)
     assert [r.output.label for r in results] == GOLD  # type: ignore[union-attr]
     assert max(r.batch_size for r in results) <= 2  # every batch over 2 "ran out of memory" and was split
 

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,13 +64,18 @@ def test_out_of_memory_batches_are_split_until_they_fit(faulty: Fleet) -> None:
     assert max(sizes) == 2, sizes  # every batch over 2 ran out of memory and was split
 
 
-def test_a_permanent_fault_fails_only_its_own_request(faulty: Fleet) -> None:
-    texts = [*REVIEWS[:3], "FAIL-ME please", *REVIEWS[3:]]
-    handles = faulty.client.submit_many(classify(t) for t in texts)
+def others_of_a_permanent_fault(client, request: Callable[[str], dict]) -> list:  # noqa: ANN001
+    """The six reviews with a FAIL-ME request among them (fleet config ``FAULTS``): that one fails
+    INTERNAL; the others' results, in order (any backend's fleet: test_llama_cpp_fleet.py too)."""
+    handles = client.submit_many(request(t) for t in [*REVIEWS[:3], "FAIL-ME please", *REVIEWS[3:]])
     with pytest.raises(FleetError) as caught:
         handles[3].result(timeout=300)
     assert caught.value.code == ErrorCode.INTERNAL
-    assert all(h.result(timeout=300).output.label in LABELS for i, h in enumerate(handles) if i != 3)  # type: ignore[union-attr]
+    return [h.result(timeout=300) for i, h in enumerate(handles) if i != 3]
+
+
+def test_a_permanent_fault_fails_only_its_own_request(faulty: Fleet) -> None:
+    assert all(r.output.label in LABELS for r in others_of_a_permanent_fault(faulty.client, classify))  # type: ignore[union-attr]
 
 
 def test_a_transient_fault_is_retried_with_backoff(faulty: Fleet) -> None:

@@ -160,6 +160,7 @@ def test_a_requantized_file_is_made_once_and_answers_as_the_source(settings: Set
     """``requantize: Q8_0``: the file is converted once into the models folder (llama.cpp's own
     quantizer), later loads take the cached file, and the model still knows its facts."""
     pytest.importorskip("llama_cpp", reason=NOT_INSTALLED)
+    from workers.artifacts import resolve_source
     from workers.backends import batch_side
     from workers.backends.llama_cpp import LlamaCppBackend, served_gguf
 
@@ -168,7 +169,7 @@ def test_a_requantized_file_is_made_once_and_answers_as_the_source(settings: Set
     try:
         assert engine.path.name.endswith("-q8_0.gguf") and engine.path.parent == settings.models_dir / "gguf"
         made = engine.path.stat().st_mtime_ns
-        assert served_gguf(settings, config, LlamaCppBackend.options(config)) == engine.path
+        assert served_gguf(settings, config, resolve_source(config.source), LlamaCppBackend.options(config)) == engine.path
         assert engine.path.stat().st_mtime_ns == made, "the cached conversion must be reused, not made again"
         assert "Paris" in engine.generate([ask(engine, messages=CAPITAL, max_new_tokens=12)])[0].output.text
         labels = [a.output.label for a in engine.classify([engine.prepare(ClassifyRequest(text=t, labels=["positive", "negative"]))

@@ -74,8 +74,7 @@ class _Row:
 
 def eligible(prepared: Any, engine: Any) -> bool:
     """Generation requests; sampled ones only where the backend samples per row (``samples_per_row``)."""
-    return isinstance(prepared, PreparedGenerate) and (
-        prepared.request.temperature == 0 or getattr(engine, "samples_per_row", False))
+    return isinstance(prepared, PreparedGenerate) and (prepared.request.temperature == 0 or engine.samples_per_row)
 
 
 class ContinuousGenerator:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.config import ModelConfig, Settings
 from shared.errors import ErrorCode, FleetError
-from workers.artifacts import resolve_source
+from workers.artifacts import Source, resolve_source
 from workers.backends.base import Backend
 
 
@@ -45,18 +45,17 @@ class LlamaCppOptions(BaseModel):
         "classification run faster (Q8_0 holds Q4_1's values to 8 bits; Q4_0 rounds them again).")
 
 
-def served_gguf(settings: Settings, config: ModelConfig, options: LlamaCppOptions) -> Path:
+def served_gguf(settings: Settings, config: ModelConfig, source: Source, options: LlamaCppOptions) -> Path:
     """The GGUF file the engine loads: the source, or its ``requantize`` conversion, made once with
     llama.cpp's own ``llama_model_quantize`` (under a second on the bundled model) and kept by the
     source's fingerprint."""
-    original = gguf_path(config)
+    original = gguf_path(config, source)
     if options.requantize is None:
         return original
     import ctypes
 
     from workers.backends.llama_cpp.llama_engine import cpu_threads, import_llama
 
-    source = resolve_source(config.source)
     path = settings.models_dir / "gguf" / f"{config.name}-{source.fingerprint}-{options.requantize.lower()}.gguf"
     if path.exists():
         return path
@@ -74,18 +73,16 @@ def served_gguf(settings: Settings, config: ModelConfig, options: LlamaCppOption
     return path
 
 
-def gguf_path(config: ModelConfig) -> Path:
-    source = resolve_source(config.source)
+def gguf_path(config: ModelConfig, source: Source) -> Path:
     if source.gguf_file is None:
         raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"model {config.name}: the llama_cpp backend serves a GGUF file; "
                          f"source {config.source!r} is a folder")
     return source.folder / source.gguf_file
 
 
-def tokenizer_dir(settings: Settings, config: ModelConfig) -> Path:
+def tokenizer_dir(settings: Settings, config: ModelConfig, source: Source) -> Path:
     """The GGUF file's tokenizer and config as a Hugging Face folder (no weights), made once per file:
     the request side tokenizes with it in consumer processes that never load the model."""
-    source = resolve_source(config.source)
     path = settings.models_dir / "gguf-tokenizers" / f"{config.name}-{source.fingerprint}"
     if (path / "config.json").exists():
         return path
@@ -110,12 +107,13 @@ class LlamaCppBackend(Backend):
     def request_side(cls, settings: Settings, config: ModelConfig) -> Any:
         from workers.backends.transformers.request_side import Preparer
 
-        return Preparer(config, tokenizer_dir(settings, config))
+        return Preparer(config, tokenizer_dir(settings, config, resolve_source(config.source)))
 
     @classmethod
     def batch_side(cls, settings: Settings, config: ModelConfig) -> Any:
         from workers.backends.llama_cpp.llama_engine import LlamaEngine
 
         options = cls.options(config)
-        return LlamaEngine(config, served_gguf(settings, config, options), tokenizer_dir(settings, config), options,
-                           settings.batching.continuous)
+        source = resolve_source(config.source)  # resolved and fingerprinted (the whole file hashed) once
+        return LlamaEngine(config, served_gguf(settings, config, source, options), tokenizer_dir(settings, config, source),
+                           options, settings.batching.continuous)

@@ -23,11 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModel
 
 from shared.config import ContinuousConfig, ModelConfig
 from shared.errors import ErrorCode, FleetError
-from workers.artifacts import encoder_folder
 from workers.backends.llama_cpp.slots import SlotOutput, Slots
 from workers.backends.llama_cpp.tokens import TokenBatch
 from workers.backends.transformers.batch_side import Engine, Row
@@ -89,15 +87,9 @@ class LlamaEngine(Engine):
         self._score_batch = TokenBatch(llama, options.score_tokens)
         self.slots = Slots(llama, self._generation, self.n_vocab, rows, kv, options.step_tokens)
         self.model_lock = threading.RLock()
-        encoder = config.classification_encoder
-        self.encoder = None if encoder is None else AutoModel.from_pretrained(
-            encoder_folder(encoder.source), dtype=torch.float32, device_map="cpu").eval()
+        self._classification_state()
         self.kernels: set[str] = set()
         self.stop_token_ids = self._stop_token_ids()
-        self._priors: dict[tuple, torch.Tensor] = {}
-        self._example_cache: dict[tuple, Any] = {}
-        self._encoded_cache: dict[tuple, torch.Tensor] = {}
-        self._example_priors: dict[tuple, dict[str, torch.Tensor]] = {}
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s from %s on llama.cpp (%d threads, %d rows, %d KV cells) in %.1fs", config.name, gguf.name,
@@ -191,10 +183,6 @@ class LlamaEngine(Engine):
         picked = logits[list(index)].double()
         scores = picked.gather(1, torch.tensor(target)[:, None]).squeeze(1) - picked.logsumexp(dim=-1)
         total.index_add_(0, torch.tensor(slot), scores)
-
-    def classify(self, items: list[Any]) -> list[Answer]:
-        with self.model_lock:
-            return self._classify(items)
 
     def _embed(self, sequences: list[list[int]]) -> torch.Tensor:
         raise FleetError(ErrorCode.INVALID_INPUT, "the llama_cpp backend has no LM prototype expert "

@@ -153,6 +153,10 @@ def gptq_kernels(model: Any) -> set[str]:
 class Engine:
     """A causal LM loaded with the real ``from_pretrained`` path (GPTQ folders included)."""
 
+    #: whether its continuous batching takes sampled requests too (transformers' manager samples
+    #: all its rows or none: greedy only)
+    samples_per_row: bool = False
+
     def __init__(self, config: ModelConfig, path: Path, device: str = "auto", widths: list[int] | None = None) -> None:
         """``widths``: classification forward passes are padded to these shapes (``padded_shape``)."""
         self.config = config
@@ -174,9 +178,7 @@ class Engine:
         self.model_lock = threading.RLock()
         self.model.register_forward_pre_hook(lambda *_: (self.model_lock.acquire(), None)[1])  # None: inputs unchanged
         self.model.register_forward_hook(lambda *_: self.model_lock.release(), always_call=True)
-        encoder = config.classification_encoder
-        self.encoder = None if encoder is None else AutoModel.from_pretrained(
-            encoder_folder(encoder.source), dtype=torch.float32, device_map=str(self.device)).eval()
+        self._classification_state()
         self._warm_up()
         self.kernels = gptq_kernels(self.model)
         if self.kernels:
@@ -184,11 +186,18 @@ class Engine:
         self.load_seconds = time.perf_counter() - started
         self.context = self.preparer.context
         self.stop_token_ids = self._stop_token_ids()
+        log.info("loaded %s from %s on %s/%s in %.1fs", config.name, path, self.device, self.dtype, self.load_seconds)
+
+    def _classification_state(self) -> None:
+        """What the classification method keeps beside the LM, whatever runs the LM (the llama_cpp
+        engine sets it up too): the sentence encoder and the caches of priors and embedded sets."""
+        encoder = self.config.classification_encoder
+        self.encoder = None if encoder is None else AutoModel.from_pretrained(
+            encoder_folder(encoder.source), dtype=torch.float32, device_map=str(self.device)).eval()
         self._priors: dict[tuple, torch.Tensor] = {}
         self._example_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._encoded_cache: dict[tuple, torch.Tensor] = {}  # phrase sets and example sets, embedded
         self._example_priors: dict[tuple, dict[str, torch.Tensor]] = {}
-        log.info("loaded %s from %s on %s/%s in %.1fs", config.name, path, self.device, self.dtype, self.load_seconds)
 
     @property
     def name(self) -> str:
