@@ -204,6 +204,14 @@ class Channel(fairqueue.Channel):
         self._brpop_sent_at = time.monotonic()
         self.client.connection.send_command("EVAL", *self._fetch_args(self._fetching, self._room()))
 
+    def _idle_wait_key(self) -> str:
+        """The key an idle channel blocks on: an urgent queue's, whatever order kombu's round-robin
+        cycle has rotated the queues into. The cycle puts a queue last once a message came from it,
+        so after an interactive request the first key is a bulk one; blocking there would leave the
+        next interactive arrival waiting out ``fetch_idle_timeout`` before the fetch looks again."""
+        urgent = set(self.urgent_queues)
+        return next((key for key in self._fetching if key in urgent), self._fetching[0])
+
     def _brpop_read(self, **options: Any) -> bool:
         connection = self.client.connection
         try:
@@ -220,7 +228,7 @@ class Channel(fairqueue.Channel):
             else:  # nothing queued: wait for the most urgent queue to get a message
                 self._waiting = True
                 self._brpop_sent_at = time.monotonic()
-                wait_key = self._fetching[0]
+                wait_key = self._idle_wait_key()
                 connection.send_command("BLMOVE", wait_key, wait_key, "RIGHT", "RIGHT", self.fetch_idle_timeout)
             raise virtual.Empty()
         self._in_poll = None
