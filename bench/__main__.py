@@ -1,6 +1,6 @@
-"""`python -m bench [--quick] [--json] [--only a,b]`: every scenario, side by side, in one run.
+"""`python -m bench [--quick | --smoke] [--json] [--only a,b]`: every scenario, side by side, in one run.
 
-Writes bench/results/<quick|full>.json and prints a table; with --json the last line is one JSON
+Writes bench/results/<full|quick|smoke>.json and prints a table; with --json the last line is one JSON
 object with the headline ratios (fleet_vs_limit, fleet_vs_naive, interactive_p95_*, ...).
 """
 
@@ -19,13 +19,19 @@ from typing import Any
 SCENARIOS = ("throughput", "isolation", "enqueue", "quantization", "scaling", "celery-floor", "machinery", "fast-model",
              "engine-core", "engine-sweep", "continuous", "decode", "cpu-peer")
 SIZES = {
-    # A smoke run (tests/integration/test_bench_smoke.py): every scenario end to end, figures not reported.
+    # Small sizes: every scenario end to end in minutes; figures indicative, not reported.
     "quick": {"classify": 32, "generate": 8, "new_tokens": 16, "rounds": 1, "interactive": 6, "backlog": 200,
               "enqueue": 2000, "single": 100, "scaling": 48, "machinery": 200, "fast": 120,
               "continuous": 24, "core": 512},
     "full": {"classify": 512, "generate": 32, "new_tokens": 16, "rounds": 3, "interactive": 40, "backlog": 5000,
              "enqueue": 10000, "single": 500, "scaling": 256, "machinery": 2000, "fast": 1000,
              "continuous": 64, "core": 8000},
+    # The test suite's plumbing check (tests/integration/test_bench_smoke.py): the least work that still
+    # runs every part of a scenario (several batches, a backlog that outlasts the interactive probes); the
+    # figures mean nothing.
+    "smoke": {"classify": 16, "generate": 4, "new_tokens": 8, "rounds": 1, "interactive": 4, "backlog": 200,
+              "enqueue": 400, "single": 30, "scaling": 16, "machinery": 60, "fast": 40,
+              "continuous": 8, "core": 128},
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,6 +64,7 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
     from shared.config import load_settings
     from workers.backends import backend_for
 
+    quick = mode != "full"
     settings = load_settings().on_device()
     env: dict[str, str] = {}
     if shape:
@@ -111,7 +118,7 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
                 from bench import sweep
 
                 engine = in_process_engine(settings)
-                summary.update(sweep.run(engine, [1, 8, 32] if mode == "quick" else [1, 8, 16, 32, 64, 128], size["new_tokens"]))
+                summary.update(sweep.run(engine, [1, 8, 32] if quick else [1, 8, 16, 32, 64, 128], size["new_tokens"]))
                 del engine
             elif name == "decode":
                 from bench import decode
@@ -120,19 +127,19 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
                 summary["gptq_kernels"] = sorted(engine.kernels)
                 print(f"[bench] model GPTQ kernels on {engine.device}: {summary['gptq_kernels'] or 'none (float)'}; weights "
                       f"{decode.weight_bytes(engine.model) / 2**20:.0f} MiB on the device", flush=True)
-                wanted = [int(b) for b in batches or [] if b.isdigit()] or ([1, 8] if mode == "quick" else decode.GPU_BATCHES)
+                wanted = [int(b) for b in batches or [] if b.isdigit()] or ([1, 8] if quick else decode.GPU_BATCHES)
                 if quant != "fp16":  # the served kernel against the same artifact dequantized, first
                     from bench import gptq_check
 
-                    summary.update(gptq_check.run(engine, 8 if mode == "quick" else 64))
-                summary.update(decode.run(settings, engine, wanted, 16 if mode == "quick" else 64))
+                    summary.update(gptq_check.run(engine, 8 if quick else 64))
+                summary.update(decode.run(settings, engine, wanted, 16 if quick else 64))
                 del engine
             elif name == "continuous":
                 from bench import continuous
 
                 engine = in_process_engine(settings)
                 summary.update(continuous.run(settings, engine, size["continuous"], rate_per_s=float(
-                    os.environ.get("AUTOGLM_BENCH_ARRIVALS_PER_S", "4")), rounds=1 if mode == "quick" else 2))
+                    os.environ.get("AUTOGLM_BENCH_ARRIVALS_PER_S", "4")), rounds=1 if quick else 2))
                 del engine
             elif name == "isolation":
                 from bench import isolation
@@ -141,11 +148,11 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
             elif name == "enqueue":
                 from bench import enqueue
 
-                summary.update(enqueue.run(harness, size["enqueue"], size["single"], rounds=1 if mode == "quick" else 2))
+                summary.update(enqueue.run(harness, size["enqueue"], size["single"], rounds=1 if quick else 2))
             elif name == "quantization":
                 from bench import quantization
 
-                summary.update(quantization.run(settings, mode == "quick", size["new_tokens"]))
+                summary.update(quantization.run(settings, quick, size["new_tokens"]))
             elif name == "scaling":
                 from bench import scaling
 
@@ -169,7 +176,7 @@ def run(mode: str, only: list[str], shape: str | None = None, tokenizer: str | N
             elif name == "cpu-peer":
                 from bench import cpu_peer
 
-                summary.update(cpu_peer.run(harness, mode == "quick"))
+                summary.update(cpu_peer.run(harness, quick))
             summary[f"seconds_{name}"] = round(time.perf_counter() - started, 1)
     return summary
 
@@ -218,6 +225,8 @@ def table(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, ~2 minutes on 2 cores")
+    parser.add_argument("--smoke", action="store_true", help="the least work that runs every part of each scenario "
+                        "(the test suite's plumbing check); figures mean nothing")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--only", default=",".join(s for s in SCENARIOS if s not in ("engine-sweep", "cpu-peer")),
                         help=f"comma-separated subset of {SCENARIOS}")
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenarios {sorted(unknown)}")
     if args.shape and {"quantization", "scaling"} & set(only):
         parser.error("--shape measures speed only: a random-weight model has no quality to report")
-    mode = "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     summary = run(mode, only, args.shape, args.tokenizer, [b for b in args.batch.split(",") if b] or None, args.consumers,
                   args.quant)
     RESULTS.mkdir(exist_ok=True)
