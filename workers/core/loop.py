@@ -114,6 +114,8 @@ class EngineCore:
                         fallback=lambda p, prio, ctx, task, m=name: self._static(m, p, prio, ctx, task))
         self._cancel_every_s = settings.streams.cancel_poll_ms / 1000.0
         self._cancel_checked = 0.0
+        self._router: zmq.Socket | None = None  # serve()'s socket
+        self._yielding = False  # inside _yield_to_urgent
 
     def hello(self) -> wire.Hello:
         """What a consumer learns when it connects: models loaded, and the pid it watches for death."""
@@ -187,49 +189,71 @@ class EngineCore:
         self.streams.flush()
         return busy
 
+    def _send_back(self, identity: bytes, request_id: bytes, task_type: str, future: Future) -> None:
+        try:
+            answer, info = future.result()
+            frame = wire.encode(wire.answer(request_id, task_type, answer, info))
+        except Exception as exc:  # noqa: BLE001 - the consumer turns it into the task's error
+            frame = wire.encode(wire.failure(request_id, exc))
+        self._router.send_multipart([identity, frame])
+
+    def _take_in(self) -> None:
+        """Every request that has arrived, submitted (answered when its future resolves)."""
+        router = self._router
+        while True:
+            try:
+                identity, data = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if data == HELLO:
+                router.send_multipart([identity, wire.encode(self.hello())])
+                continue
+            message = wire.decode_request(data)
+            request_id, prepared = message.id, message.item
+            try:
+                future = self.submit(message.model, message.rank, message.traceparent, prepared, message.task_id)
+            except Exception as exc:  # noqa: BLE001
+                router.send_multipart([identity, wire.encode(wire.failure(request_id, exc))])
+                continue
+            kind = str(prepared.request.task_type)
+            future.add_done_callback(lambda f, i=identity, r=request_id, k=kind: self._send_back(i, r, k, f))
+
+    def _yield_to_urgent(self) -> None:
+        """An engine's ``between_chunks``: called between the parts of a long batch it runs (the
+        llama_cpp backend's classification, one decode of a few hundred tokens at a time). What
+        arrived is taken in, and while interactive rows wait or decode they run to their end, so a
+        bulk batch holds an interactive request back by one chunk, not by the whole batch. Only
+        the continuous batches run here: another static batch never starts inside this one."""
+        if self._yielding:
+            return
+        self._yielding = True
+        try:
+            self._take_in()
+            while any(g.urgent for g in self.continuous.values()):
+                self._tend_continuous()
+                self._take_in()
+        finally:
+            self._yielding = False
+
     def serve(self, address: str) -> None:
         """One loop until SIGTERM: take in every request that arrived, run the next batch, send
         its replies. Sockets and model share this one thread on purpose: on a GPU the forward pass
         is launch-bound Python, and a second thread moving frames would take turns with it on the
-        GIL. Requests that arrive during a batch wait in ZMQ's own I/O thread, which needs no GIL.
+        GIL. Requests that arrive during a batch wait in ZMQ's own I/O thread, which needs no GIL
+        (or are taken in between the batch's chunks: ``_yield_to_urgent``).
         (On an H100 this moved fleet/limit at batch 32 only from 0.58 to 0.64: the rest of the gap
         is not explained yet, bench/RESULTS.md.)"""
         ctx = zmq.Context()
-        router = ctx.socket(zmq.ROUTER)
+        router = self._router = ctx.socket(zmq.ROUTER)
         router.bind(address)
         stopping = threading.Event()
-
-        def send_back(identity: bytes, request_id: bytes, task_type: str, future: Future) -> None:
-            try:
-                answer, info = future.result()
-                frame = wire.encode(wire.answer(request_id, task_type, answer, info))
-            except Exception as exc:  # noqa: BLE001 - the consumer turns it into the task's error
-                frame = wire.encode(wire.failure(request_id, exc))
-            router.send_multipart([identity, frame])
-
-        def take_in() -> None:
-            while True:
-                try:
-                    identity, data = router.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    return
-                if data == HELLO:
-                    router.send_multipart([identity, wire.encode(self.hello())])
-                    continue
-                message = wire.decode_request(data)
-                request_id, prepared = message.id, message.item
-                try:
-                    future = self.submit(message.model, message.rank, message.traceparent, prepared, message.task_id)
-                except Exception as exc:  # noqa: BLE001
-                    router.send_multipart([identity, wire.encode(wire.failure(request_id, exc))])
-                    continue
-                kind = str(prepared.request.task_type)
-                future.add_done_callback(lambda f, i=identity, r=request_id, k=kind: send_back(i, r, k, f))
-
+        for engine in self.engines.values():
+            if hasattr(engine, "between_chunks"):
+                engine.between_chunks = self._yield_to_urgent
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
         log.info("engine core ready on %s with %s", address, sorted(self.engines))
         while not stopping.is_set():
-            take_in()
+            self._take_in()
             generating = self._tend_continuous()
             batch, wait_s = self.batcher.take(hold_less_urgent=any(g.urgent for g in self.continuous.values()))
             if batch is not None:
@@ -239,7 +263,10 @@ class EngineCore:
             if generating:
                 continue  # rows are decoding: the next turn runs their next step (it just took in what arrived)
             router.poll(200 if wait_s is None else max(1, int(wait_s * 1000) + 1))
-        take_in()
+        self._take_in()
+        for engine in self.engines.values():
+            if hasattr(engine, "between_chunks"):
+                engine.between_chunks = None  # draining: batches run whole
         for generator in self.continuous.values():
             generator.close()  # finish the admitted and waiting rows
         self.batcher.close()  # run what was accepted; its replies go out before the socket closes

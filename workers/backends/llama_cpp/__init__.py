@@ -35,8 +35,12 @@ class LlamaCppOptions(BaseModel):
                            "the model's context); a row reserves prompt + max_new_tokens when it joins.")
     step_tokens: int = Field(default=512, ge=16, description="Tokens per generation step: decoding rows' one token "
                              "each, then chunks of joining rows' prompts.")
-    score_tokens: int = Field(default=4096, ge=256, description="Tokens per classification decode (and the longest "
-                              "scored row).")
+    score_tokens: int = Field(default=4096, ge=256, description="The longest scored row, in tokens (a "
+                              "classification decode of one row).")
+    score_chunk_tokens: int = Field(default=256, ge=16, description="Tokens per classification decode of several "
+                                    "rows. Between two decodes interactive generation runs, so a classification "
+                                    "batch holds it back by one decode, not the whole batch; llama.cpp computes a "
+                                    "decode in parts of 512 tokens anyway, so smaller decodes cost little.")
     score_rows: int = Field(default=64, ge=1, description="Sequences per classification decode.")
     log: bool = Field(default=False, description="Let llama.cpp's own log through (loading prints hundreds of lines).")
     requantize: Literal["Q8_0", "Q4_0"] | None = Field(

@@ -84,6 +84,7 @@ class LlamaEngine(Engine):
         self._generation = self._context(_internals, kv, options.step_tokens, rows, threads)
         self._scoring = self._context(_internals, options.score_tokens, options.score_tokens, options.score_rows, threads)
         self.score_rows, self.score_tokens = options.score_rows, options.score_tokens
+        self.score_chunk = min(options.score_chunk_tokens, options.score_tokens)
         self._score_batch = TokenBatch(llama, options.score_tokens)
         self.slots = Slots(llama, self._generation, self.n_vocab, rows, kv, options.step_tokens)
         self.model_lock = threading.RLock()
@@ -138,8 +139,10 @@ class LlamaEngine(Engine):
         """Sum the log-probabilities of every row's (position, target) pairs into their slots.
 
         Rows go as sequences of one decode, as many as fit ``score_rows`` sequences,
-        ``score_tokens`` tokens and SCORE_OUTPUTS read positions; logits are read only at scored
-        positions (a position scored for several labels is read once)."""
+        ``score_chunk`` tokens (one longer row alone, up to ``score_tokens``) and SCORE_OUTPUTS
+        read positions; logits are read only at scored positions (a position scored for several
+        labels is read once). Between two decodes the engine core may run interactive generation
+        (``between_chunks``)."""
         ctx = self._scoring
         total = torch.zeros(slots, dtype=torch.float64)
         batch = self._score_batch
@@ -149,7 +152,7 @@ class LlamaEngine(Engine):
             while start < len(rows):
                 ids, scored = rows[start]
                 wanted = len({position for position, _, _ in scored}) or 1
-                if group and (len(group) == self.score_rows or tokens + len(ids) > self.score_tokens
+                if group and (len(group) == self.score_rows or tokens + len(ids) > self.score_chunk
                               or outputs + wanted > SCORE_OUTPUTS):
                     break
                 if len(ids) > self.score_tokens:
@@ -158,6 +161,8 @@ class LlamaEngine(Engine):
                 group.append(rows[start])
                 tokens, outputs, start = tokens + len(ids), outputs + wanted, start + 1
             self._score_group(batch, ctx, group, total)
+            if self.between_chunks is not None and start < len(rows):
+                self.between_chunks()
         return total.float()
 
     def _score_group(self, batch: TokenBatch, ctx: Any, group: list[Row], total: torch.Tensor) -> None:

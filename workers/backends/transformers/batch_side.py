@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,9 @@ class Engine:
     #: whether its continuous batching takes sampled requests too (transformers' manager samples
     #: all its rows or none: greedy only)
     samples_per_row: bool = False
+    #: set by the engine core while it serves: a batch made of parts (the llama_cpp backend's
+    #: classification decodes) calls it between two parts, and interactive generation runs there
+    between_chunks: Callable[[], None] | None = None
 
     def __init__(self, config: ModelConfig, path: Path, device: str = "auto", widths: list[int] | None = None) -> None:
         """``widths``: classification forward passes are padded to these shapes (``padded_shape``)."""
