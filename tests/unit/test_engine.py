@@ -520,3 +520,30 @@ def test_the_encoder_turns_examples_into_a_prototype_expert_cached_per_set(encod
     fear = experts[0]["encoder_examples"].exp()  # no example: the mean of the others' cosines, never the pick
     assert fear[3] < fear[:3].max()
     assert "examples" not in experts[0] or engine.config.classification_examples_weight > 0
+
+
+def test_remembering_scores_reuses_a_requests_lm_scores_and_only_within_it(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepare's gate classifies each family zero-shot and again with examples; the LM reads the
+    same prompts both times. Within ``remembering_scores`` the second time scores nothing new (the
+    examples' calibration scores the example texts, already scored); outside it, every call scores."""
+    texts = ["My card was refused at the shop", *(e["text"] for e in EXAMPLES)]
+    scored: list[int] = []
+    real = engine._score
+    monkeypatch.setattr(engine, "_score", lambda rows, slots: scored.append(len(rows)) or real(rows, slots))
+    plain = [engine.prepare(ClassifyRequest(text=t, labels=BANK)) for t in texts]
+    with_examples = engine.prepare(ClassifyRequest(text=texts[0], labels=BANK, examples=EXAMPLES))
+    engine._example_priors.clear()
+    with engine.remembering_scores():
+        first = engine.classify(plain)  # type: ignore[arg-type]
+        calls = len(scored)
+        again = engine.classify(plain)  # type: ignore[arg-type]
+        engine.classify([with_examples])  # type: ignore[list-item]
+        assert len(scored) == calls  # nothing new to score: the same rows, the same answers
+        assert [a.output.scores for a in again] == [a.output.scores for a in first]  # type: ignore[union-attr]
+    engine.classify(plain)  # type: ignore[arg-type]
+    assert len(scored) > calls and engine._remembered is None
+    with engine.remembering_scores():  # a request never scored before is scored, its batch-mates not again
+        engine.classify(plain[:1])  # type: ignore[arg-type]
+        before = len(scored)
+        engine.classify([plain[0], engine.prepare(ClassifyRequest(text="Where is my new card?", labels=BANK))])  # type: ignore[list-item]
+        assert len(scored) == before + 1

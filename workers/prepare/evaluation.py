@@ -154,15 +154,18 @@ def classification_report(
     ``template``: one for every family, or one per family name; ``only``: a subset of families;
     ``first``: that many rows of each (a smoke run); ``examples`` K: each family once more as
     "<family>+examples", its first K ``split`` rows per label shown as examples and the rest
-    scored (prepare's gate holds the artifact to the float model both ways)."""
+    scored (prepare's gate holds the artifact to the float model both ways). The LM reads the same
+    prompts both ways (examples reach the encoder and the calibration, not the prompt): the second
+    pass reuses the first's LM scores (``Engine.remembering_scores``), about half the gate's work."""
     chosen = [family for family in families() if only is None or family.name in only]
     per_family = template if isinstance(template, dict) else {family.name: template for family in chosen}
-    scores = {family.name: round(accuracy(engine, family, split, per_family[family.name], first=first), 4)
-              for family in chosen}
-    for family in chosen if examples else []:
-        shots = first_per_label(family.examples(split), family.labels, examples)
-        scores[f"{family.name}+examples"] = round(
-            accuracy(engine, family, split, per_family[family.name], first=first, shots=shots), 4)
+    with engine.remembering_scores():
+        scores = {family.name: round(accuracy(engine, family, split, per_family[family.name], first=first), 4)
+                  for family in chosen}
+        for family in chosen if examples else []:
+            shots = first_per_label(family.examples(split), family.labels, examples)
+            scores[f"{family.name}+examples"] = round(
+                accuracy(engine, family, split, per_family[family.name], first=first, shots=shots), 4)
     scores["overall"] = round(sum(scores.values()) / len(scores), 4)
     return scores
 

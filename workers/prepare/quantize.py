@@ -214,8 +214,9 @@ def float_baseline(settings: Settings, model: ModelConfig, float_path: Path, rep
     if cache.exists():
         return json.loads(cache.read_text())
     report("measuring the float model on the selection split (classification families + QA) ...")
+    started = time.perf_counter()
     scores = measure(settings, model, float_path)
-    report(f"float: {scores}")
+    report(f"float ({time.perf_counter() - started:.0f}s): {scores}")
     cache.write_text(json.dumps(scores))
     return scores
 
@@ -276,6 +277,7 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
                 dtype = quantize_gptq(float_path, folder, attempt, report)
                 family_limit = quantize.max_family_loss_vs_float
                 if measured:
+                    measuring = time.perf_counter()
                     scores = measure(settings, model, folder, qa_floor=float_scores["qa"] - quantize.max_qa_loss_vs_float)
                     loss, worst, qa_loss = _losses(float_scores, scores)
                     passed = loss is not None and worst is not None and loss <= quantize.max_loss_vs_float + 1e-9 \
@@ -290,8 +292,9 @@ def prepare(settings: Settings, model: ModelConfig, report: Report = print, forc
                 shown = f"{loss * 100:+.1f} pts" if loss is not None else "not measured (QA already missed)" if measured \
                     else "not measured (quantize.measure: false)"
                 family = "" if worst is None else f" (worst family {worst * 100:+.1f})"
+                took = f" (measured in {time.perf_counter() - measuring:.0f}s)" if measured else ""
                 report(f"attempt {index} {attempt.settings()}: classification loss {shown}{family}, "
-                       f"QA loss {qa_loss * 100:+.1f} pts -> {'keep' if passed else 'miss'}")
+                       f"QA loss {qa_loss * 100:+.1f} pts -> {'keep' if passed else 'miss'}{took}")
                 known = 1.0 if loss is None else loss  # an unmeasured attempt ranks below any measured one
                 badness = max(known - quantize.max_loss_vs_float, 0) + max(qa_loss - quantize.max_qa_loss_vs_float, 0) + known / 100
                 if family_limit is not None:

@@ -201,6 +201,7 @@ class Engine:
         self._example_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._encoded_cache: dict[tuple, torch.Tensor] = {}  # phrase sets and example sets, embedded
         self._example_priors: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._remembered: dict[tuple, torch.Tensor] | None = None  # see remembering_scores
 
     @property
     def name(self) -> str:
@@ -404,31 +405,80 @@ class Engine:
         with self.model_lock:  # the decoder is called directly here, not through the hooked forward
             return self._classify(items)
 
+    @contextmanager
+    def remembering_scores(self) -> Iterator[None]:
+        """Within it, a request's LM scores (its direct, channel and plain rows) are kept by their
+        token ids and not computed again. For a run that scores the same texts under the same labels
+        more than once: prepare's gate classifies each family zero-shot and then with examples,
+        whose LM prompts are the same (examples go to the encoder and the calibration, which scores
+        the example texts themselves zero-shot). Not for serving: a benchmark that repeats its texts
+        would measure the memo, and batch-mates would stop being checked against each other."""
+        self._remembered = {}
+        try:
+            yield
+        finally:
+            self._remembered = None
+
+    @staticmethod
+    def _lm_rows(item: PreparedClassify, first_slot: int) -> list[Row]:
+        """A request's LM rows: direct, then channel and plain where the method has them, each
+        expert's labels in consecutive slots from ``first_slot``."""
+        n = len(item.label_ids)
+        rows = Engine._direct_rows(item.prompt_ids, item.label_ids, first_slot)
+        slot = first_slot + n
+        if item.channel is not None:
+            rows += Engine._channel_rows(item.channel, slot)
+            slot += n
+        if item.plain is not None:
+            rows += Engine._direct_rows(item.plain.prompt_ids, item.plain.label_ids, slot)
+        return rows
+
+    @staticmethod
+    def _lm_key(item: PreparedClassify) -> tuple:
+        """Everything a request's LM rows are made of: equal keys, equal rows."""
+        channel = None if item.channel is None else (tuple(item.channel.text_ids), tuple(map(tuple, item.channel.prefix_ids)))
+        plain = None if item.plain is None else (tuple(item.plain.prompt_ids), tuple(map(tuple, item.plain.label_ids)))
+        return tuple(item.prompt_ids), tuple(map(tuple, item.label_ids)), channel, plain
+
+    def _lm_scores(self, items: list[PreparedClassify]) -> list[torch.Tensor]:
+        """Per request, the summed log-probabilities of its LM rows' slots (direct, channel,
+        plain), from one ``_score`` call for the whole batch (within ``remembering_scores``: for
+        the requests not scored before)."""
+        remembered = self._remembered
+        keys = [self._lm_key(item) for item in items] if remembered is not None else list(range(len(items)))
+        todo: dict[Any, PreparedClassify] = {}
+        for key, item in zip(keys, items, strict=True):
+            if (remembered is None or key not in remembered) and key not in todo:
+                todo[key] = item
+        found: dict[Any, torch.Tensor] = {}
+        if todo:
+            rows: list[Row] = []
+            spans: list[tuple[Any, int, int]] = []
+            slot = 0
+            for key, item in todo.items():
+                width = len(item.label_ids) * (1 + (item.channel is not None) + (item.plain is not None))
+                rows += self._lm_rows(item, slot)
+                spans.append((key, slot, slot + width))
+                slot += width
+            per_slot = self._score(rows, slot)
+            found = {key: per_slot[start:end] for key, start, end in spans}
+            if remembered is not None:
+                remembered.update(found)
+        return [found[key] if key in found else remembered[key] for key in keys]  # type: ignore[index]
+
     def _expert_scores(self, items: list[PreparedClassify]) -> list[dict[str, torch.Tensor]]:
         """Per request, each expert's log-probabilities normalised over its labels, from one
         forward pass for the whole batch: ``direct`` (the label as the chat answer, or after the
         caller's template; calibrated unless the model says not), and with the default method
         ``channel`` (log P(text | "The following message is <label>:")) and ``plain`` (the label
         after the plain prompt, calibrated). bench/probes/experts.py weighs them offline."""
-        rows: list[Row] = []
-        spans: list[tuple[slice, slice | None, slice | None]] = []
-        slot = 0
-        for item in items:
-            n = len(item.label_ids)
-            rows += self._direct_rows(item.prompt_ids, item.label_ids, slot)
-            direct, slot = slice(slot, slot + n), slot + n
-            channel = plain = None
-            if item.channel is not None:
-                rows += self._channel_rows(item.channel, slot)
-                channel, slot = slice(slot, slot + n), slot + n
-            if item.plain is not None:
-                rows += self._direct_rows(item.plain.prompt_ids, item.plain.label_ids, slot)
-                plain, slot = slice(slot, slot + n), slot + n
-            spans.append((direct, channel, plain))
-        per_slot = self._score(rows, slot)
         calibrate = self.config.classification_calibration != "none"
         found = []
-        for item, (direct, channel, plain) in zip(items, spans, strict=True):
+        for item, per_slot in zip(items, self._lm_scores(items), strict=True):
+            n = len(item.label_ids)
+            direct = slice(0, n)
+            channel = None if item.channel is None else slice(n, 2 * n)
+            plain = None if item.plain is None else slice(n * (1 + (channel is not None)), n * (2 + (channel is not None)))
             labels = item.request.labels
             shots = Shots(descriptions=descriptions_of(item.request))  # the prompt's own (examples: below)
             scores = per_slot[direct]
