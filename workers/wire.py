@@ -96,7 +96,8 @@ class PreparedClassify(msgspec.Struct, frozen=True, array_like=True, tag="classi
     @property
     def rows(self) -> int:
         """Sequences this request adds to a batch (one scoring row per multi-token label, per
-        channel prefix, and per plain-prompt label)."""
+        channel prefix, and per plain-prompt label): what the llama_cpp engine scores, an upper
+        bound where the transformers engine packs a prompt's multi-token labels into one row."""
         rows = self._direct(self.label_ids) + (len(self.channel.prefix_ids) if self.channel else 0)
         return rows + (self._direct(self.plain.label_ids) if self.plain else 0) + (1 if self.examples else 0)
 

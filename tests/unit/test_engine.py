@@ -284,11 +284,11 @@ def test_on_a_cpu_rows_are_scored_by_length_so_short_rows_are_not_padded_to_the_
 
 
 def test_grouping_keeps_row_order_and_gives_an_oversized_row_its_own_pass() -> None:
-    from workers.backends.transformers.batch_side import _groups
+    from workers.backends.transformers.batch_side import Row, _groups
 
-    rows = [([1] * n, []) for n in (10, 10, 10, 50, 5, 5)]
-    groups = _groups(rows, budget=40)  # type: ignore[arg-type]
-    assert [[len(ids) for ids, _ in g] for g in groups] == [[10, 10, 10], [50], [5, 5]]
+    rows = [Row([1] * n, []) for n in (10, 10, 10, 50, 5, 5)]
+    groups = _groups(rows, budget=40)
+    assert [[len(row.ids) for row in g] for g in groups] == [[10, 10, 10], [50], [5, 5]]
     assert [row for g in groups for row in g] == rows
 
 
@@ -547,3 +547,25 @@ def test_remembering_scores_reuses_a_requests_lm_scores_and_only_within_it(engin
         before = len(scored)
         engine.classify([plain[0], engine.prepare(ClassifyRequest(text="Where is my new card?", labels=BANK))])  # type: ignore[list-item]
         assert len(scored) == before + 1
+
+
+def test_multi_token_labels_packed_into_one_row_score_as_rows_of_their_own(engine: Engine) -> None:
+    """The prompt is read once for all of a request's multi-token labels (each label a branch that
+    sees the prompt and itself, at the positions it would have after the prompt): the scores are
+    those of one row per label."""
+    requests = [ClassifyRequest(text="I lost my wallet with the card in it", labels=BANK),
+                ClassifyRequest(text="Stocks rose", labels=["finance and markets", "sport", "the weather today"]),
+                ClassifyRequest(text="Fine", labels=["positive", "negative"])]  # single-token labels: no branches
+    items = [engine.prepare(r) for r in requests]
+    rows = engine._lm_rows(items[0], 0)  # type: ignore[arg-type]
+    assert rows[0].branches and len(rows[0].branches) == len(BANK)  # one row: the prompt and three branches
+    with torch.inference_mode():
+        packed = engine._lm_scores(items)  # type: ignore[arg-type]
+        engine.packs_labels = False
+        try:
+            apart = engine._lm_scores(items)  # type: ignore[arg-type]
+        finally:
+            del engine.packs_labels
+    for one, other in zip(packed, apart, strict=True):
+        assert one.tolist() == pytest.approx(other.tolist(), abs=1e-4)
+    assert not torch.equal(packed[0], packed[0].roll(1))  # scores that differ per label: a real comparison

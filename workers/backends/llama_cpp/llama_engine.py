@@ -56,6 +56,9 @@ class LlamaEngine(Engine):
 
     #: sampled requests are continuously batched too (``Slots`` samples per row)
     samples_per_row = True
+    #: each multi-token label is a row (prompt + label) of its own: no packed rows (Row.branches).
+    #: llama.cpp could read a prompt once for several sequences (a token in several seq ids).
+    packs_labels = False
 
     def __init__(self, config: ModelConfig, gguf: Path, tokenizer_path: Path, options: Any,
                  continuous: ContinuousConfig) -> None:
@@ -110,7 +113,7 @@ class LlamaEngine(Engine):
         return sorted(i for i in ids if i is not None and i >= 0)
 
     def _warm_up(self) -> None:
-        self._score([(self.tokenizer("Hello")["input_ids"], [(0, 0, 0)])], 1)
+        self._score([Row(self.tokenizer("Hello")["input_ids"], [(0, 0, 0)])], 1)
 
     # -- generation ------------------------------------------------------------------------------
     def continuous_batches(self, config: ContinuousConfig) -> tuple[Slots, Slots]:
@@ -150,7 +153,7 @@ class LlamaEngine(Engine):
         while start < len(rows):
             group, tokens, outputs = [], 0, 0
             while start < len(rows):
-                ids, scored = rows[start]
+                ids, scored = rows[start].ids, rows[start].scored
                 wanted = len({position for position, _, _ in scored}) or 1
                 if group and (len(group) == self.score_rows or tokens + len(ids) > self.score_chunk
                               or outputs + wanted > SCORE_OUTPUTS):
@@ -170,7 +173,7 @@ class LlamaEngine(Engine):
         llama.llama_memory_clear(ctx.memory, True)
         batch.clear()
         read: list[tuple[int, int]] = []  # (sequence, position) in output order
-        for seq, (ids, scored) in enumerate(group):
+        for seq, (ids, scored, _) in enumerate(group):
             positions = sorted({position for position, _, _ in scored})
             outputs = np.zeros(len(ids), dtype=np.int8)
             outputs[positions] = 1
@@ -183,7 +186,7 @@ class LlamaEngine(Engine):
             return
         logits = torch.from_numpy(np.ctypeslib.as_array(llama.llama_get_logits(ctx.ctx), shape=(len(read), self.n_vocab)))
         where = {key: index for index, key in enumerate(read)}
-        index, target, slot = zip(*((where[(seq, p)], t, s) for seq, (_, scored) in enumerate(group) for p, t, s in scored),
+        index, target, slot = zip(*((where[(seq, p)], t, s) for seq, (_, scored, _) in enumerate(group) for p, t, s in scored),
                                   strict=True)
         picked = logits[list(index)].double()
         scores = picked.gather(1, torch.tensor(target)[:, None]).squeeze(1) - picked.logsumexp(dim=-1)

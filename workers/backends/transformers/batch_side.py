@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, GPTQConfig
@@ -32,7 +32,20 @@ from workers.wire import Answer, Channel, Examples, Prepared, PreparedClassify, 
 log = logging.getLogger(__name__)
 GPTQ_CACHE_ENV = "GPTQ_TORCH_CACHE_WEIGHTS"
 
-Row = tuple[list[int], list[tuple[int, int, int]]]  # token ids, [(position, target token, slot)]
+
+
+class Row(NamedTuple):
+    """One sequence of a scoring pass and the (position, target token, slot) pairs read off it.
+
+    ``branches``: where each branch starts, for a row that packs several continuations of one
+    prompt (a request's multi-token labels): tokens from ``branches[0]`` on see the prompt
+    (``ids[:branches[0]]``) and the earlier tokens of their own branch only, at the positions they
+    would have right after the prompt. The prompt is read once instead of once per label."""
+
+    ids: list[int]
+    scored: list[tuple[int, int, int]]
+    branches: tuple[int, ...] = ()
+
 # Scored positions per LM-head call: bounds memory to SCORE_CHUNK x vocab floats.
 SCORE_CHUNK = 1024
 # Padded tokens per scoring forward pass. A batch within the batcher's token budget is one pass; a
@@ -67,10 +80,10 @@ def _groups(rows: list[Row], budget: int) -> list[list[Row]]:
     groups: list[list[Row]] = [[]]
     width = 0
     for row in rows:
-        wider = max(width, len(row[0]))
+        wider = max(width, len(row.ids))
         if groups[-1] and (len(groups[-1]) + 1) * wider > budget:
             groups.append([])
-            wider = len(row[0])
+            wider = len(row.ids)
         groups[-1].append(row)
         width = wider
     return groups
@@ -304,22 +317,36 @@ class Engine:
         usage = Usage(prompt_tokens=item.prompt_tokens, completion_tokens=len(new_ids))
         return Answer(GenerateOutput(text=text.strip(), finish_reason=finish), usage)
 
-    @staticmethod
-    def _direct_rows(prompt: list[int], labels: list[list[int]], first_slot: int) -> list[Row]:
+    # The transformers engine packs a prompt's multi-token labels into one row (a 4D attention
+    # mask); an engine whose _score takes plain rows only (llama_cpp) says False.
+    packs_labels = True
+
+    def _direct_rows(self, prompt: list[int], labels: list[list[int]], first_slot: int) -> list[Row]:
         """Rows scoring log P(label | prompt) for each label into slots ``first_slot + i``.
 
         A label's first token is read off the prompt's last position, so a query whose labels are
         all single tokens (the usual case: " positive", " negative") costs one row, not one per
-        label; a multi-token label adds a row (prompt + label) for its later tokens.
+        label. A multi-token label's later tokens are read off a branch after the prompt (one row
+        for them all: ``Row.branches``), or, where the engine does not pack, a row (prompt + label)
+        of its own.
         """
         long_labels = [label for label in labels if len(label) > 1]
-        rows: list[Row] = [(prompt + label, []) for label in long_labels] or [(prompt, [])]
+        if self.packs_labels and long_labels:
+            ids, scored, branches = list(prompt), [], []
+            for index, label in enumerate(labels):
+                scored.append((len(prompt) - 1, label[0], first_slot + index))  # logits at t predict token t+1
+                if len(label) > 1:
+                    branches.append(len(ids))
+                    scored += [(len(ids) + k - 1, label[k], first_slot + index) for k in range(1, len(label))]
+                    ids += label[:-1]  # a label's last token is only read, never read from
+            return [Row(ids, scored, tuple(branches))]
+        rows = [Row(prompt + label, []) for label in long_labels] or [Row(prompt, [])]
         row = 0
         for index, label in enumerate(labels):
             slot = first_slot + index
-            rows[0][1].append((len(prompt) - 1, label[0], slot))  # logits at t predict token t+1
+            rows[0].scored.append((len(prompt) - 1, label[0], slot))
             if len(label) > 1:
-                rows[row][1].extend((len(prompt) + k - 1, label[k], slot) for k in range(1, len(label)))
+                rows[row].scored.extend((len(prompt) + k - 1, label[k], slot) for k in range(1, len(label)))
                 row += 1
         return rows
 
@@ -328,7 +355,7 @@ class Engine:
         """Rows scoring log P(text | prefix of label i) into slots ``first_slot + i``."""
         text = channel.text_ids
         return [
-            (prefix + text, [(len(prefix) + k - 1, token, first_slot + index) for k, token in enumerate(text)])
+            Row(prefix + text, [(len(prefix) + k - 1, token, first_slot + index) for k, token in enumerate(text)])
             for index, prefix in enumerate(channel.prefix_ids)
         ]
 
@@ -341,23 +368,26 @@ class Engine:
         picked_parts, targets, slot_of = [], [], []
         budget = MAX_FORWARD_TOKENS
         if self.device.type == "cpu":
-            rows, budget = sorted(rows, key=lambda row: len(row[0])), min(budget, CPU_FORWARD_TOKENS)
+            rows, budget = sorted(rows, key=lambda row: len(row.ids)), min(budget, CPU_FORWARD_TOKENS)
         for group in _groups(rows, budget):
-            height, width = padded_shape(len(group), max(len(ids) for ids, _ in group), self.widths)
+            height, width = padded_shape(len(group), max(len(row.ids) for row in group), self.widths)
             input_ids = torch.full((height, width), self.tokenizer.pad_token_id, dtype=torch.long)
             attention = torch.zeros((height, width), dtype=torch.long)
             attention[:, 0] = 1  # filler rows attend to one token: a fully masked row can turn NaN
             seq_index, positions = [], []
-            for r, (ids, scored) in enumerate(group):
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                attention[r, : len(ids)] = 1
-                for position, target, slot in scored:
+            for r, row in enumerate(group):
+                input_ids[r, : len(row.ids)] = torch.tensor(row.ids)
+                attention[r, : len(row.ids)] = 1
+                for position, target, slot in row.scored:
                     seq_index.append(r)
                     positions.append(position)
                     targets.append(target)
                     slot_of.append(slot)
+            inputs: dict[str, torch.Tensor] = {"attention_mask": attention}
+            if any(row.branches for row in group):
+                inputs = self._branch_inputs(group, height, width)
             hidden = self.model.get_decoder()(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+                input_ids=input_ids.to(self.device), **{k: v.to(self.device) for k, v in inputs.items()}
             ).last_hidden_state
             picked_parts.append(hidden[torch.tensor(seq_index), torch.tensor(positions)])
         picked = torch.cat(picked_parts)
@@ -369,6 +399,28 @@ class Engine:
             chosen = logits.gather(1, wanted[start : start + SCORE_CHUNK, None]).squeeze(1)
             pieces.append((chosen - logits.logsumexp(dim=-1)).cpu())
         return torch.zeros(slots).index_add_(0, torch.tensor(slot_of), torch.cat(pieces))
+
+    def _branch_inputs(self, group: list[Row], height: int, width: int) -> dict[str, torch.Tensor]:
+        """The 4D attention mask (additive: 0 where a token may look, the dtype's minimum where not)
+        and position ids of a pass holding packed rows: causal within the prompt, each branch sees
+        the prompt and itself, at positions counted on from the prompt's end; every other row is
+        plainly causal. Padding looks at the first token only (a fully masked row can turn NaN)."""
+        allowed = torch.zeros((height, width, width), dtype=torch.bool)
+        allowed[:, :, 0] = True
+        position_ids = torch.zeros((height, width), dtype=torch.long)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        for r, row in enumerate(group):
+            n = len(row.ids)
+            prompt = row.branches[0] if row.branches else n
+            allowed[r, :n, :prompt] = causal[:n, :prompt]
+            position_ids[r, :prompt] = torch.arange(prompt)
+            for start, end in zip(row.branches, (*row.branches[1:], n)):  # (none for a plain row)
+                allowed[r, start:end, start:end] = causal[: end - start, : end - start]
+                position_ids[r, start:end] = torch.arange(prompt, prompt + end - start)
+        dtype = self.model.get_input_embeddings().weight.dtype  # what the attention computes in
+        mask = torch.zeros((height, 1, width, width), dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        return {"attention_mask": mask, "position_ids": position_ids}
 
     def _label_logprobs(self, queries: list[tuple[list[int], list[list[int]]]]) -> list[torch.Tensor]:
         """log P(label | prompt) for every label of every (prompt_ids, label_ids) query, in one forward."""
@@ -419,18 +471,17 @@ class Engine:
         finally:
             self._remembered = None
 
-    @staticmethod
-    def _lm_rows(item: PreparedClassify, first_slot: int) -> list[Row]:
+    def _lm_rows(self, item: PreparedClassify, first_slot: int) -> list[Row]:
         """A request's LM rows: direct, then channel and plain where the method has them, each
         expert's labels in consecutive slots from ``first_slot``."""
         n = len(item.label_ids)
-        rows = Engine._direct_rows(item.prompt_ids, item.label_ids, first_slot)
+        rows = self._direct_rows(item.prompt_ids, item.label_ids, first_slot)
         slot = first_slot + n
         if item.channel is not None:
-            rows += Engine._channel_rows(item.channel, slot)
+            rows += self._channel_rows(item.channel, slot)
             slot += n
         if item.plain is not None:
-            rows += Engine._direct_rows(item.plain.prompt_ids, item.plain.label_ids, slot)
+            rows += self._direct_rows(item.plain.prompt_ids, item.plain.label_ids, slot)
         return rows
 
     @staticmethod
@@ -559,13 +610,13 @@ class Engine:
         tokens: the text's representation the prototype expert compares. Right-padded passes of at
         most MAX_FORWARD_TOKENS padded tokens."""
         means = []
-        for group in _groups([(ids, []) for ids in sequences], MAX_FORWARD_TOKENS):
-            width = max(len(ids) for ids, _ in group)
+        for group in _groups([Row(ids, []) for ids in sequences], MAX_FORWARD_TOKENS):
+            width = max(len(row.ids) for row in group)
             input_ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
             attention = torch.zeros((len(group), width), dtype=torch.long)
-            for r, (ids, _) in enumerate(group):
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                attention[r, : len(ids)] = 1
+            for r, row in enumerate(group):
+                input_ids[r, : len(row.ids)] = torch.tensor(row.ids)
+                attention[r, : len(row.ids)] = 1
             hidden = self.model.get_decoder()(
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
             ).last_hidden_state.float()
