@@ -7,10 +7,15 @@ PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 # Which torch build `setup` installs: auto (CUDA when nvidia-smi sees a GPU, else CPU) | cpu | cuda.
 TORCH_DEVICE ?= auto
-# LLAMA_CPP=1: `setup` (and so `demo` and `test`) also builds the llama_cpp backend's extra, llama.cpp
-# from source for this machine's CPU (3-4 minutes on 2 cores); without it its tests skip, saying
-# why. Only the library: llama-cpp-python's multimodal part and llama.cpp's tools are off. AMX is
-# off: ggml's AMX kernels crashed in llama_decode on a virtual machine whose CPU reports AMX.
+# LLAMA_CPP=1: `setup` also builds the llama_cpp backend's extra, llama.cpp from source for this
+# machine's CPU (3-4 minutes on 2 cores, once per venv). `make test` and `make test-all` build it
+# by default (its tests are part of the suite); `make test LLAMA_CPP=0` skips the build and those
+# tests skip, saying why. Only the library: llama-cpp-python's multimodal part and llama.cpp's
+# tools are off. AMX is off: ggml's AMX kernels crashed in llama_decode on a virtual machine
+# whose CPU reports AMX.
+ifneq ($(filter test test-all,$(MAKECMDGOALS)),)
+LLAMA_CPP ?= 1
+endif
 LLAMA_CPP ?= 0
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
@@ -53,12 +58,19 @@ prepare: setup
 demo: prepare
 	$(VENV)/bin/autoglm demo --json
 
+# Two lanes: the tests marked `waits` (their time is mostly timers: redelivery after a kill -9, a
+# Sentinel failover) in a second pytest beside everything else, each with its own broker and
+# fleets; its report follows the first one's. MARKS: the tests both lanes choose from.
+MARKS ?= not slow
 test: prepare
-	$(PY) -m pytest tests
+	@$(PY) -m pytest tests -p no:cacheprovider -m "waits and ($(MARKS))" > .pytest-waits.log 2>&1 & lane=$$!; \
+	$(PY) -m pytest tests -m "not waits and ($(MARKS))"; work=$$?; \
+	wait $$lane; waits=$$?; echo "== the tests marked waits, run beside =="; cat .pytest-waits.log; \
+	exit $$(( work || waits ))
 
 # Everything, the long checks marked `slow` included (`-m ''` overrides the default `-m 'not slow'`).
-test-all: prepare
-	$(PY) -m pytest tests -m ''
+test-all: MARKS = not slow or slow
+test-all: test
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
