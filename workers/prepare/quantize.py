@@ -164,14 +164,14 @@ def quantize_gptq(float_path: Path, target: Path, quantize: QuantizeConfig, repo
     settings = quantize.settings()
     dtype = compute_dtype(quantize, device)
     report(f"quantizing with GPTQModel {settings} on {device} in {dtype or 'its default dtype'} "
-           f"({len(texts)} calibration samples) ...")
+           f"({len(texts)} calibration samples, {quantize.calibration_batch_size} per pass) ...")
     started = time.perf_counter()
     options = {k: v for k, v in settings.items() if k not in ("calibration", "calibration_samples", "calibration_format")}
     _seed(quantize.seed)
     extra = {} if dtype is None else {"dtype": getattr(torch, dtype)}
     model = GPTQModel.load(str(float_path), GPTQConfig(**options), device=device, **extra)
     ran_in = str(model.model.dtype).removeprefix("torch.")
-    model.quantize(texts)
+    model.quantize(texts, batch_size=quantize.calibration_batch_size)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(str(tmp))
