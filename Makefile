@@ -58,15 +58,16 @@ prepare: setup
 demo: prepare
 	$(VENV)/bin/autoglm demo --json
 
-# Two lanes: the tests marked `waits` (their time is mostly timers: redelivery after a kill -9, a
-# Sentinel failover) in a second pytest beside everything else, each with its own broker and
-# fleets; its report follows the first one's. MARKS: the tests both lanes choose from.
+# Two lanes: the tests marked `beside` (each starts its own broker and processes: kill rounds, a
+# Redis restart, a Sentinel failover, the bench's smoke run; much of their time is timers) in a
+# second pytest beside everything else; its report follows the first one's. MARKS: the tests both
+# lanes choose from.
 MARKS ?= not slow
 test: prepare
-	@$(PY) -m pytest tests -p no:cacheprovider -m "waits and ($(MARKS))" > .pytest-waits.log 2>&1 & lane=$$!; \
-	$(PY) -m pytest tests -m "not waits and ($(MARKS))"; work=$$?; \
-	wait $$lane; waits=$$?; echo "== the tests marked waits, run beside =="; cat .pytest-waits.log; \
-	exit $$(( work || waits ))
+	@$(PY) -m pytest tests -p no:cacheprovider -m "beside and ($(MARKS))" > .pytest-beside.log 2>&1 & lane=$$!; \
+	$(PY) -m pytest tests -m "not beside and ($(MARKS))"; work=$$?; \
+	wait $$lane; beside=$$?; echo "== the tests marked beside, run beside =="; cat .pytest-beside.log; \
+	exit $$(( work || beside ))
 
 # Everything, the long checks marked `slow` included (`-m ''` overrides the default `-m 'not slow'`).
 test-all: MARKS = not slow or slow

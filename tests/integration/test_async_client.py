@@ -14,7 +14,9 @@ from tests.integration.conftest import Fleet
 pytestmark = pytest.mark.integration
 
 
-def test_gathers_100_requests_without_blocking_the_loop(fleet: Fleet) -> None:
+def test_gathers_100_requests_without_blocking_the_loop(tiny_fleet: Fleet) -> None:
+    """The client's machinery, not the answers: the tiny random model (conftest.tiny_model)."""
+    fleet = tiny_fleet
     async def main() -> tuple[list, float]:
         gaps: list[float] = []
         stop = asyncio.Event()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.beside]  # its own bench processes, not the shared fleets
 REPO = Path(__file__).resolve().parents[2]
 KEYS = [
     "fleet_vs_limit", "fleet_vs_naive", "interactive_p95_idle_ms", "interactive_p95_under_bulk_ms",

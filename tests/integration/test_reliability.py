@@ -140,7 +140,7 @@ def churned(tiny_model: dict, redis_url: str) -> Iterator[Churned]:
                 worker.stop()
 
 
-@pytest.mark.waits
+@pytest.mark.beside
 def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(churned: Churned) -> None:
     """Six kill -9s, both workers at once in three rounds, at the default broker settings, each
     round with 100 accepted tasks spread over both: every task ends SUCCESS, each answer is computed
@@ -182,7 +182,7 @@ def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(churned:
     assert redelivered > 0, "no task was redelivered: the kills hit nothing"
 
 
-@pytest.mark.waits
+@pytest.mark.beside
 def test_sigterm_mid_batch_hands_back_what_it_holds_and_every_task_is_answered_once(churned: Churned) -> None:
     """Scale-down (an autoscaler, a rolling deploy): SIGTERM is a warm shutdown. A worker stopped with
     batches running finishes them, and every message it holds but has not started goes back to its
@@ -216,7 +216,7 @@ def _env_of(fleet: Fleet) -> dict[str, str]:
     return {**cli_env(fleet), "AUTOGLM_BROKER": json.dumps(s.broker.model_dump()), "AUTOGLM_FAULTS": json.dumps(s.faults)}
 
 
-@pytest.mark.waits
+@pytest.mark.beside
 def test_restarting_redis_loses_no_accepted_request(tiny_model: dict) -> None:
     with EmbeddedRedis(data_dir=Path(tempfile.mkdtemp(prefix="autoglm-redis-")), persist=True) as server:
         with fleet_on(server.url, models=[tiny_model], broker={"visibility_timeout_s": 20, "restore_interval_s": 1,
@@ -253,7 +253,7 @@ def _envelope(queue: str, body: str, **properties: object) -> bytes:
     }).encode()
 
 
-@pytest.mark.waits
+@pytest.mark.beside
 def test_malformed_messages_of_any_shape_go_to_the_dlq_and_the_worker_stays_up(tiny_model: dict, redis_url: str) -> None:
     with fleet_on(redis_url, models=[tiny_model], faults={"slow_ms": 150}) as fleet:
         bulk = fleet.settings.queue_name(Priority.BULK)
@@ -332,7 +332,7 @@ def _engine_core_pid(worker: WorkerProcess) -> int:
     return cores[0]
 
 
-@pytest.mark.waits
+@pytest.mark.beside
 @pytest.mark.parametrize("consumers", [1, 2])
 def test_killing_the_engine_core_mid_batch_loses_nothing_and_runs_nothing_twice(
         tiny_model: dict, redis_url: str, consumers: int) -> None:
@@ -359,7 +359,7 @@ def test_killing_the_engine_core_mid_batch_loses_nothing_and_runs_nothing_twice(
     assert any(c["deliveries"] >= 2 for c in counts), "no task was in the killed core"
 
 
-@pytest.mark.waits
+@pytest.mark.beside
 def test_a_task_longer_than_the_visibility_timeout_is_not_redelivered_while_its_worker_lives(
         tiny_model: dict, redis_url: str) -> None:
     """The heartbeat renews what a live worker holds: a 5 s batch under a 3 s visibility timeout

@@ -22,7 +22,7 @@ from shared.errors import ErrorCode, FleetError
 from tests.integration.conftest import Fleet, fleet_on, free_port
 from workers.consumer.ledger import Ledger
 
-pytestmark = [pytest.mark.integration, pytest.mark.waits,
+pytestmark = [pytest.mark.integration, pytest.mark.beside,
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (Sentinel) on PATH")]
 MASTER = "autoglm"
 LABELS = ["positive", "negative"]
