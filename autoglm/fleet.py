@@ -22,6 +22,21 @@ from celery import Celery
 from shared.errors import ErrorCode, FleetError
 
 
+def _consumers(env: dict[str, str]) -> int:
+    """How many consumer processes a worker started with ``env`` runs: its settings as the child will
+    read them (config file, env, the device's default). Waiting for fewer let a bench measure while the
+    other consumers were still starting (seconds of imports and loading on the same cores)."""
+    from unittest import mock
+
+    from shared.config import load_settings
+
+    try:
+        with mock.patch.dict(os.environ, env, clear=True):
+            return load_settings().worker_consumers
+    except Exception:  # noqa: BLE001 - the child will say what is wrong with its settings
+        return 1
+
+
 class WorkerProcess:
     """One `python -m workers` child with its log in a file (tail shown if it fails to start)."""
 
@@ -36,7 +51,7 @@ class WorkerProcess:
         )
         self.hostname_prefix = f"autoglm-{self.process.pid}"
         # Its extra consumer processes answer pings as autoglm-PID.N@host (workers/consumer/group.py).
-        self.consumers = int(child_env.get("AUTOGLM_WORKER__CONSUMERS") or 1)
+        self.consumers = _consumers(child_env)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

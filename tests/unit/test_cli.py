@@ -26,3 +26,20 @@ def test_models_eval_names_the_line_that_is_not_a_labelled_example(
     assert main(["models", "eval", str(data)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error INVALID_INPUT: ") and says in err and "Traceback" not in err
+
+
+def test_a_started_worker_is_waited_for_with_every_consumer_its_settings_give() -> None:
+    """WorkerProcess.wait_ready pings each consumer the worker will start: counted from the settings
+    the child reads (env, config, the device's default), not only from an explicit env var (a bench
+    once measured while the second of two consumers was still loading)."""
+    import os
+
+    from autoglm.fleet import _consumers
+    from shared.config import load_settings
+
+    assert _consumers({**os.environ, "AUTOGLM_WORKER__CONSUMERS": "3"}) == 3
+    assert _consumers({**os.environ, "AUTOGLM_WORKER": '{"consumers": 5}'}) == 5
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_WORKER")}
+    assert _consumers(plain) == (4 if load_settings().resolved_device == "cuda" else 2)  # the device's default
+    assert _consumers({**os.environ, "AUTOGLM_WORKER__ENGINE_ADDRESS": "ipc:///tmp/x"}) == 1  # an extra consumer
+    assert os.environ.get("AUTOGLM_WORKER__CONSUMERS") is None  # the parent's environment is left as it was
