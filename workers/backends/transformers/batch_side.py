@@ -471,17 +471,23 @@ class Engine:
         finally:
             self._remembered = None
 
-    def _lm_rows(self, item: PreparedClassify, first_slot: int) -> list[Row]:
-        """A request's LM rows: direct, then channel and plain where the method has them, each
-        expert's labels in consecutive slots from ``first_slot``."""
+    @staticmethod
+    def _lm_slots(item: PreparedClassify) -> dict[str, slice]:
+        """Where each expert's scores sit among a request's LM slots: direct, then channel and
+        plain where the method has them, one slot per label each. The one place the layout is
+        written: the rows are laid out by it and the scores read back by it."""
+        names = ["direct"] + ["channel"] * (item.channel is not None) + ["plain"] * (item.plain is not None)
         n = len(item.label_ids)
-        rows = self._direct_rows(item.prompt_ids, item.label_ids, first_slot)
-        slot = first_slot + n
+        return {name: slice(index * n, (index + 1) * n) for index, name in enumerate(names)}
+
+    def _lm_rows(self, item: PreparedClassify, first_slot: int) -> list[Row]:
+        """A request's LM rows, laid out as ``_lm_slots`` says from ``first_slot``."""
+        slots = self._lm_slots(item)
+        rows = self._direct_rows(item.prompt_ids, item.label_ids, first_slot + slots["direct"].start)
         if item.channel is not None:
-            rows += self._channel_rows(item.channel, slot)
-            slot += n
+            rows += self._channel_rows(item.channel, first_slot + slots["channel"].start)
         if item.plain is not None:
-            rows += self._direct_rows(item.plain.prompt_ids, item.plain.label_ids, slot)
+            rows += self._direct_rows(item.plain.prompt_ids, item.plain.label_ids, first_slot + slots["plain"].start)
         return rows
 
     @staticmethod
@@ -507,7 +513,7 @@ class Engine:
             spans: list[tuple[Any, int, int]] = []
             slot = 0
             for key, item in todo.items():
-                width = len(item.label_ids) * (1 + (item.channel is not None) + (item.plain is not None))
+                width = max(span.stop for span in self._lm_slots(item).values())
                 rows += self._lm_rows(item, slot)
                 spans.append((key, slot, slot + width))
                 slot += width
@@ -526,20 +532,17 @@ class Engine:
         calibrate = self.config.classification_calibration != "none"
         found = []
         for item, per_slot in zip(items, self._lm_scores(items), strict=True):
-            n = len(item.label_ids)
-            direct = slice(0, n)
-            channel = None if item.channel is None else slice(n, 2 * n)
-            plain = None if item.plain is None else slice(n * (1 + (channel is not None)), n * (2 + (channel is not None)))
+            slots = self._lm_slots(item)
             labels = item.request.labels
             shots = Shots(descriptions=descriptions_of(item.request))  # the prompt's own (examples: below)
-            scores = per_slot[direct]
+            scores = per_slot[slots["direct"]]
             if calibrate:
                 scores = scores - self._label_prior(item.template, labels, item.label_ids, shots)
             experts = {"direct": scores.log_softmax(dim=0)}
-            if channel is not None:
-                experts["channel"] = per_slot[channel].log_softmax(dim=0)
-            if plain is not None:
-                plain_scores = per_slot[plain]
+            if "channel" in slots:
+                experts["channel"] = per_slot[slots["channel"]].log_softmax(dim=0)
+            if "plain" in slots:
+                plain_scores = per_slot[slots["plain"]]
                 if calibrate:
                     plain_scores = plain_scores - self._label_prior(item.plain.template, labels, item.plain.label_ids, shots)  # type: ignore[union-attr]
                 experts["plain"] = plain_scores.log_softmax(dim=0)
