@@ -26,13 +26,10 @@ def _consumers(env: dict[str, str]) -> int:
     """How many consumer processes a worker started with ``env`` runs: its settings as the child will
     read them (config file, env, the device's default). Waiting for fewer let a bench measure while the
     other consumers were still starting (seconds of imports and loading on the same cores)."""
-    from unittest import mock
-
     from shared.config import load_settings
 
     try:
-        with mock.patch.dict(os.environ, env, clear=True):
-            return load_settings().worker_consumers
+        return load_settings(environ=env).worker_consumers
     except Exception:  # noqa: BLE001 - the child will say what is wrong with its settings
         return 1
 

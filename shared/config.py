@@ -8,6 +8,7 @@ nesting, e.g. ``AUTOGLM_BATCHING__MAX_WAIT_MS=5``; ``REDIS_URL``), the YAML file
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,12 @@ from platformdirs import user_cache_dir
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from pydantic_settings.sources.utils import parse_env_vars
 
 from shared import plugins, templates
 from shared.errors import ErrorCode, FleetError
@@ -84,6 +87,8 @@ class ExpertWeights(BaseModel):
     channel: Annotated[float, Field(ge=0)] = 0.5
     plain: Annotated[float, Field(ge=0)] = 0.25
 _yaml_path: ContextVar[Path | None] = ContextVar("autoglm_yaml_path", default=None)
+# The environment load_settings reads (None: os.environ): another process's, to know its settings.
+_environ: ContextVar[Mapping[str, str] | None] = ContextVar("autoglm_environ", default=None)
 
 
 class _Section(BaseModel):
@@ -695,7 +700,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_file = _yaml_path.get() or config_path()
+        environ = _environ.get()
+        if environ is not None and isinstance(env_settings, EnvSettingsSource):
+            env_settings.env_vars = parse_env_vars(environ, env_settings.case_sensitive, env_settings.env_ignore_empty,
+                                                   env_settings.env_parse_none_str)
+        yaml_file = _yaml_path.get() or config_path(environ)
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
 
     # -- lookups -------------------------------------------------------------------------------
@@ -828,20 +837,22 @@ class Settings(BaseSettings):
         return [name for name, _, _ in self.all_queues()] + [self.webhook_queue]
 
 
-def config_path() -> Path:
-    return Path(os.environ.get("AUTOGLM_CONFIG") or DEFAULT_CONFIG_PATH)
+def config_path(environ: Mapping[str, str] | None = None) -> Path:
+    return Path((os.environ if environ is None else environ).get("AUTOGLM_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
-def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+def load_settings(path: str | Path | None = None, *, environ: Mapping[str, str] | None = None,
+                  **overrides: Any) -> Settings:
     """Load and validate the config; raises pydantic.ValidationError naming the bad field, or
     FleetError(INVALID_INPUT) when the named file is missing or is not YAML (pydantic-settings
     would read a missing file as empty and report "models: Field required", and let a YAML parse
-    error out as a traceback)."""
-    yaml_file = Path(path) if path else config_path()
-    if (path or os.environ.get("AUTOGLM_CONFIG")) and not yaml_file.is_file():
+    error out as a traceback). ``environ``: read these variables instead of this process's (the
+    settings a child process started with them will load)."""
+    yaml_file = Path(path) if path else config_path(environ)
+    if (path or (os.environ if environ is None else environ).get("AUTOGLM_CONFIG")) and not yaml_file.is_file():
         raise FleetError(ErrorCode.INVALID_INPUT, f"config file {yaml_file} does not exist "
                          f"({'AUTOGLM_CONFIG' if not path else 'the path given'}); the default is {DEFAULT_CONFIG_PATH}")
-    token = _yaml_path.set(Path(path) if path else None)
+    token, env_token = _yaml_path.set(Path(path) if path else None), _environ.set(environ)
     try:
         return Settings(**overrides)
     except yaml.YAMLError as exc:
@@ -851,3 +862,4 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise FleetError(ErrorCode.INVALID_INPUT, f"config file {yaml_file} is not valid YAML: {problem}{where}") from None
     finally:
         _yaml_path.reset(token)
+        _environ.reset(env_token)
