@@ -56,11 +56,11 @@ def _wait(client: Any, batch_id: str, until: tuple[str, ...], timeout: float = 9
     raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout}s: {batch.request_counts}")
 
 
-def test_a_batch_of_200_lines_runs_to_completion_with_counts_and_files(gateway: tuple[Gateway, Any]) -> None:
+def test_a_batch_of_100_lines_runs_to_completion_with_counts_and_files(gateway: tuple[Gateway, Any]) -> None:
     client = _client(gateway, "batcher")
-    lines = [_line(n) for n in range(200)]
-    lines += [_line(200, max_tokens=0),  # invalid: max_tokens >= 1
-              json.dumps({"custom_id": "req-201", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}),
+    lines = [_line(n) for n in range(100)]
+    lines += [_line(100, max_tokens=0),  # invalid: max_tokens >= 1
+              json.dumps({"custom_id": "req-101", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}),
               "this is not json"]
     uploaded = client.files.create(file=("requests.jsonl", "\n".join(lines).encode()), purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
@@ -73,11 +73,11 @@ def test_a_batch_of_200_lines_runs_to_completion_with_counts_and_files(gateway: 
         assert time.monotonic() < deadline, batch
         time.sleep(0.5)
     assert batch.status == "completed", batch
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (203, 200, 3)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (103, 100, 3)
     assert len(seen_progress) > 2, f"request_counts never moved while running: {sorted(seen_progress)}"
 
     output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
-    assert sorted(o["custom_id"] for o in output) == sorted(f"req-{n}" for n in range(200))
+    assert sorted(o["custom_id"] for o in output) == sorted(f"req-{n}" for n in range(100))
     for line in output:
         body = line["response"]["body"]
         assert line["error"] is None and line["response"]["status_code"] == 200
@@ -92,9 +92,9 @@ def test_a_batch_of_200_lines_runs_to_completion_with_counts_and_files(gateway: 
     errors = {e["custom_id"]: e for e in map(json.loads, client.files.content(batch.error_file_id).text.splitlines())}
     # The line that is not JSON has no custom_id: its error names its line number, under no invented id
     # (one could be another line's real id, and that line's answer was lost behind it).
-    assert set(errors) == {"req-200", "req-201", None} and "line 203" in errors[None]["error"]["message"]
+    assert set(errors) == {"req-100", "req-101", None} and "line 103" in errors[None]["error"]["message"]
     assert all(e["error"]["code"] == "INVALID_INPUT" and e["response"]["status_code"] == 422 for e in errors.values())
-    assert "max_tokens" in errors["req-200"]["error"]["message"]
+    assert "max_tokens" in errors["req-100"]["error"]["message"]
 
 
 def test_a_batch_that_repeats_a_custom_id_fails_whole_naming_the_lines(gateway: tuple[Gateway, Any]) -> None:
