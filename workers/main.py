@@ -48,15 +48,21 @@ def run_worker(concurrency: int | None = None, loglevel: str | None = None, host
         if not settings.redis_url:
             print(f"embedded broker running; point producers at it with REDIS_URL={url}", file=sys.stderr, flush=True)
         settings = settings.model_copy(update={"redis_url": url})
-        core = None
+        from celery.utils.nodenames import default_nodename, host_format
+
+        name = host_format(default_nodename(hostname or f"autoglm-{os.getpid()}@%h"))  # as `celery worker` reads it
+        core = group = None
         if not settings.worker.engine_address:  # this consumer owns the worker's engine core: start it
-            core = EngineCoreProcess(child_env(settings))  # now, so its model loads while Celery and torch import here
+            core = EngineCoreProcess(child_env(settings))  # now, so its model loads while Celery imports here
             core.start()
+            if settings.worker_consumers > 1:  # now too: they import and start while the model loads, then attach
+                from workers.consumer.group import ConsumerGroup
+
+                group = ConsumerGroup(core.address, settings.worker_consumers, name, core.env).start()
         from workers.consumer.app import ConsumerProcess
 
-        argv = celery_argv(settings, hostname or f"autoglm-{os.getpid()}@%h")
         try:
-            ConsumerProcess(settings, argv, core).run()
+            ConsumerProcess(settings, celery_argv(settings, name), core, group).run()
         except SystemExit as stopped:  # Celery's worker ends by sys.exit once warm shutdown is done
             code = stopped.code
         else:

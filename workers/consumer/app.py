@@ -76,13 +76,14 @@ class ConsumerProcess:
     """One Celery consumer process of a worker. Its context (``ctx``) exists from ``worker_init`` to
     ``worker_shutdown``; tasks get it passed in, never from a global."""
 
-    def __init__(self, settings: Settings, argv: list[str], core: EngineCoreProcess | None = None) -> None:
+    def __init__(self, settings: Settings, argv: list[str], core: EngineCoreProcess | None = None,
+                 group: ConsumerGroup | None = None) -> None:
         self.settings = settings
         self.argv = argv  # `celery worker` arguments (workers/main.py celery_argv)
         self.core = core  # the engine core workers/main.py started before importing this module
         self.app = create_app(settings)
         self.ctx: Runtime | None = None
-        self.group: ConsumerGroup | None = None
+        self.group = group  # the extra consumers, started with the core (workers/main.py); stopped with this one
         self.presence: Presence | None = None
         self.deliverer: Deliverer | None = None
         tasks.register(self.app, self.context)
@@ -107,9 +108,6 @@ class ConsumerProcess:
         hostname = getattr(sender, "hostname", None) or f"autoglm-{os.getpid()}@{socket.gethostname()}"
         if self.ctx.engine.owner:  # one entry per worker: the first consumer's
             self.presence = Presence(settings, hostname, list(self.ctx.engine.models)).start()
-        if self.ctx.engine.owner and settings.worker_consumers > 1:
-            self.group = ConsumerGroup(self.ctx.engine.address, settings.worker_consumers, hostname,
-                                       self.ctx.engine.core.env).start()  # type: ignore[union-attr]
         if self.ctx.engine.owner:  # webhooks leave from one event loop per worker, never a task thread
             self.deliverer = Deliverer(settings, settings.redis_url or "", hostname).start()
         if settings.worker.metrics_port and self.ctx.engine.owner:  # one /metrics per worker: the first consumer's

@@ -4,8 +4,9 @@ Why processes, not threads: one consumer process does its message handling (Cele
 tokenization, ledger, result writes) under one GIL, about 600 tasks/s with a zero-cost model on a
 2-core EPYC, and its threads bound what is in flight; a GPU batch of 32 wants more (bench/RESULTS.md).
 The first consumer (the one `python -m workers` starts) owns the engine core and starts
-``worker.consumers - 1`` more; each is a `python -m workers` process that attaches to the core's
-address (``worker.engine_address``). They die with it (PR_SET_PDEATHSIG: SIGTERM, a warm shutdown
+``worker.consumers - 1`` more right after the core, before its own imports: they import while the
+model loads, and each, a `python -m workers` process that attaches to the core's address
+(``worker.engine_address``), waits for the core's hello like the first. They die with it (PR_SET_PDEATHSIG: SIGTERM, a warm shutdown
 whose waiting tasks are requeued) and it restarts any that die alone. A consumer killed with -9
 loses nothing: its unacked messages are redelivered like any dead worker's (docs/reliability.md).
 """
