@@ -43,9 +43,13 @@ def llama_model(settings: Any, requantize: str | None = None) -> dict[str, Any]:
 def peer(gguf: str, n: int) -> dict[str, Any]:
     from llama_cpp import Llama
 
+    from workers.backends.llama_cpp import LlamaCppOptions
     from workers.backends.llama_cpp.llama_engine import cpu_threads
 
-    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False)
+    # Flash attention as the llama_cpp backend sets it (off by library default on a CPU, and slower
+    # there): the ratios compare batching and the fleet, not one flag.
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False,
+                flash_attn=LlamaCppOptions().flash_attn)
     llm.create_chat_completion(messages=messages("Hello"), max_tokens=4, temperature=0)  # warm-up
     tokens, first, started = 0, [], time.perf_counter()
     for prompt in (PROMPTS * n)[:n]:

@@ -42,6 +42,8 @@ class LlamaCppOptions(BaseModel):
                                     "batch holds it back by one decode, not the whole batch; llama.cpp computes a "
                                     "decode in parts of 512 tokens anyway, so smaller decodes cost little.")
     score_rows: int = Field(default=64, ge=1, description="Sequences per classification decode.")
+    flash_attn: bool = Field(default=True, description="llama.cpp's flash-attention kernels; its default (auto) "
+                             "leaves them off on a CPU, where they decode and score faster (docs/architecture.md).")
     log: bool = Field(default=False, description="Let llama.cpp's own log through (loading prints hundreds of lines).")
     requantize: Literal["Q8_0", "Q4_0"] | None = Field(
         default=None, description="Serve the file converted to this type (once, cached beside the prepared models): "

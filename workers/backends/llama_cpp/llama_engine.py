@@ -84,6 +84,7 @@ class LlamaEngine(Engine):
         self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self._model.model))
         rows = continuous.max_rows + continuous.interactive_reserve
         kv = max(options.kv_tokens, self.context)
+        self.flash_attn = options.flash_attn
         self._generation = self._context(_internals, kv, options.step_tokens, rows, threads)
         self._scoring = self._context(_internals, options.score_tokens, options.score_tokens, options.score_rows, threads)
         self.score_rows, self.score_tokens = options.score_rows, options.score_tokens
@@ -104,6 +105,8 @@ class LlamaEngine(Engine):
         params.n_ctx, params.n_batch, params.n_ubatch = cells, batch, min(batch, 512)
         params.n_seq_max, params.kv_unified = sequences, True
         params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = (self.llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
+                                  else self.llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
         return internals.LlamaContext(model=self._model, params=params, verbose=False)
 
