@@ -8,8 +8,11 @@ Competitors, one after another on the same prompts (8 chat prompts, at most 64 n
   streamed so its time to first token is read as a client sees it.
 Then classification tasks/s on both fleets over the report rows of every family (default method),
 and how often their labels agree; and the llama_cpp fleet's interactive p95 under a bulk backlog
-against idle (bench/isolation.py on that fleet). The llama_cpp fleet runs twice: on the file as it is
-(Q4_1) and with ``requantize: Q8_0`` (the GEMM-friendly conversion; the isolation run uses that one).
+against idle (bench/isolation.py on that fleet; 20 probes each at quick size, so that p95 is not
+the slowest of a handful). The llama_cpp fleet runs three times: on the file as it is (Q4_1), with
+``requantize: Q8_0`` (Q4_1's values held to 8 bits; the isolation run uses that one) and with
+``requantize: Q4_0`` (rounded again to the type llama.cpp repacks for its CPU GEMM: faster, lossier;
+its label agreement says what that costs).
 """
 
 from __future__ import annotations
@@ -106,14 +109,15 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
 
     settings = h.settings
     transformers_model = settings.models[0].model_dump(mode="json")
-    llama, llama_q8 = llama_model(settings), llama_model(settings, "Q8_0")
+    llama, llama_q8, llama_q4 = llama_model(settings), llama_model(settings, "Q8_0"), llama_model(settings, "Q4_0")
     singles, batched = (4, 8) if quick else (8, 32)
     rows = [(text, family.labels) for family in (*families(), *new_families())
             for text, _ in family.examples("report")[: 4 if quick else None]]
     out: dict[str, Any] = {"peer": peer(str(gguf_path(settings.models[0], resolve_source(settings.models[0].source))), singles)}
     print(f"[bench] cpu-peer: llama.cpp single stream {json.dumps(out['peer'])}", flush=True)
     labels: dict[str, list[str]] = {}
-    for name, model in (("transformers", transformers_model), ("llama_cpp", llama), ("llama_cpp_q8_0", llama_q8)):
+    for name, model in (("transformers", transformers_model), ("llama_cpp", llama), ("llama_cpp_q8_0", llama_q8),
+                        ("llama_cpp_q4_0", llama_q4)):
         with h.fleet(f"peer-{name}", models=[model]) as client:
             out[f"{name}_single"] = fleet_generation(client, model["name"], 1, singles)
             for in_flight in (8, 16):
@@ -125,7 +129,7 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
         return round(sum(a == b for a, b in zip(labels["transformers"], labels[name], strict=True)) / len(rows), 4)
 
     llama_harness = Harness(settings, h.redis_url, {**h.env, "AUTOGLM_MODELS": json.dumps([llama_q8])})
-    isolated = isolation.run(llama_harness, 6 if quick else 40, 200 if quick else 2000, 16)
+    isolated = isolation.run(llama_harness, 20 if quick else 40, 400 if quick else 2000, 16)
     peer_single = out["peer"]["tok_per_s"]
     return {
         "cpu_peer": out,
@@ -138,13 +142,19 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
                                "transformers_16": out["transformers_16"]["tok_per_s"],
                                "llama_cpp_q8_0_single": out["llama_cpp_q8_0_single"]["tok_per_s"],
                                "llama_cpp_q8_0_8": out["llama_cpp_q8_0_8"]["tok_per_s"],
-                               "llama_cpp_q8_0_16": out["llama_cpp_q8_0_16"]["tok_per_s"]},
+                               "llama_cpp_q8_0_16": out["llama_cpp_q8_0_16"]["tok_per_s"],
+                               "llama_cpp_q4_0_single": out["llama_cpp_q4_0_single"]["tok_per_s"],
+                               "llama_cpp_q4_0_8": out["llama_cpp_q4_0_8"]["tok_per_s"],
+                               "llama_cpp_q4_0_16": out["llama_cpp_q4_0_16"]["tok_per_s"]},
         "llama_cpp_single_vs_peer": round(out["llama_cpp_single"]["tok_per_s"] / peer_single, 3),
         "llama_cpp_8_vs_peer": round(out["llama_cpp_8"]["tok_per_s"] / peer_single, 3),
         "llama_cpp_q8_0_single_vs_peer": round(out["llama_cpp_q8_0_single"]["tok_per_s"] / peer_single, 3),
         "llama_cpp_q8_0_8_vs_peer": round(out["llama_cpp_q8_0_8"]["tok_per_s"] / peer_single, 3),
+        "llama_cpp_q4_0_single_vs_peer": round(out["llama_cpp_q4_0_single"]["tok_per_s"] / peer_single, 3),
+        "llama_cpp_q4_0_8_vs_peer": round(out["llama_cpp_q4_0_8"]["tok_per_s"] / peer_single, 3),
         "llama_cpp_label_agreement": agreement("llama_cpp"),
         "llama_cpp_q8_0_label_agreement": agreement("llama_cpp_q8_0"),
+        "llama_cpp_q4_0_label_agreement": agreement("llama_cpp_q4_0"),
         "llama_cpp_label_rows": len(rows),
         "llama_cpp_interactive_p95_ratio": isolated["interactive_p95_ratio"],
         "llama_cpp_isolation": isolated,

@@ -37,10 +37,11 @@ class LlamaCppOptions(BaseModel):
                              "each, then chunks of joining rows' prompts.")
     score_tokens: int = Field(default=4096, ge=256, description="The longest scored row, in tokens (a "
                               "classification decode of one row).")
-    score_chunk_tokens: int = Field(default=256, ge=16, description="Tokens per classification decode of several "
-                                    "rows. Between two decodes interactive generation runs, so a classification "
-                                    "batch holds it back by one decode, not the whole batch; llama.cpp computes a "
-                                    "decode in parts of 512 tokens anyway, so smaller decodes cost little.")
+    score_chunk_tokens: int = Field(default=64, ge=16, description="Tokens per classification decode of several "
+                                    "rows (a longer row is a decode of its own). Between two decodes interactive "
+                                    "generation runs, so a classification batch holds it back by one decode, not "
+                                    "the whole batch; on a CPU a decode's time grows with its tokens, so smaller "
+                                    "decodes cost classification little (docs/architecture.md).")
     score_rows: int = Field(default=64, ge=1, description="Sequences per classification decode.")
     flash_attn: bool = Field(default=True, description="llama.cpp's flash-attention kernels; its default (auto) "
                              "leaves them off on a CPU, where they decode and score faster (docs/architecture.md).")
