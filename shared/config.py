@@ -461,6 +461,12 @@ class WorkerConfig(_Section):
         description="Celery threads; None = the largest batch size. More threads only park more bulk "
         "messages in the batcher, where an interactive request would have to queue behind them.",
     )
+    interactive_threads: Annotated[int, Field(ge=0, le=64)] = Field(
+        default=1,
+        description="Celery threads per consumer beyond `concurrency` that only the most urgent queues' "
+        "messages may take: while bulk holds every other thread (each waiting on its batch), an "
+        "interactive message is taken at once, not after a bulk task ends (docs/architecture.md).",
+    )
     queues: list[Priority] = [Priority.INTERACTIVE, Priority.BULK]
     consumers: Annotated[int, Field(ge=1, le=64)] | None = Field(
         default=None,
@@ -720,6 +726,12 @@ class Settings(BaseSettings):
     @property
     def worker_concurrency(self) -> int:
         return self.worker.concurrency or max(self.batching.max_batch_size, *self.batching.max_batch_size_by_task.values())
+
+    @property
+    def consumer_threads(self) -> int:
+        """A consumer's Celery threads (and prefetch): ``worker_concurrency`` for any queue plus the
+        ones kept for the most urgent queues (``worker.interactive_threads``)."""
+        return self.worker_concurrency + self.worker.interactive_threads
 
     @property
     def worker_consumers(self) -> int:

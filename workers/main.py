@@ -76,7 +76,7 @@ def celery_argv(settings: Settings, hostname: str) -> list[str]:
         "worker",
         f"--loglevel={settings.worker.loglevel}",
         "--queues=" + ",".join(settings.worker_queues()),
-        f"--concurrency={settings.worker_concurrency}",
+        f"--concurrency={settings.consumer_threads}",
         f"--hostname={hostname}",
         "--without-mingle",
         "--without-gossip",

@@ -51,12 +51,13 @@ def create_app(settings: Settings) -> Celery:
         visibility_heartbeat_s=settings.broker.heartbeat_s,
         task_names=(*(spec.celery_name for spec in task_types.installed()), STEP_TASK, WEBHOOK_TASK),
         urgent_queues=tuple(settings.urgent_queues()),
+        urgent_reserve=settings.worker.interactive_threads,
     )
     app.conf.update(
         # Reliable fetch, malformed messages to the DLQ, visibility heartbeat (workers/consumer/transport.py).
         broker_transport=transport,
         worker_pool="threads",
-        worker_concurrency=settings.worker_concurrency,
+        worker_concurrency=settings.consumer_threads,
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         task_acks_late=True,

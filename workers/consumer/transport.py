@@ -157,10 +157,18 @@ class Channel(fairqueue.Channel):
     #: the most urgent queues (one per model served): taking a message from one marks it in transit
     #: (shared.queues.in_transit_key)
     urgent_queues: tuple[str, ...] = ()
+    #: of the prefetch (the pool's threads), how many only the urgent queues' messages may fill
+    urgent_reserve: int = 0
     from_transport_options = fairqueue.Channel.from_transport_options + (
         "visibility_heartbeat_s", "fetch_idle_timeout", "dead_letter_key", "task_names", "urgent_queues",
+        "urgent_reserve",
     )
     _waiting = False
+
+    @cached_property
+    def _held_from(self) -> dict[str, str]:
+        """delivery tag -> queue of the messages this channel took (pruned to those still held)."""
+        return {}
 
     @cached_property
     def _task_names(self) -> frozenset[str]:
@@ -194,15 +202,37 @@ class Channel(fairqueue.Channel):
         room = self.qos.can_consume_max_estimate()
         return max(1, int(room)) if room is not None else 1
 
+    def _bulk_room(self) -> int | None:
+        """How many messages of the less urgent queues this channel may take now (None: no limit).
+        With ``urgent_reserve`` r and a prefetch of n (the pool's threads), they hold at most n - r:
+        the last r threads stay free for urgent messages, which would otherwise wait in Redis until
+        a bulk task ended (its whole batch, on a busy engine) before the channel took another."""
+        limit = (self.qos.prefetch_count or 0) - self.urgent_reserve
+        if not self.urgent_reserve or limit < 1:
+            return None
+        # kombu forgets an acked message lazily: it stays in _delivered, marked in _dirty, until a flush.
+        delivered, acked, urgent = self.qos._delivered, self.qos._dirty, set(self.urgent_queues)
+        held = {tag: queue for tag, queue in self._held_from.items() if tag in delivered and tag not in acked}
+        self._held_from.clear()
+        self._held_from.update(held)
+        return max(0, limit - sum(queue not in urgent for queue in held.values()))
+
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        self._fetching = self._queue_keys(queues)
+        keys, want = self._queue_keys(queues), self._room()
+        urgent = [key for key in keys if key in set(self.urgent_queues)]
+        bulk_room = self._bulk_room() if urgent else None  # a channel with no urgent queue keeps no reserve
+        if bulk_room == 0:  # bulk fills all but the reserve: only urgent messages may come in
+            keys = urgent
+        elif bulk_room is not None:
+            want = min(want, bulk_room)
+        self._fetching = keys
         self._waiting = False
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
-        self.client.connection.send_command("EVAL", *self._fetch_args(self._fetching, self._room()))
+        self.client.connection.send_command("EVAL", *self._fetch_args(self._fetching, want))
 
     def _idle_wait_key(self) -> str:
         """The key an idle channel blocks on: an urgent queue's, whatever order kombu's round-robin
@@ -252,6 +282,7 @@ class Channel(fairqueue.Channel):
         problem = body_problem(payload, self._task_names)
         if problem is None:
             try:
+                self._held_from[tag] = queue
                 self.connection._deliver(payload, queue)
                 return
             except self.connection_errors:

@@ -97,7 +97,7 @@ class EngineCore:
             max_batch_size=lambda key: settings.max_batch_size(key[1]),
             max_batch_tokens=settings.batching.max_batch_tokens,
             max_wait_ms=settings.batching.max_wait_ms,
-            max_pending=settings.worker_concurrency * settings.worker_consumers,
+            max_pending=settings.consumer_threads * settings.worker_consumers,
             call_policy=BatchPolicies(settings).call,
             urgent_upstream=self._interactive_queued if self._urgent_queues else None,
             most_urgent=settings.queue_classes()[0].rank,
