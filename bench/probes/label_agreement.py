@@ -1,0 +1,66 @@
+"""Probe: do the llama_cpp and transformers backends give the same labels on every report row?
+
+In process, no fleet: the transformers ``Engine`` on the served GPTQ artifact and the ``LlamaEngine``
+on the bundled GGUF file (``--requantize`` as the backend's option), the default method, every
+family's report rows (the bench's cpu-peer scenario compares the first 4 of each at quick size), in
+batches of 16. Prints agreement and each backend's accuracy per family, and tasks/s of each.
+
+    python -m bench.probes.label_agreement [--requantize Q8_0|Q4_0|none] [--rows N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from shared.config import ModelConfig, load_settings
+from shared.schemas import ClassifyRequest
+from workers.artifacts import prepared_path
+from workers.backends import batch_side
+from workers.backends.transformers.batch_side import Engine
+from workers.prepare.evaluation import families, new_families
+
+
+def labels(engine: Engine, rows: list[tuple[str, list[str]]]) -> tuple[list[str], float]:
+    started, found = time.perf_counter(), []
+    for i in range(0, len(rows), 16):
+        batch = [engine.prepare(ClassifyRequest(text=text, labels=names)) for text, names in rows[i:i + 16]]
+        found += [answer.output.label for answer in engine.classify(batch)]
+    return found, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requantize", default="Q8_0", help="the llama_cpp option (none: the file as it is)")
+    parser.add_argument("--rows", type=int, default=None, help="report rows per family (default: all)")
+    args = parser.parse_args()
+    settings = load_settings()
+    bundled = settings.models[0]
+    options = {} if args.requantize == "none" else {"requantize": args.requantize}
+    llama_config = ModelConfig(**{**bundled.model_dump(), "name": f"{bundled.name}-llama", "backend": "llama_cpp",
+                                  "options": options})
+    reference = Engine(bundled, prepared_path(settings, bundled), device="cpu")
+    llama = batch_side(settings, llama_config)
+    out: dict[str, dict[str, float]] = {}
+    seconds = {"transformers": 0.0, "llama_cpp": 0.0}
+    total = agree_total = 0
+    for family in (*families(), *new_families()):
+        examples = family.examples("report")[: args.rows]
+        rows = [(text, family.labels) for text, _ in examples]
+        theirs, t_seconds = labels(reference, rows)
+        ours, l_seconds = labels(llama, rows)
+        seconds["transformers"] += t_seconds
+        seconds["llama_cpp"] += l_seconds
+        agree = sum(a == b for a, b in zip(ours, theirs, strict=True))
+        total, agree_total = total + len(rows), agree_total + agree
+        out[family.name] = {"rows": len(rows), "agree": round(agree / len(rows), 4),
+                            "accuracy_transformers": round(sum(a == g for a, (_, g) in zip(theirs, examples, strict=True)) / len(rows), 4),
+                            "accuracy_llama_cpp": round(sum(a == g for a, (_, g) in zip(ours, examples, strict=True)) / len(rows), 4)}
+        print(f"{family.name}: {json.dumps(out[family.name])}", flush=True)
+    llama.close()
+    print(json.dumps({"requantize": args.requantize, "rows": total, "agree": round(agree_total / total, 4),
+                      "tasks_per_s": {k: round(total / v, 2) for k, v in seconds.items()}, "families": out}))
+
+
+if __name__ == "__main__":
+    main()
