@@ -31,6 +31,7 @@ from shared.errors import ErrorCode, FleetError, as_fleet_error
 from shared.schemas import Priority
 
 THROTTLE_POLL_S = 0.5  # how often a backfill with nothing in flight looks at a queue too deep to add to
+CANCEL_POLL_S = 0.25  # with a cancel hook (the Batch API), the longest a wait for answers goes without asking it
 
 
 class Line(NamedTuple):
@@ -195,6 +196,14 @@ class Progress:
             sys.stderr.flush()
 
 
+def _wait_a_slice(handle: TaskHandle) -> None:
+    """Wait up to CANCEL_POLL_S for ``handle``'s answer (what it is, settle reads)."""
+    try:
+        handle.result(timeout=CANCEL_POLL_S)
+    except (TimeoutError, FleetError):
+        pass
+
+
 def run_backfill(
     client: FleetClient, source: Path, output: Path, errors: Path | None = None, window: int = 256,
     chunk: int = 64, max_queue_depth: int = 10_000, timeout_s: float = 3600,
@@ -265,7 +274,13 @@ def run_backfill(
                 if not in_flight:  # the queue is deep with others' work: wait for it, without spinning
                     time.sleep(THROTTLE_POLL_S)
                     continue
-                settle(block=not any(h.ready() for h in in_flight.values()))
+                some_ready = any(h.ready() for h in in_flight.values())
+                if not some_ready and cancelled is not None:
+                    # Wait a slice at a time, asking between slices: a blocking settle returns after a
+                    # chunk of answers, and a cancel would land that many answers late.
+                    _wait_a_slice(next(iter(in_flight.values())))
+                    continue
+                settle(block=not some_ready)
             if stop():
                 break
             part = []
