@@ -127,6 +127,51 @@ def test_a_cancelled_row_leaves_and_frees_its_sequence(llama: Any) -> None:
     assert not llama.slots.busy
 
 
+def test_a_prompt_prefix_already_in_the_cache_is_not_read_again(llama: Any) -> None:
+    """A finished row's sequence keeps its cache: the next chat prompt starts after the template's
+    shared system turn, and the same prompt again decodes only its last token. Answers keep their facts."""
+    first = ask(llama, messages=CAPITAL, max_new_tokens=8)
+    spider = ask(llama, messages=[{"role": "user", "content": "How many legs does a spider have? Answer with a number."}],
+                 max_new_tokens=12)
+    shared = next(i for i, (a, b) in enumerate(zip(first.input_ids, spider.input_ids)) if a != b)
+    assert shared > 10, "the chat template's system turn is a shared prefix"
+    llama.generate([first])
+    before = llama.slots.reused_tokens
+    assert "8" in llama.generate([spider])[0].output.text
+    assert llama.slots.reused_tokens - before >= shared
+    before = llama.slots.reused_tokens
+    assert "Paris" in llama.generate([first])[0].output.text
+    assert llama.slots.reused_tokens - before == len(first.input_ids) - 1
+
+
+def test_a_joining_row_shares_the_prefix_of_a_running_one(llama: Any) -> None:
+    llama.slots.close()  # no kept caches: only the running row can lend its cells
+    static: list[str] = []
+    gen = generator(llama, Sink(), static)
+    story = gen.submit(ask(llama, messages=[{"role": "user", "content": "Tell me a long story about a cat."}],
+                           max_new_tokens=40), BULK, "story", trace.INVALID_SPAN_CONTEXT)
+    for _ in range(3):
+        gen.step()
+    before = llama.slots.reused_tokens
+    capital = gen.submit(ask(llama, messages=CAPITAL, max_new_tokens=12), INTERACTIVE, "capital",
+                         trace.INVALID_SPAN_CONTEXT)
+    drive(gen, [story, capital])
+    assert llama.slots.reused_tokens - before > 10
+    assert "Paris" in capital.result()[0].output.text and static == []
+
+
+def test_kept_caches_give_their_cells_to_a_row_that_needs_them(llama: Any) -> None:
+    for question in ("What is the opposite of hot? One word.", "What is the chemical symbol for water?"):
+        llama.generate([ask(llama, messages=[{"role": "user", "content": question}], max_new_tokens=6)])
+    slots = llama.slots
+    assert slots._kept > 0 and not slots.busy
+    slots.add_request([1] * 10, "big", max_new_tokens=slots.kv_tokens - 10)  # every cell of the context
+    slots.run()
+    assert "big" in slots._running and slots._kept == 0, "the kept caches were dropped to admit it"
+    slots.cancel_request("big")
+    assert not slots.busy
+
+
 def test_labels_agree_with_the_transformers_backend(llama: Any, settings: Settings) -> None:
     """Same method, same tokens, other kernels: the labels agree (a guard on 16 rows;
     `python -m bench.probes.label_agreement` measures every report row, bench/RESULTS.md)."""

@@ -9,6 +9,14 @@ per row (temperature, top-p), so sampled requests are continuously batched too.
 
 KV cells are reserved at admission (prompt + max_new_tokens of each row, in one unified cache), so
 a running row never finds the cache full mid-answer; a row waits here until its cells are free.
+
+**Prompt prefixes are read once** (llama.cpp's server does the same: ``cache_prompt``): a sequence
+that finishes keeps its tokens in the cache, and a joining row starts from the longest prefix it
+shares with any kept or running sequence - its own sequence's cache cut where they part, or
+another's cells shared into it (``llama_memory_seq_cp``: in a unified cache a cell may belong to
+several sequences). Chat prompts share their template's system turn, so most of a prompt is
+already in the cache; kept caches are dropped, least recently used first, when a row needs their
+cells.
 """
 
 from __future__ import annotations
@@ -58,6 +66,22 @@ class _Seq:
     def cells(self) -> int:
         return len(self.prompt) + self.max_new_tokens
 
+    @property
+    def in_cache(self) -> list[int]:
+        """The tokens whose KV this sequence holds (a sampled token is in the cache once fed)."""
+        if self.fed < len(self.prompt):
+            return self.prompt[: self.fed]
+        return self.prompt + self.generated[:-1]
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None) -> int:
     """Greedy at temperature 0; otherwise temperature, then nucleus (top-p), then a draw."""
@@ -88,7 +112,11 @@ class Slots:
         self.kv_tokens = kv_tokens
         self.step_tokens = step_tokens
         self._batch = TokenBatch(llama, step_tokens)
-        self._free = list(range(sequences - 1, -1, -1))
+        # Free sequences, least recently used first, each with the tokens its cache still holds.
+        self._idle: dict[int, list[int]] = {seq_id: [] for seq_id in range(sequences)}
+        self._kept = 0  # cells the idle sequences' caches hold
+        #: prompt tokens joining rows found in the cache instead of decoding them
+        self.reused_tokens = 0
         self._pending: deque[_Seq] = deque()
         self._running: dict[str, _Seq] = {}
         self._results: deque[SlotOutput] = deque()
@@ -138,14 +166,67 @@ class Slots:
             self._release(seq)
         self._running.clear()
         self._pending.clear()
+        for seq_id in self._idle:
+            self._forget(seq_id)
 
     # -- internals -------------------------------------------------------------------------------
     def _admit(self) -> None:
-        while self._pending and self._free and self._reserved + self._pending[0].cells <= self.kv_tokens:
-            seq = self._pending.popleft()
-            seq.seq_id = self._free.pop()
+        while self._pending and self._idle and self._reserved + self._pending[0].cells <= self.kv_tokens:
+            seq = self._pending[0]
+            seq_id, source, common = self._choose(seq.prompt)
+            keep = {seq_id, source}
+            for other in [i for i, cache in self._idle.items() if cache and i not in keep]:  # least recent first
+                if self._reserved + self._kept + seq.cells - len(self._idle[seq_id]) <= self.kv_tokens:
+                    break
+                self._forget(other)
+            if self._reserved + self._kept + seq.cells - len(self._idle[seq_id]) > self.kv_tokens:
+                for other in keep:  # even the prefix found does not leave room: start from nothing
+                    if other in self._idle:
+                        self._forget(other)
+                source, common = seq_id, 0
+                if self._reserved + self._kept + seq.cells > self.kv_tokens:
+                    break  # running rows' reservations: wait for one to finish
+            self._pending.popleft()
+            cache = self._idle.pop(seq_id)
+            self._kept -= len(cache)
+            memory = self.context.memory
+            if source == seq_id:
+                if len(cache) > common and not self.llama.llama_memory_seq_rm(memory, seq_id, common, -1):
+                    self.llama.llama_memory_seq_rm(memory, seq_id, -1, -1)  # cannot cut it: read it all again
+                    common = 0
+            else:
+                if cache:
+                    self.llama.llama_memory_seq_rm(memory, seq_id, -1, -1)
+                self.llama.llama_memory_seq_cp(memory, source, seq_id, 0, common)
+            seq.seq_id, seq.fed = seq_id, common
+            self.reused_tokens += common
             self._reserved += seq.cells
             self._running[seq.request_id] = seq
+
+    def _choose(self, prompt: list[int]) -> tuple[int, int, int]:
+        """(sequence for the row, sequence whose cache it starts from, tokens shared). At least the
+        prompt's last token is decoded again: its logits give the first new token."""
+        limit = len(prompt) - 1
+        best, source = 0, -1
+        for seq_id, cache in self._idle.items():
+            if cache and (n := min(shared_prefix(cache, prompt), limit)) > best:
+                best, source = n, seq_id
+        for running in self._running.values():
+            if (n := min(shared_prefix(running.in_cache, prompt), limit)) > best:
+                best, source = n, running.seq_id
+        if source in self._idle:
+            return source, source, best
+        empty = next((i for i, cache in self._idle.items() if not cache), None)
+        seq_id = empty if empty is not None else next(iter(self._idle))  # else the least recently used
+        return seq_id, (source if best else seq_id), best
+
+    def _forget(self, seq_id: int) -> None:
+        """Drop an idle sequence's kept cache."""
+        cache = self._idle[seq_id]
+        if cache:
+            self.llama.llama_memory_seq_rm(self.context.memory, seq_id, -1, -1)
+            self._kept -= len(cache)
+            self._idle[seq_id] = []
 
     def _step(self) -> None:
         self._admit()
@@ -187,8 +268,13 @@ class Slots:
                 self._emit(seq, SlotOutput(seq.request_id, list(seq.generated)))
 
     def _release(self, seq: _Seq) -> None:
-        self.llama.llama_memory_seq_rm(self.context.memory, seq.seq_id, -1, -1)
-        self._free.append(seq.seq_id)
+        """The row's sequence goes idle, its cache kept for a later row's prefix (none after a
+        failed decode: what it holds is not known)."""
+        cache = [] if self.failed is not None else seq.in_cache
+        if not cache:
+            self.llama.llama_memory_seq_rm(self.context.memory, seq.seq_id, -1, -1)
+        self._idle[seq.seq_id] = cache  # the most recently used last
+        self._kept += len(cache)
         self._reserved -= seq.cells
 
     def _emit(self, seq: _Seq, output: SlotOutput) -> None:
