@@ -17,7 +17,7 @@ from tests.integration.conftest import Fleet, fleet_on
 from tests.integration.test_reliability import REVIEWS, _engine_core_pid, others_of_a_permanent_fault
 from workers.consumer.ledger import Ledger
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.beside]  # its own fleet, not the shared ones: it runs in make test's second lane
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama_cpp extra) is not installed: "
                     "`make setup LLAMA_CPP=1` builds it")
 
