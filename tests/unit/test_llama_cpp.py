@@ -204,6 +204,30 @@ def test_classification_scores_are_the_same_in_a_batch_and_alone(llama: Any) -> 
         assert b.scores == pytest.approx(a.scores, abs=0.12)
 
 
+def test_a_prompts_multi_token_labels_are_scored_off_one_read_of_the_prompt(llama: Any) -> None:
+    """A packed row's prompt belongs to one sequence per label branch, so llama.cpp reads it once;
+    each branch sees the prompt and itself only, and scores as a row of its own does (within the
+    ~0.1 that a batch's shape moves llama.cpp's log-probabilities; a branch seeing another's
+    tokens would move them far more)."""
+    import torch
+
+    labels = ["lost or stolen card", "card payment declined", "exchange rate question"]
+    requests = [ClassifyRequest(text="I lost my wallet with the card in it", labels=labels),
+                ClassifyRequest(text="Stocks rose", labels=["finance and markets", "sport", "the weather today"])]
+    items = [llama.prepare(r) for r in requests]
+    rows = llama._lm_rows(items[0], 0)
+    assert len(rows) == 1 and len(rows[0].branches) == len(labels)
+    packed = llama._lm_scores(items)
+    llama.packs_labels = False
+    try:
+        apart = llama._lm_scores(items)
+    finally:
+        del llama.packs_labels
+    for one, other in zip(packed, apart, strict=True):
+        assert one.tolist() == pytest.approx(other.tolist(), abs=0.15)
+    assert not torch.equal(packed[0], packed[0].roll(1))
+
+
 def test_a_classification_batch_makes_room_for_interactive_work_between_its_decodes(llama: Any) -> None:
     """A batch's rows are scored in decodes of ``score_chunk_tokens``; between two of them the engine
     calls ``between_chunks`` (the engine core runs interactive generation there), and the scores

@@ -56,9 +56,9 @@ class LlamaEngine(Engine):
 
     #: sampled requests are continuously batched too (``Slots`` samples per row)
     samples_per_row = True
-    #: each multi-token label is a row (prompt + label) of its own: no packed rows (Row.branches).
-    #: llama.cpp could read a prompt once for several sequences (a token in several seq ids).
-    packs_labels = False
+    #: a prompt's multi-token labels are one packed row (Row.branches): the prompt's tokens belong
+    #: to one sequence per branch, so llama.cpp reads them once for all its labels.
+    packs_labels = True
 
     def __init__(self, config: ModelConfig, gguf: Path, tokenizer_path: Path, options: Any,
                  continuous: ContinuousConfig) -> None:
@@ -89,7 +89,7 @@ class LlamaEngine(Engine):
         self._scoring = self._context(_internals, options.score_tokens, options.score_tokens, options.score_rows, threads)
         self.score_rows, self.score_tokens = options.score_rows, options.score_tokens
         self.score_chunk = min(options.score_chunk_tokens, options.score_tokens)
-        self._score_batch = TokenBatch(llama, options.score_tokens)
+        self._score_batch = TokenBatch(llama, options.score_tokens, options.score_rows)
         self.slots = Slots(llama, self._generation, self.n_vocab, rows, kv, options.step_tokens)
         self.model_lock = threading.RLock()
         self._classification_state()
@@ -144,7 +144,8 @@ class LlamaEngine(Engine):
     def _score(self, rows: list[Row], slots: int) -> torch.Tensor:
         """Sum the log-probabilities of every row's (position, target) pairs into their slots.
 
-        Rows go as sequences of one decode, as many as fit ``score_rows`` sequences,
+        Rows go as sequences of one decode (a packed row as one sequence per branch, sharing its
+        prompt's tokens), as many as fit ``score_rows`` sequences,
         ``score_chunk`` tokens (one longer row alone, up to ``score_tokens``) and SCORE_OUTPUTS
         read positions; logits are read only at scored positions (a position scored for several
         labels is read once). Between two decodes the engine core may run interactive generation
@@ -154,18 +155,20 @@ class LlamaEngine(Engine):
         batch = self._score_batch
         start = 0
         while start < len(rows):
-            group, tokens, outputs = [], 0, 0
+            group, tokens, outputs, seqs = [], 0, 0, 0
             while start < len(rows):
-                ids, scored = rows[start].ids, rows[start].scored
+                ids, scored, branches = rows[start]
                 wanted = len({position for position, _, _ in scored}) or 1
-                if group and (len(group) == self.score_rows or tokens + len(ids) > self.score_chunk
+                needs = max(1, len(branches))
+                if group and (seqs + needs > self.score_rows or tokens + len(ids) > self.score_chunk
                               or outputs + wanted > SCORE_OUTPUTS):
                     break
-                if len(ids) > self.score_tokens:
-                    raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"a scored row of {len(ids)} tokens is over the "
-                                     f"llama_cpp backend's score_tokens ({self.score_tokens})")
+                if len(ids) > self.score_tokens or needs > self.score_rows:
+                    raise FleetError(ErrorCode.PROMPT_TOO_LONG, f"a scored row of {len(ids)} tokens and {needs} "
+                                     f"labels is over the llama_cpp backend's score_tokens ({self.score_tokens}) "
+                                     f"or score_rows ({self.score_rows})")
                 group.append(rows[start])
-                tokens, outputs, start = tokens + len(ids), outputs + wanted, start + 1
+                tokens, outputs, seqs, start = tokens + len(ids), outputs + wanted, seqs + needs, start + 1
             self._score_group(batch, ctx, group, total)
             if self.between_chunks is not None and start < len(rows):
                 self.between_chunks()
@@ -175,13 +178,22 @@ class LlamaEngine(Engine):
         llama = self.llama
         llama.llama_memory_clear(ctx.memory, True)
         batch.clear()
-        read: list[tuple[int, int]] = []  # (sequence, position) in output order
-        for seq, (ids, scored, _) in enumerate(group):
+        read: list[tuple[int, int]] = []  # (row, position) in output order
+        first_seq = 0
+        for row, (ids, scored, branches) in enumerate(group):
             positions = sorted({position for position, _, _ in scored})
             outputs = np.zeros(len(ids), dtype=np.int8)
             outputs[positions] = 1
-            batch.add(ids, 0, seq, outputs)
-            read += [(seq, position) for position in positions]
+            if not branches:
+                batch.add(ids, 0, first_seq, outputs)
+                first_seq += 1
+            else:  # the prompt in every branch's sequence, then each branch in its own, after the prompt
+                prompt = branches[0]
+                batch.add(ids[:prompt], 0, list(range(first_seq, first_seq + len(branches))), outputs[:prompt])
+                for begin, end in zip(branches, (*branches[1:], len(ids))):
+                    batch.add(ids[begin:end], prompt, first_seq, outputs[begin:end])
+                    first_seq += 1
+            read += [(row, position) for position in positions]
         code = batch.decode(llama, ctx.ctx)
         if code != 0:
             raise FleetError(ErrorCode.INTERNAL, f"llama_decode returned {code} scoring {len(group)} rows ({batch.count} tokens)")
@@ -189,7 +201,7 @@ class LlamaEngine(Engine):
             return
         logits = torch.from_numpy(np.ctypeslib.as_array(llama.llama_get_logits(ctx.ctx), shape=(len(read), self.n_vocab)))
         where = {key: index for index, key in enumerate(read)}
-        index, target, slot = zip(*((where[(seq, p)], t, s) for seq, (_, scored, _) in enumerate(group) for p, t, s in scored),
+        index, target, slot = zip(*((where[(row, p)], t, s) for row, (_, scored, _) in enumerate(group) for p, t, s in scored),
                                   strict=True)
         picked = logits[list(index)].double()
         scores = picked.gather(1, torch.tensor(target)[:, None]).squeeze(1) - picked.logsumexp(dim=-1)

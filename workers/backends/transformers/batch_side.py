@@ -318,7 +318,7 @@ class Engine:
         return Answer(GenerateOutput(text=text.strip(), finish_reason=finish), usage)
 
     # The transformers engine packs a prompt's multi-token labels into one row (a 4D attention
-    # mask); an engine whose _score takes plain rows only (llama_cpp) says False.
+    # mask; llama_cpp: a sequence per branch); an engine whose _score takes plain rows only says False.
     packs_labels = True
 
     def _direct_rows(self, prompt: list[int], labels: list[list[int]], first_slot: int) -> list[Row]:
