@@ -16,7 +16,7 @@ from shared.config import Settings
 from tests.integration.conftest import Fleet, fleet_on
 from tests.integration.test_fleet import CLEAR_REVIEWS, SENTIMENT_TEMPLATE
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.beside]  # its own two-worker fleet: make test's second lane
 A, B, UNSERVED = "smollm2-135m", "smollm2-b", "smollm2-unserved"
 LABELS = ["positive", "negative"]
 
