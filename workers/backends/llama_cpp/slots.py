@@ -174,18 +174,13 @@ class Slots:
         while self._pending and self._idle and self._reserved + self._pending[0].cells <= self.kv_tokens:
             seq = self._pending[0]
             seq_id, source, common = self._choose(seq.prompt)
-            keep = {seq_id, source}
-            for other in [i for i, cache in self._idle.items() if cache and i not in keep]:  # least recent first
-                if self._reserved + self._kept + seq.cells - len(self._idle[seq_id]) <= self.kv_tokens:
+            # Other kept caches give way, least recently used first, until the row fits: its own
+            # sequence's cache becomes part of its reservation, and the loop's condition says the
+            # running rows' reservations leave room, so once they are all gone it fits.
+            for other in [i for i, cache in self._idle.items() if cache and i != seq_id]:
+                if self._reserved + self._kept - len(self._idle[seq_id]) + seq.cells <= self.kv_tokens:
                     break
                 self._forget(other)
-            if self._reserved + self._kept + seq.cells - len(self._idle[seq_id]) > self.kv_tokens:
-                for other in keep:  # even the prefix found does not leave room: start from nothing
-                    if other in self._idle:
-                        self._forget(other)
-                source, common = seq_id, 0
-                if self._reserved + self._kept + seq.cells > self.kv_tokens:
-                    break  # running rows' reservations: wait for one to finish
             self._pending.popleft()
             cache = self._idle.pop(seq_id)
             self._kept -= len(cache)
