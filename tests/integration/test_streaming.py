@@ -159,3 +159,36 @@ def test_a_long_stream_that_keeps_coming_is_not_cut_at_the_gateways_wait(tiny_fl
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     pieces = sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content"))
     assert took > 1.5 and pieces > 10, f"the stream lasted {took:.1f}s in {pieces} pieces: too short to show anything"
+
+
+def test_the_engine_core_sends_a_streams_middle_at_its_interval_and_its_first_piece_and_end_at_once(
+        redis_url: str) -> None:
+    """A CPU decoding step takes milliseconds: a round trip per step would cost decoding time, so
+    middle pieces wait for ``streams.interval_ms``; what a reader waits on (the first text, the end,
+    an error) never waits."""
+    from shared.broker import redis_client
+    from shared.streams import stream_key
+    from workers.core.stream_writer import StreamWriter
+
+    redis = redis_client(redis_url)
+    writer = StreamWriter(redis, ttl_s=60, interval_s=3600)
+    task = f"interval-{time.monotonic_ns()}"
+    length = lambda: redis.xlen(stream_key(task))  # noqa: E731
+
+    writer.text(task, 0, "Once")
+    writer.flush()
+    assert length() == 1  # the first piece: time to first token is not held back
+    writer.text(task, 4, " upon")
+    writer.text(task, 9, " a")
+    writer.flush()
+    assert length() == 1  # middle pieces wait for the interval (an hour here)
+    writer.end(task, "stop")
+    writer.flush()
+    assert length() == 4  # the end goes at once, with what waited before it, in order
+    entries = [fields for _, fields in redis.xrange(stream_key(task))]
+    assert [e.get("d") for e in entries] == ["Once", " upon", " a", None]
+
+    every_step = StreamWriter(redis, ttl_s=60, interval_s=0)
+    every_step.text(task, 11, " time")
+    every_step.flush()
+    assert length() == 5  # interval 0: every turn sends

@@ -103,7 +103,7 @@ class EngineCore:
             most_urgent=settings.queue_classes()[0].rank,
         )  # no thread of its own: serve() runs its batches (see there why)
         self.streams = StreamWriter(redis_client(settings.redis_url or "", outage_s=0, timeout_s=1.0, master_name=settings.broker.master_name),
-                                    settings.streams.ttl_s)
+                                    settings.streams.ttl_s, settings.streams.interval_ms / 1000.0)
         self.continuous: dict[str, ContinuousGenerator] = {}
         if settings.batching.continuous.enabled:
             for name, engine in self.engines.items():
@@ -270,7 +270,7 @@ class EngineCore:
         for generator in self.continuous.values():
             generator.close()  # finish the admitted and waiting rows
         self.batcher.close()  # run what was accepted; its replies go out before the socket closes
-        self.streams.flush()
+        self.streams.flush(force=True)
         router.close(linger=1000)
 
 
