@@ -68,7 +68,7 @@ def served_gguf(settings: Settings, config: ModelConfig, source: Source, options
         return path
     llama = import_llama()
     params = llama.llama_model_quantize_default_params()
-    params.ftype = {"Q8_0": llama.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama.LLAMA_FTYPE_MOSTLY_Q4_0}[options.requantize]
+    params.ftype = getattr(llama, f"LLAMA_FTYPE_MOSTLY_{options.requantize}")
     params.allow_requantize, params.nthread = True, cpu_threads()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
