@@ -243,7 +243,7 @@ def test_a_classification_batch_makes_room_for_interactive_work_between_its_deco
         parted = [a.output for a in llama.classify(items)]
     finally:
         llama.between_chunks = None
-    assert len(calls) >= 2, "a batch of 12 rows over 64-token decodes should make room at least twice"
+    assert len(calls) >= 2, "a batch of 12 rows over score_chunk_tokens decodes should make room at least twice"
     assert [a.label for a in parted] == [b.label for b in whole]
     for a, b in zip(parted, whole, strict=True):
         assert a.scores == pytest.approx(b.scores, abs=1e-6)  # the same decodes either way

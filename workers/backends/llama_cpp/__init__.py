@@ -37,7 +37,7 @@ class LlamaCppOptions(BaseModel):
                              "each, then chunks of joining rows' prompts.")
     score_tokens: int = Field(default=4096, ge=256, description="The longest scored row, in tokens (a "
                               "classification decode of one row).")
-    score_chunk_tokens: int = Field(default=64, ge=16, description="Tokens per classification decode of several "
+    score_chunk_tokens: int = Field(default=32, ge=16, description="Tokens per classification decode of several "
                                     "rows (a longer row is a decode of its own). Between two decodes interactive "
                                     "generation runs, so a classification batch holds it back by one decode, not "
                                     "the whole batch; on a CPU a decode's time grows with its tokens, so smaller "
