@@ -15,8 +15,8 @@ the slowest of a handful). The llama_cpp fleet runs three times: on the file as 
 its label agreement says what that costs).
 
 Each llama_cpp fleet is compared twice: with the peer on the bundled file (``*_vs_peer``: what a
-user of that file would run instead) and with the peer on the very file that fleet serves, measured
-just before it (``*_vs_same_weights``: engine against engine on the same bytes; on a CPU one stream
+user of that file would run instead) and with the peer on the very file that fleet serves, its one
+stream alternated with the fleet's (``*_vs_same_weights``: engine against engine on the same bytes; on a CPU one stream
 is bound by the bytes of weights read per token, Q8_0's 1.5x Q4_1's, so only this ratio says what
 the fleet itself costs or gains).
 """

@@ -11,7 +11,6 @@ matrix-matrix kernel for the type (it has none for Q4_1); this says which type s
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import statistics
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from shared.config import load_settings
 from workers.artifacts import resolve_source
-from workers.backends.llama_cpp import gguf_path
+from workers.backends.llama_cpp import convert_gguf, gguf_path
 from workers.backends.llama_cpp.llama_engine import cpu_threads, import_llama
 from workers.backends.llama_cpp.tokens import TokenBatch
 
@@ -75,10 +74,7 @@ def main() -> None:
             path = source
             if name != SOURCE_TYPE:
                 path = Path(tmp) / f"{name}.gguf"
-                params = llama.llama_model_quantize_default_params()
-                params.ftype = getattr(llama, f"LLAMA_FTYPE_MOSTLY_{name}")
-                params.allow_requantize, params.nthread = True, cpu_threads()
-                assert llama.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) == 0
+                assert convert_gguf(source, path, name), f"llama.cpp could not convert the file to {name}"
             print(json.dumps({"type": name, "mb": round(path.stat().st_size / 1e6, 1), **step_times(llama, path)}), flush=True)
 
 

@@ -59,25 +59,32 @@ def served_gguf(settings: Settings, config: ModelConfig, source: Source, options
     original = gguf_path(config, source)
     if options.requantize is None:
         return original
-    import ctypes
-
-    from workers.backends.llama_cpp.llama_engine import cpu_threads, import_llama
-
     path = settings.models_dir / "gguf" / f"{config.name}-{source.fingerprint}-{options.requantize.lower()}.gguf"
     if path.exists():
         return path
-    llama = import_llama()
-    params = llama.llama_model_quantize_default_params()
-    params.ftype = getattr(llama, f"LLAMA_FTYPE_MOSTLY_{options.requantize}")
-    params.allow_requantize, params.nthread = True, cpu_threads()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    if llama.llama_model_quantize(str(original).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+    if not convert_gguf(original, partial, options.requantize):
         partial.unlink(missing_ok=True)
         raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"model {config.name}: llama.cpp could not convert "
                          f"{original.name} to {options.requantize}")
     partial.rename(path)
     return path
+
+
+def convert_gguf(original: Path, target: Path, weight_type: str) -> bool:
+    """``original`` converted to ``weight_type`` (a llama.cpp type name: Q8_0, Q4_0, ...) at
+    ``target`` by llama.cpp's own ``llama_model_quantize``, already quantized weights included.
+    False if llama.cpp could not."""
+    import ctypes
+
+    from workers.backends.llama_cpp.llama_engine import cpu_threads, import_llama
+
+    llama = import_llama()
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = getattr(llama, f"LLAMA_FTYPE_MOSTLY_{weight_type}")
+    params.allow_requantize, params.nthread = True, cpu_threads()
+    return llama.llama_model_quantize(str(original).encode(), str(target).encode(), ctypes.byref(params)) == 0
 
 
 def gguf_path(config: ModelConfig, source: Source) -> Path:
