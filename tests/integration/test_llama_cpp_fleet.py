@@ -63,7 +63,7 @@ def test_a_bad_request_fails_alone_and_batches_are_split_on_failure(llama_fleet:
 
 def test_interactive_generation_overtakes_a_bulk_backlog(llama_fleet: Fleet) -> None:
     client = llama_fleet.client
-    bulk = client.submit_many(generate(f"Tell me a long story about a dragon (#{i}).", max_new_tokens=48) for i in range(40))
+    bulk = client.submit_many(generate(f"Tell me a long story about a dragon (#{i}).", max_new_tokens=24) for i in range(40))
     deadline = time.monotonic() + 300
     while not any(h.ready() for h in bulk) and time.monotonic() < deadline:
         time.sleep(0.05)

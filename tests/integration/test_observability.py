@@ -1,7 +1,9 @@
 """One trace from producer to model, JSON logs that carry it, metrics that reflect a burst.
 
 The producer's spans are captured in memory; the worker (a separate process) writes its spans as
-JSON lines to AUTOGLM_TRACE_FILE, the same span data an OTLP exporter would send.
+JSON lines to AUTOGLM_TRACE_FILE, the same span data an OTLP exporter would send. What is traced,
+logged and counted is the machinery's, not the answers': the fleet serves the tiny random model
+(conftest ``tiny_model``), which starts and answers in a fraction of the real model's time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared.errors import ErrorCode, FleetError
 from shared.queues import CLASSIFY_TASK
-from tests.integration.conftest import Fleet, fleet_on, free_port
+from tests.integration.conftest import Fleet, cli_env, fleet_on, free_port
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -47,13 +49,14 @@ class Traced:
 
 
 @pytest.fixture(scope="module")
-def traced(prepared_models: None, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+def traced(tiny_model: dict, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
     trace_file = tmp_path_factory.mktemp("traces") / "worker-spans.jsonl"
     trace_file.touch()
     port = free_port()
     env = {"AUTOGLM_TRACE_FILE": str(trace_file), "AUTOGLM_WORKER__METRICS_PORT": str(port), "AUTOGLM_WORKER__LOG_FORMAT": "json"}
     policies = {"ENGINE_TRANSIENT": {"action": "retry", "attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.02}}
-    with fleet_on(redis_url, env=env, faults={"flaky_marker": "FLAKY", "flaky_times": 1}, policies=policies) as fleet:
+    with fleet_on(redis_url, env=env, models=[tiny_model], faults={"flaky_marker": "FLAKY", "flaky_times": 1},
+                  policies=policies) as fleet:
         exporter = InMemorySpanExporter()
         trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))  # type: ignore[attr-defined]
         yield Traced(fleet, trace_file, port, exporter)
@@ -84,6 +87,7 @@ def test_a_callers_traceparent_runs_through_the_gateway_to_the_model(traced: Tra
     from tests.integration.test_gateway import gateway_env, start_gateway
 
     env, config = gateway_env(traced.fleet, tmp_path)
+    env["AUTOGLM_MODELS"] = cli_env(traced.fleet)["AUTOGLM_MODELS"]  # the tiny model's queues
     gateway = start_gateway(env, tmp_path)
     try:
         caller_trace = uuid.uuid4().hex  # the web backend's own trace, as a W3C traceparent header
@@ -161,7 +165,7 @@ def test_log_lines_are_json_with_trace_and_task_ids(traced: Traced) -> None:
         time.sleep(0.1)
     assert mine, "no log line for the task"
     assert all(l["trace_id"] == trace_id and l["level"] and l["logger"] and l["timestamp"] for l in mine)
-    assert any(l.get("model") == "smollm2-135m" for l in mine)
+    assert any(l.get("model") == traced.fleet.settings.models[0].name for l in mine)
 
 
 def test_metrics_reflect_a_burst(traced: Traced) -> None:

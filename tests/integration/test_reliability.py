@@ -2,8 +2,10 @@
 
 Every test runs real worker processes on a real broker; faults come from the test-only hook in
 workers/core/faults.py, enabled per worker through its config. Tests whose subject is the machinery
-(kills, restarts, garbage on the queue) run on the tiny random model (conftest ``tiny_model``), the
-same engine with a model ~50x cheaper per request; the fault-policy tests keep the real model.
+(kills, restarts, garbage on the queue, fault policies) run on the tiny random model (conftest
+``tiny_model``): the same engine with a model ~50x cheaper per request. Where a test needs work to
+still be waiting (a cancel landing, a kill mid-batch), a ``slow_ms`` fault makes every batch last that
+long, on any machine, instead of counting on the real model being slow.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ REVIEWS = [
     "Wonderful food and friendly staff.", "Terrible service, cold food.", "I love this phone.",
     "The worst hotel I have stayed in.", "A delightful, moving film.", "Broken on arrival, useless.",
 ]
-FAULTS = {"oom_batch_over": 2, "fail_marker": "FAIL-ME", "transient_marker": "POISON", "flaky_marker": "FLAKY", "flaky_times": 2}
+FAULTS = {"oom_batch_over": 2, "fail_marker": "FAIL-ME", "transient_marker": "POISON", "flaky_marker": "FLAKY", "flaky_times": 2,
+          "slow_ms": 100}  # 12 queued requests hold the worker >= 0.6 s: a cancel lands while they wait
 
 
 def classify(text: str, priority: str = "bulk") -> dict:
@@ -45,9 +48,9 @@ def classify(text: str, priority: str = "bulk") -> dict:
 
 
 @pytest.fixture(scope="module")
-def faulty(prepared_models: None, redis_url: str, settings) -> Iterator[Fleet]:  # noqa: ANN001
-    # A second, configured-but-not-loaded model that falls back to the bundled one.
-    base = settings.models[0].model_dump(mode="json")
+def faulty(tiny_model: dict, redis_url: str) -> Iterator[Fleet]:
+    # A second, configured-but-not-loaded model that falls back to the served one.
+    base = tiny_model
     models = [base, {**base, "name": "smollm2-large", "fallbacks": [base["name"]]}]
     with fleet_on(
         redis_url, faults=FAULTS, models=models, worker={"models": [base["name"]]},
@@ -106,12 +109,13 @@ def test_a_poison_request_goes_to_the_dlq_while_others_complete(faulty: Fleet) -
 
 def test_an_unloaded_model_falls_back_along_its_chain(faulty: Fleet) -> None:
     result = faulty.client.submit_classify(REVIEWS[0], LABELS, prompt_template=TEMPLATE, model="smollm2-large").result(timeout=300)
-    assert result.model == "smollm2-135m" and result.fallback_from == "smollm2-large"
+    assert result.model == faulty.settings.models[0].name and result.fallback_from == "smollm2-large"
 
 
 def test_a_cancelled_request_never_runs(faulty: Fleet) -> None:
     # The victim is cancelled a few milliseconds after it is queued behind the backlog, which keeps
-    # the worker busy for seconds: it is still waiting when the cancel lands.
+    # the worker busy for a second or more (batches of at most 2, each >= 100 ms: FAULTS): it is
+    # still waiting when the cancel lands.
     backlog = faulty.client.submit_many(classify(REVIEWS[i % 6]) for i in range(12))
     victim = faulty.client.submit_classify(REVIEWS[0], LABELS, prompt_template=TEMPLATE)
     victim.cancel()

@@ -27,6 +27,29 @@ def test_an_unknown_backend_fails_at_config_load_naming_the_installed_ones() -> 
     assert caught.value.code == ErrorCode.INVALID_INPUT
 
 
+def test_a_flood_of_unknown_plugin_names_costs_one_metadata_scan_not_one_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refusing a request that names an unknown task type must stay cheap (a hostile client sends
+    thousands); a plugin installed on a new path is still found at once."""
+    import sys
+
+    scans = []
+    real = plugins.entry_points
+    monkeypatch.setattr(plugins, "entry_points", lambda **kw: scans.append(kw) or real(**kw))
+    monkeypatch.setattr(plugins, "RESCAN_AFTER_S", 60.0)  # no rescan falls due by time during the test
+    plugins._scanned.clear()
+    plugins.names(plugins.TASK_TYPES)
+    assert len(scans) == 1
+    scans.clear()
+    for i in range(200):
+        with pytest.raises(ValueError, match="unknown task type"):
+            plugins.check(plugins.TASK_TYPES, f"nope-{i}")
+    assert len(scans) == 0
+    monkeypatch.setattr(sys, "path", [*sys.path, "/a/new/site"])  # as a test or a runtime install adds one
+    with pytest.raises(ValueError):
+        plugins.check(plugins.TASK_TYPES, "nope")
+    assert len(scans) == 1
+
+
 def test_bad_backend_options_name_the_field() -> None:
     from workers.backends.openai import OpenAIBackend
 
