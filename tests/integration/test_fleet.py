@@ -57,22 +57,26 @@ def test_classifies_clear_sentiment(fleet: Fleet) -> None:
         assert sum(result.output.scores.values()) == pytest.approx(1.0, abs=1e-4)  # type: ignore[union-attr]
 
 
-def test_concurrent_generations_join_one_running_batch(fleet: Fleet) -> None:
-    """Greedy generation is continuously batched: batch_size is the rows running when it joined."""
+def test_concurrent_generations_join_one_running_batch(tiny_fleet: Fleet) -> None:
+    """Greedy generation is continuously batched: batch_size is the rows running when it joined.
+    (How rows share a decode, not what they say: the tiny random model.)"""
+    fleet = tiny_fleet
     prompts = [f"Write one short sentence about the number {n}." for n in range(16)]
     handles = fleet.client.submit_many(
         {"task_type": "text_generation", "prompt": p, "max_new_tokens": 12} for p in prompts
     )
     results = [h.result(timeout=300) for h in handles]
     sizes = [r.batch_size for r in results]
-    assert all(r.output.text for r in results)  # type: ignore[union-attr]
+    assert all(r.usage.completion_tokens >= 1 for r in results)  # every row decoded (random text may be blank)
     assert max(sizes) > 1, f"no request shared a batch: {sizes}"
     rows = fleet.settings.batching.continuous
     assert max(sizes) <= rows.max_rows + rows.interactive_reserve
 
 
-def test_sampled_generations_are_micro_batched(fleet: Fleet) -> None:
-    """Sampling is per row in a static micro-batch (the continuous manager samples all rows or none)."""
+def test_sampled_generations_are_micro_batched(tiny_fleet: Fleet) -> None:
+    """Sampling is per row in a static micro-batch (the continuous manager samples all rows or none).
+    (The tiny random model: the subject is the batching.)"""
+    fleet = tiny_fleet
     handles = fleet.client.submit_many(
         {"task_type": "text_generation", "prompt": f"Name a colour ({n}).", "max_new_tokens": 6, "temperature": 0.7}
         for n in range(12)

@@ -29,7 +29,7 @@ FAULTS = {"oom_batch_over": 2, "fail_marker": "FAIL-ME"}
 @pytest.fixture(scope="module")
 def llama_fleet(redis_url: str, settings: Any) -> Iterator[Fleet]:
     base = settings.models[0].model_dump(mode="json")
-    model = {**base, "name": "smollm2-135m-llama", "backend": "llama_cpp", "options": {}}
+    model = {**base, "name": "smollm2-135m-llama", "backend": "llama_cpp", "options": {"threads": 1}}  # tests/conftest.py: why one
     with fleet_on(redis_url, models=[model], faults=FAULTS,
                   policies={"RESOURCE_EXHAUSTED": {"action": "split"}}) as running:
         yield running

@@ -33,7 +33,10 @@ def gateway(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         running.stop()
 
 
-def test_a_stream_delivers_text_before_the_answer_is_done(fleet: Fleet) -> None:
+def test_a_stream_delivers_text_before_the_answer_is_done(tiny_fleet: Fleet) -> None:
+    """How text travels, not what it says: the tiny random model (the real one streams in
+    test_the_official_openai_client_streams_a_chat_completion and in test_llama_cpp_fleet)."""
+    fleet = tiny_fleet
     handle = fleet.client.submit_generate(STORY, max_new_tokens=96, stream=True)
     pieces, done_at_first_piece = [], None
     for piece in handle.stream(timeout=300):
