@@ -59,8 +59,8 @@ demo: prepare
 	$(VENV)/bin/autoglm demo --json
 
 # Two lanes: the tests marked `beside` (each starts its own broker and processes: kill rounds, a
-# Redis restart, a Sentinel failover, the bench's smoke run; much of their time is timers; and the
-# llama_cpp label check against transformers, which computes while those wait) in a second pytest beside everything else; its report follows the first one's. MARKS: the tests both
+# Redis restart, a Sentinel failover, the bench's smoke run; much of their time is timers) in a
+# second pytest beside everything else; its report follows the first one's. MARKS: the tests both
 # lanes choose from.
 MARKS ?= not slow
 test: prepare

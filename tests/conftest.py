@@ -11,7 +11,7 @@ from pathlib import Path
 # over the cores and a step that takes milliseconds alone took tens of times longer (a tiny model's
 # 96 tokens: 0.55 s alone, ~20 s inside the suite). Workers and the bench's fleets inherit it; a
 # test that wants another count sets it in its own config. (Engines run inside pytest keep the
-# default: one pytest process is one engine, and the unit tests that load one are few.)
+# default: the unit tests that load them run last in their lane, when the other lane is done.)
 os.environ.setdefault("AUTOGLM_WORKER__TORCH_THREADS", "1")
 
 import pytest

@@ -172,7 +172,6 @@ def test_kept_caches_give_their_cells_to_a_row_that_needs_them(llama: Any) -> No
     assert not slots.busy
 
 
-@pytest.mark.beside  # make test's second lane, whose tests mostly wait on timers: this one computes, ~40 s
 def test_labels_agree_with_the_transformers_backend(llama: Any, settings: Settings) -> None:
     """Same method, same tokens, other kernels: the labels agree (a guard on 16 rows;
     `python -m bench.probes.label_agreement` measures every report row, bench/RESULTS.md)."""
