@@ -152,7 +152,7 @@ def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(churned:
     round with 100 accepted tasks spread over both: every task ends SUCCESS, each answer is computed
     once, and all are answered within the redelivery bound of the kill (a killed worker's messages
     are restored visibility_timeout_s after its last heartbeat, swept every restore_interval_s) plus
-    what the work itself takes on this machine: the replacements' start and twice the round's compute
+    what the work itself takes on this machine: the replacements' start and three times the round's compute
     at the rate measured before the kill (a slow machine must not fail this; a redelivery that waited
     for kombu's default hour would). With both killed no live worker is left to sweep: the
     replacements must find what the dead ones held."""
@@ -177,7 +177,7 @@ def test_killing_workers_mid_batch_loses_nothing_and_runs_nothing_twice(churned:
         for replacement in churned.workers:
             replacement.wait_ready(fleet.client.app)
         ready_after = time.monotonic() - killed_at
-        bound = redelivery_s + ready_after + 2 * round_compute_s
+        bound = redelivery_s + ready_after + 3 * round_compute_s  # 2x was missed once on a fresh clone's first run
         results = [h.result(timeout=max(1.0, killed_at + bound - time.monotonic())) for h in handles]
         print(f"round {round_}: replacements ready {ready_after:.1f} s after the kills, all answered after "
               f"{time.monotonic() - killed_at:.1f} s (bound {bound:.1f} s; round's compute {round_compute_s:.1f} s)")
