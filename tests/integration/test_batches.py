@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from producers.auth import Role, issue
-from tests.integration.conftest import Fleet, cli_env
+from tests.integration.conftest import Fleet
 from tests.integration.test_gateway import Gateway, gateway_env, start_gateway
 
 pytestmark = pytest.mark.integration
@@ -153,8 +153,7 @@ def test_a_batch_survives_its_gateway_being_killed_and_answers_every_line_once(t
     import openai
 
     env, config = gateway_env(tiny_fleet, tmp_path)
-    env.update({"AUTOGLM_GATEWAY__FILES_DIR": str(tmp_path / "files"), "AUTOGLM_GATEWAY__BATCH_LEASE_S": "3",
-                "AUTOGLM_MODELS": cli_env(tiny_fleet)["AUTOGLM_MODELS"]})
+    env.update({"AUTOGLM_GATEWAY__FILES_DIR": str(tmp_path / "files"), "AUTOGLM_GATEWAY__BATCH_LEASE_S": "3"})
     first = start_gateway(env, tmp_path)
     token = issue(config, "survivor", Role.USER)
     client = openai.OpenAI(base_url=f"{first.url}/v1", api_key=token, max_retries=0)

@@ -78,6 +78,7 @@ def gateway_env(fleet: Fleet, tmp: Path, queues: dict | None = None) -> tuple[di
     env = {
         "REDIS_URL": fleet.client.redis_url,
         "AUTOGLM_QUEUES": json.dumps(queues or {k.value: v.model_dump() for k, v in fleet.settings.queues.items()}),
+        "AUTOGLM_MODELS": json.dumps([m.model_dump(mode="json") for m in fleet.settings.models]),  # the fleet's, not the defaults
         "AUTOGLM_GATEWAY__JWT_SECRET": SECRET,
         "AUTOGLM_GATEWAY__JWT_PUBLIC_KEY": str(public),
         "AUTOGLM_GATEWAY__RATE_LIMITS": json.dumps(LIMITS),

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared.errors import ErrorCode, FleetError
 from shared.queues import CLASSIFY_TASK
-from tests.integration.conftest import Fleet, cli_env, fleet_on, free_port
+from tests.integration.conftest import Fleet, fleet_on, free_port
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +87,6 @@ def test_a_callers_traceparent_runs_through_the_gateway_to_the_model(traced: Tra
     from tests.integration.test_gateway import gateway_env, start_gateway
 
     env, config = gateway_env(traced.fleet, tmp_path)
-    env["AUTOGLM_MODELS"] = cli_env(traced.fleet)["AUTOGLM_MODELS"]  # the tiny model's queues
     gateway = start_gateway(env, tmp_path)
     try:
         caller_trace = uuid.uuid4().hex  # the web backend's own trace, as a W3C traceparent header

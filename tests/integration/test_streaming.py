@@ -142,10 +142,7 @@ def test_a_long_stream_that_keeps_coming_is_not_cut_at_the_gateways_wait(tiny_fl
     error at max_wait_s in total)."""
     import json as json_
 
-    from tests.integration.conftest import cli_env
-
     env, config = gateway_env(tiny_fleet, tmp_path)
-    env["AUTOGLM_MODELS"] = cli_env(tiny_fleet)["AUTOGLM_MODELS"]
     env["AUTOGLM_GATEWAY__MAX_WAIT_S"] = "1"
     running = start_gateway(env, tmp_path)
     try:

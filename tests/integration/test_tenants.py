@@ -53,8 +53,7 @@ class Setup:
 
 def _gateway_for(fleet: Fleet, tmp: Path, **extra: str) -> tuple[Gateway, GatewayConfig]:
     env, config = gateway_env(fleet, tmp)
-    env.update({"AUTOGLM_MODELS": json.dumps([m.model_dump(mode="json") for m in fleet.settings.models]),
-                "AUTOGLM_WEBHOOKS": json.dumps(HOOKS), "AUTOGLM_GATEWAY__FILES_DIR": str(tmp / "files"),
+    env.update({"AUTOGLM_WEBHOOKS": json.dumps(HOOKS), "AUTOGLM_GATEWAY__FILES_DIR": str(tmp / "files"),
                 "AUTOGLM_GATEWAY__TENANT_MODELS": json.dumps(TENANTS), **extra})
     return start_gateway(env, tmp), config
 
