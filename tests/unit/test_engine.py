@@ -309,6 +309,23 @@ def test_gptq_weight_cache_switch_is_on_only_while_a_cpu_model_is_built(monkeypa
     assert os.environ[GPTQ_CACHE_ENV] == "0"
 
 
+def test_layers_that_dequantize_once_get_no_compiled_wrapper_and_the_kernel_is_left_as_it_was() -> None:
+    """Inside the weight cache's call TorchLinear's ``optimize`` wraps nothing in torch.compile (the
+    layer dequantizes once; the wrappers were a quarter of an 8-bit engine's load); outside it,
+    gptqmodel's own ``optimize`` is back for anyone else building its layers."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    from workers.backends.transformers.batch_side import _gptq_weight_cache
+
+    own = TorchLinear.__dict__["optimize"]
+    with _gptq_weight_cache(True):
+        assert TorchLinear.optimize is BaseQuantLinear.optimize
+    assert TorchLinear.__dict__["optimize"] is own
+    with _gptq_weight_cache(False):
+        assert TorchLinear.__dict__["optimize"] is own
+
+
 def test_a_huge_prompt_is_refused_on_a_prefix_without_tokenizing_all_of_it(engine: Engine) -> None:
     """A 2 MB chat (64 turns of 32,000 characters) is over any context on its first few thousand
     characters: refused PROMPT_TOO_LONG having tokenized only that prefix."""

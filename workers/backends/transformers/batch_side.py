@@ -95,26 +95,49 @@ def _gptq_weight_cache(enabled: bool) -> Iterator[None]:
     10-32 tok/s against 95 for float on a 2-core EPYC. Its switch (this variable, read in
     ``TorchLinear.__init__``) keeps the dequantized weight after the first call instead: the same
     matmul on the same weights, 5.5x faster (bench/probes/weight_cache.py). Modules read it when
-    they are built, inside ``from_pretrained``, so it is set only for that call."""
+    they are built, inside ``from_pretrained``, so it is set only for that call.
+
+    Such a layer dequantizes once, so the ``torch.compile`` wrapper TorchLinear's ``optimize()``
+    puts around its dequantization would only slow that one call (~9 s of compiling on 2 cores).
+    For the same call its ``optimize`` is the base class's, which marks the layer optimized and
+    wraps nothing: building 210 wrappers was a quarter of an 8-bit engine's load (1.6 s of 6.9 on
+    a 2-core EPYC), paid by every worker start, only for ``_eager_dequantize`` to drop them."""
     if not enabled:
         yield
         return
     before = os.environ.get(GPTQ_CACHE_ENV)
     os.environ[GPTQ_CACHE_ENV] = "1"
+    torch_linear, base = _gptq_linear_classes()
+    compiling = torch_linear.__dict__.get("optimize") if torch_linear is not None else None
+    if compiling is not None:
+        torch_linear.optimize = base.optimize  # marks the layer optimized; no torch.compile
     try:
         yield
     finally:
+        if compiling is not None:
+            torch_linear.optimize = compiling
         if before is None:
             os.environ.pop(GPTQ_CACHE_ENV, None)
         else:
             os.environ[GPTQ_CACHE_ENV] = before
 
 
+def _gptq_linear_classes() -> tuple[type | None, type | None]:
+    """gptqmodel's TorchLinear and the base class of its kernels; Nones where gptqmodel is not installed."""
+    try:
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+        from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+    except ImportError:
+        return None, None
+    return TorchLinear, BaseQuantLinear
+
+
 def _eager_dequantize(model: torch.nn.Module) -> None:
-    """Layers that keep their dequantized weight dequantize once: gptqmodel's ``optimize()`` wraps
-    that call in torch.compile, whose first call (inside the warm-up) took ~9 s of an 8-bit
-    engine's load on 2 cores, against ~2 s for the whole warm-up eagerly. Dropping the instance's
-    compiled wrapper falls back to the class's own (eager) method: the same arithmetic."""
+    """Layers that keep their dequantized weight dequantize once: were a compiled wrapper put
+    around that call (gptqmodel's ``optimize()``; ``_gptq_weight_cache`` keeps it from being made),
+    its first call (inside the warm-up) would take ~9 s of an 8-bit engine's load on 2 cores,
+    against ~2 s for the whole warm-up eagerly. Dropping the instance's compiled wrapper falls back
+    to the class's own (eager) method: the same arithmetic."""
     for module in model.modules():
         if getattr(module, "_cache_enabled", False) and "dequantize_weight" in vars(module):
             del module.dequantize_weight
