@@ -748,6 +748,8 @@ class Settings(BaseSettings):
     def resolved_device(self) -> str:
         if self.worker.device != "auto":
             return self.worker.device
+        if _cpu_build_of_torch():
+            return "cpu"
         import torch  # only where a device is chosen: producers never ask
 
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -878,3 +880,14 @@ def load_settings(path: str | Path | None = None, *, environ: Mapping[str, str] 
     finally:
         _yaml_path.reset(token)
         _environ.reset(env_token)
+
+
+def _cpu_build_of_torch() -> bool:
+    """Whether the installed torch is a CPU build (its version says ``+cpu``): it has no CUDA, known
+    without importing torch, which a consumer process (it resolves the device too) never otherwise needs."""
+    from importlib import metadata
+
+    try:
+        return "+cpu" in metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return False

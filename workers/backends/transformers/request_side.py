@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer
-
 from shared.config import ModelConfig
 from shared.errors import ErrorCode, FleetError
 from shared.schemas import ClassifyRequest, GenerateRequest
 from workers.artifacts import encoder_folder
+from workers.backends.transformers.tokenizer_loading import load_tokenizer, max_positions
 from workers.prompts import (
     NO_SHOTS,
     PLAIN_TEMPLATE,
@@ -40,14 +39,15 @@ class Preparer:
     def __init__(self, config: ModelConfig, path: Path) -> None:
         self.config = config
         remote = config.trust_remote_code
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+        # Built without importing torch where the class AutoTokenizer chose is on record (tokenizer_loading.py).
+        self.tokenizer = load_tokenizer(path, path, trust_remote_code=remote)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        positions = getattr(AutoConfig.from_pretrained(path, trust_remote_code=remote), "max_position_embeddings", None) or 1 << 30
+        positions = max_positions(path, trust_remote_code=remote) or 1 << 30
         self.context = min(config.max_context_tokens, positions)
         encoder = config.classification_encoder
         # The encoder's own tokenizer (a few MB, no weights): its experts' ids are made here too.
-        self.encoder_tokenizer = None if encoder is None else AutoTokenizer.from_pretrained(encoder_folder(encoder.source))
+        self.encoder_tokenizer = None if encoder is None else load_tokenizer(encoder_folder(encoder.source), path)
 
     @property
     def name(self) -> str:
