@@ -35,12 +35,17 @@ def test_the_first_load_goes_through_autotokenizer_and_later_ones_build_its_clas
     assert rest[0].strip() == f"{first(TEXT)['input_ids']} True"
 
 
-def test_a_record_is_not_used_for_remote_code_or_another_transformers_version(real_tokenizer_dir: Path, tmp_path: Path) -> None:
-    """The record names a class per (transformers version, folder): another version, or a tokenizer
-    with remote code, asks AutoTokenizer again; the context comes from config.json."""
+def test_a_record_is_not_used_for_another_transformers_version_or_other_tokenizer_files(
+        real_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The record names a class per (transformers version, folder, tokenizer_config.json): another
+    version, or another tokenizer in the same folder, asks AutoTokenizer again; so does remote code.
+    The context comes from config.json."""
     folder = _fresh_copy(real_tokenizer_dir, tmp_path)
-    (folder / RECORD).write_text(json.dumps({f"0.0.0:{folder.resolve()}": "BertTokenizer"}))
-    tokenizer = load_tokenizer(folder, folder)
-    assert type(tokenizer).__name__ != "BertTokenizer"
-    assert len(json.loads((folder / RECORD).read_text())) == 2  # this version's choice added beside the other
+    load_tokenizer(folder, folder)
+    (key,) = json.loads((folder / RECORD).read_text())
+    version, where, digest = key.split(":")
+    (folder / RECORD).write_text(json.dumps({f"0.0.0:{where}:{digest}": "BertTokenizer",
+                                             f"{version}:{where}:another": "BertTokenizer"}))
+    assert type(load_tokenizer(folder, folder)).__name__ != "BertTokenizer"
+    assert len(json.loads((folder / RECORD).read_text())) == 3  # this version's choice for these files, beside the others
     assert max_positions(folder) == json.loads((folder / "config.json").read_text())["max_position_embeddings"]

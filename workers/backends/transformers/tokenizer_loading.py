@@ -6,14 +6,16 @@ its tokenizers: about 2 s of CPU and a few hundred MB per consumer, at every wor
 
 What is safe: the class AutoTokenizer chose for a folder, built directly. That choice is recorded,
 the first time a process loads the folder through AutoTokenizer, in a small file inside the model
-folder (``RECORD``), keyed by the tokenizer folder and transformers' version; later processes build
-that class by name. AutoTokenizer's choice is never guessed, only reused; a folder with remote code,
-or not yet recorded, goes through AutoTokenizer as before.
+folder (``RECORD``), keyed by the tokenizer folder, its tokenizer_config.json and transformers'
+version; later processes build that class by name. AutoTokenizer's choice is never guessed, only
+reused; a folder with remote code, not yet recorded, or whose recorded class no longer loads it goes
+through AutoTokenizer as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,11 +31,12 @@ def load_tokenizer(path: Path, record_in: Path, trust_remote_code: bool = False)
     classification encoder's tokenizer, which lives in an installed package)."""
     import transformers
 
-    key = f"{transformers.__version__}:{Path(path).resolve()}"
+    key = f"{transformers.__version__}:{Path(path).resolve()}:{_config_digest(path)}"
     chosen = None if trust_remote_code else _read(record_in).get(key)
     tokenizer_class = getattr(transformers, chosen, None) if chosen else None
     if tokenizer_class is not None:
-        return tokenizer_class.from_pretrained(path)
+        with contextlib.suppress(Exception):  # a class that no longer loads this folder: ask AutoTokenizer again
+            return tokenizer_class.from_pretrained(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     name = type(tokenizer).__name__
     if not trust_remote_code and getattr(transformers, name, None) is type(tokenizer):
@@ -51,6 +54,15 @@ def max_positions(path: Path, trust_remote_code: bool = False) -> int | None:
     from transformers import AutoConfig
 
     return getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "max_position_embeddings", None)
+
+
+def _config_digest(path: Path) -> str:
+    """Identity of the folder's tokenizer_config.json: a folder whose tokenizer was replaced (a new
+    package version at the same path) is not taken for the one on record."""
+    try:
+        return hashlib.sha256((Path(path) / "tokenizer_config.json").read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "-"
 
 
 def _read(folder: Path) -> dict[str, str]:
