@@ -206,10 +206,11 @@ class Engine:
         started = time.perf_counter()
         self.preparer = Preparer(config, path)
         self.tokenizer = self.preparer.tokenizer
+        bits = gptq_bits(path)
         # The weight cache's switch for a GPTQ folder only: a float one has no such layers, and would
         # import gptqmodel for nothing (a tiny test model's engine loaded in 5.3 CPU-s with it, 4.4 without).
-        with _gptq_weight_cache(config.cpu_weight_cache and self.device.type == "cpu" and gptq_bits(path) is not None):
-            self.model = self._load(path)
+        with _gptq_weight_cache(config.cpu_weight_cache and self.device.type == "cpu" and bits is not None):
+            self.model = self._load(path, bits)
         self.model.eval()
         if config.cpu_weight_cache and self.device.type == "cpu":
             _eager_dequantize(self.model)
@@ -245,10 +246,9 @@ class Engine:
     def name(self) -> str:
         return self.config.name
 
-    def _load(self, path: Path) -> Any:
+    def _load(self, path: Path, bits: int | None) -> Any:
         """The model through ``from_pretrained``; a GPTQ folder with the configured kernel first, then
         GPTQModel's own choice if that kernel cannot take this artifact here (``kernel_attempts``)."""
-        bits = gptq_bits(path)
         for kernel in kernel_attempts(self.config.gptq_kernel, bits):
             extra = {} if kernel is None else {"quantization_config": GPTQConfig(bits=bits, backend=kernel)}
             try:

@@ -40,7 +40,7 @@ class Preparer:
         self.config = config
         remote = config.trust_remote_code
         # Built without importing torch where the class AutoTokenizer chose is on record (tokenizer_loading.py).
-        self.tokenizer = load_tokenizer(path, path, trust_remote_code=remote)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=remote)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         positions = max_positions(path, trust_remote_code=remote) or 1 << 30

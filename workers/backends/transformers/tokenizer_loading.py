@@ -25,11 +25,13 @@ from typing import Any
 RECORD = "autoglm-tokenizers.json"
 
 
-def load_tokenizer(path: Path, record_in: Path, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(path: Path, record_in: Path | None = None, trust_remote_code: bool = False) -> Any:
     """``path``'s tokenizer, as ``AutoTokenizer.from_pretrained(path)`` builds it; ``record_in``: the
-    model folder that keeps the record (the tokenizer's own folder, or the model's for its
+    model folder that keeps the record (default ``path`` itself; the model's folder for its
     classification encoder's tokenizer, which lives in an installed package)."""
     import transformers
+
+    record_in = path if record_in is None else record_in
 
     key = f"{transformers.__version__}:{Path(path).resolve()}:{_config_digest(path)}"
     chosen = None if trust_remote_code else _read(record_in).get(key)
