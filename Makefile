@@ -8,18 +8,20 @@ TORCH_VERSION ?= 2.13.0
 # Which torch build `setup` installs: auto (CUDA when nvidia-smi sees a GPU, else CPU) | cpu | cuda.
 TORCH_DEVICE ?= auto
 # LLAMA_CPP=1: `setup` also builds the llama_cpp backend's extra, llama.cpp from source for this
-# machine's CPU (3-4 minutes on 2 cores, once per venv). `make test` and `make test-all` build it
+# machine's CPU (a few minutes on 2 cores, once per venv). `make test` and `make test-all` build it
 # by default (its tests are part of the suite); `make test LLAMA_CPP=0` skips the build and those
-# tests skip, saying why. Only the library: llama-cpp-python's multimodal part and llama.cpp's
-# tools are off. AMX is off: ggml's AMX kernels crashed in llama_decode on a virtual machine
-# whose CPU reports AMX.
+# tests skip, saying why. Only the libraries the backend loads: llama-cpp-python's multimodal part,
+# llama.cpp's tools and its `common` library (which llama-cpp-python forces on and never loads; more
+# than half the build) are off, see workers/backends/llama_cpp/library-only.cmake. AMX is off:
+# ggml's AMX kernels crashed in llama_decode on a virtual machine whose CPU reports AMX.
 ifneq ($(filter test test-all,$(MAKECMDGOALS)),)
 LLAMA_CPP ?= 1
 endif
 LLAMA_CPP ?= 0
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
-  -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+  -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+  '-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/workers/backends/llama_cpp/library-only.cmake'
 STAMP  := $(VENV)/.autoglm-installed
 
 .PHONY: setup llama-cpp demo test test-all test-unit prepare worker bench clean
