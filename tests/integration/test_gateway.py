@@ -233,10 +233,12 @@ def test_control_routes_are_rate_limited(gateways: Gateways) -> None:
     """Polls, long-polls and cancels submit nothing but cost Redis round trips (a cancel is broadcast to
     every worker): each takes from the tenant's control bucket, shared by the replicas."""
     headers, task = gateways.token("poller"), uuid.uuid4().hex
-    codes = [httpx.request(method, f"{gw.url}/v1/tasks/{task}", headers=headers, timeout=10).status_code
-             for method, gw in [("GET", gateways.first), ("DELETE", gateways.second)] * 30]
+    replies = [httpx.request(method, f"{gw.url}/v1/tasks/{task}", headers=headers, timeout=10)
+               for method, gw in [("GET", gateways.first), ("DELETE", gateways.second)] * 30]
+    codes = [r.status_code for r in replies]
     assert codes.count(404) <= CONTROL["burst"] + 30 * CONTROL["rate_per_s"] and 429 in codes
-    limited = httpx.get(f"{gateways.first.url}/v1/tasks/{task}", headers=headers, timeout=10)
-    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    # Every refusal says when to come back. (Not a request sent after the loop: the bucket refills one
+    # token a second, so on a slow box that request may rightly find one.)
+    assert all(int(r.headers["retry-after"]) >= 1 for r in replies if r.status_code == 429)
     assert httpx.get(f"{gateways.first.url}/v1/tasks/{task}", headers=gateways.token("someone-else"),
                      timeout=10).status_code == 404  # another tenant's bucket is its own
