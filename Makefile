@@ -24,7 +24,7 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
   '-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/workers/backends/llama_cpp/library-only.cmake'
 STAMP  := $(VENV)/.autoglm-installed
 
-.PHONY: setup llama-cpp demo test test-all test-unit prepare worker bench clean
+.PHONY: setup llama-cpp llama-server demo test test-all test-unit prepare worker bench clean
 
 # Two jobs: pip's installs spend most of their time on one core (downloads, unpacking), so llama.cpp's
 # wheel builds on the other meanwhile. The sub-make is what runs them side by side.
@@ -68,6 +68,26 @@ $(VENV)/.autoglm-llama-wheel: $(VENV)/.autoglm-venv pyproject.toml Makefile
 $(VENV)/.autoglm-llama-cpp: $(STAMP) $(VENV)/.autoglm-llama-wheel
 	$(PIP) install -q $(VENV)/llama-wheel/*.whl
 	touch $@
+
+# llama.cpp's own HTTP server, for the bench only (`python -m bench --only cpu-peer` measures it beside
+# the fleet: what llama.cpp's parallel slots get at 8 and 16 in flight on this CPU). Built from the
+# llama.cpp that the pinned llama-cpp-python vendors, with the same CPU flags, into .venv/bin; it
+# needs llama.cpp's `common` library and its multimodal part, so it compiles more than the backend's build (~5 min on 2
+# cores). Neither setup nor the tests need it.
+llama-server: $(VENV)/bin/llama-server
+
+$(VENV)/bin/llama-server: $(VENV)/.autoglm-venv pyproject.toml
+	rm -rf $(VENV)/llama-server-src $(VENV)/llama-server-build
+	$(PIP) download -q --no-deps --no-binary :all: -d $(VENV)/llama-server-src "$(LLAMA_CPP_REQUIREMENT)"
+	tar xzf $(VENV)/llama-server-src/*.tar.gz -C $(VENV)/llama-server-src
+	command -v cmake >/dev/null || $(PIP) install -q cmake
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cmake -S $(VENV)/llama-server-src/llama_cpp_python-*/vendor/llama.cpp \
+	  -B $(VENV)/llama-server-build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON \
+	  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+	  -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cmake --build $(VENV)/llama-server-build --target llama-server -j$$(nproc)
+	cp $(VENV)/llama-server-build/bin/llama-server $@
+	rm -rf $(VENV)/llama-server-src $(VENV)/llama-server-build
 
 prepare: setup
 	$(VENV)/bin/autoglm models prepare

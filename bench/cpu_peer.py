@@ -14,6 +14,12 @@ the slowest of a handful). The llama_cpp fleet runs three times: on the file as 
 ``requantize: Q4_0`` (rounded again to the type llama.cpp repacks for its CPU GEMM: faster, lossier;
 its label agreement says what that costs).
 
+Each llama_cpp fleet is also measured against llama.cpp's own HTTP server on the file it serves
+(bench/llama_server.py: parallel slots, continuous batching; 1, 8 and 16 in flight, the same
+prompts, clients and streaming): whether any server over llama.cpp doubles llama.cpp's one stream at
+8 in flight depends on the CPU, and ``server_*`` says what llama.cpp itself gets on this one
+(``server_skipped`` says why not, where the binary is not built).
+
 Each llama_cpp fleet is compared twice: with the peer on the bundled file (``*_vs_peer``: what a
 user of that file would run instead) and with the peer on the very file that fleet serves, its one
 stream alternated with the fleet's (``*_vs_same_weights``: engine against engine on the same bytes; on a CPU one stream
@@ -28,6 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from bench import llama_server
 from bench.harness import Harness, percentile
 
 PROMPTS = ["Write one sentence about rivers.", "Explain what a volcano is.", "Give me a recipe idea with bread.",
@@ -97,6 +104,21 @@ def fleet_generation(client: Any, model: str, in_flight: int, n: int) -> dict[st
             "ttft_p95_ms": round(percentile(first, 95), 1), "requests": n, "in_flight": in_flight}
 
 
+def server_generation(binary: str, gguf: str, singles: int, batched: int) -> dict[str, Any]:
+    """llama.cpp's server on ``gguf``: one request at a time, then 8 and 16 in flight, as the fleets are measured."""
+    from workers.backends.llama_cpp import LlamaCppOptions
+    from workers.backends.llama_cpp.llama_engine import cpu_threads
+
+    server = llama_server.LlamaServer(binary, gguf, cpu_threads(), LlamaCppOptions().flash_attn)
+    try:
+        server.one(messages(PROMPTS[0]), NEW_TOKENS)  # warm-up
+        return {"single": server.run([messages(p) for p in (PROMPTS * singles)[:singles]], NEW_TOKENS, 1),
+                **{str(k): server.run([messages(p) for p in (PROMPTS * n)[:n]], NEW_TOKENS, k)
+                   for k, n in ((8, batched), (16, 2 * batched))}}
+    finally:
+        server.close()
+
+
 def fleet_classification(client: Any, model: str, rows: list[tuple[str, list[str]]]) -> tuple[float, list[str]]:
     requests = [{"task_type": "classification", "text": text, "labels": labels, "model": model, "priority": "bulk"}
                 for text, labels in rows]
@@ -124,6 +146,9 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"peer": peer(str(gguf_path(settings.models[0], source)), singles)}
     print(f"[bench] cpu-peer: llama.cpp single stream {json.dumps(out['peer'])}", flush=True)
     labels: dict[str, list[str]] = {}
+    server = llama_server.binary()
+    if server is None:
+        out["server_skipped"] = llama_server.MISSING
     for name, model in (("transformers", transformers_model), ("llama_cpp", llama), ("llama_cpp_q8_0", llama_q8),
                         ("llama_cpp_q4_0", llama_q4)):
         served = None
@@ -143,8 +168,21 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
             for in_flight in (8, 16):
                 out[f"{name}_{in_flight}"] = fleet_generation(client, model["name"], in_flight, batched if in_flight == 8 else 2 * batched)
             out[f"{name}_classify_tasks_per_s"], labels[name] = fleet_classification(client, model["name"], rows)
-        print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name + '_') or k == f'peer_{name}'})}",
+        if served and server:  # the fleet stopped: the server has the CPUs to itself, as the fleet had
+            out[f"server_{name}"] = server_generation(server, served, singles, batched)
+        print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name + '_') or k in (f'peer_{name}', f'server_{name}')})}",
               flush=True)
+
+    def versus_server(name: str) -> dict[str, float]:
+        """The fleet against llama.cpp's server on the same file, by load; and the server's own
+        8 (16) in flight against its one stream: what llama.cpp's batching gets on this CPU."""
+        if f"server_{name}" not in out:
+            return {}
+        ours, theirs = out, out[f"server_{name}"]
+        return {f"{name}_{k}_vs_server_{k}": round(ours[f"{name}_{k}"]["tok_per_s"] / theirs[k]["tok_per_s"], 3)
+                for k in ("single", "8", "16")} | \
+               {f"server_{name}_{k}_vs_its_single": round(theirs[k]["tok_per_s"] / theirs["single"]["tok_per_s"], 3)
+                for k in ("8", "16")}
 
     def agreement(name: str) -> float:
         return round(sum(a == b for a, b in zip(labels["transformers"], labels[name], strict=True)) / len(rows), 4)
@@ -168,7 +206,9 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
                                "llama_cpp_q8_0_16": out["llama_cpp_q8_0_16"]["tok_per_s"],
                                "llama_cpp_q4_0_single": out["llama_cpp_q4_0_single"]["tok_per_s"],
                                "llama_cpp_q4_0_8": out["llama_cpp_q4_0_8"]["tok_per_s"],
-                               "llama_cpp_q4_0_16": out["llama_cpp_q4_0_16"]["tok_per_s"]},
+                               "llama_cpp_q4_0_16": out["llama_cpp_q4_0_16"]["tok_per_s"],
+                               **{f"server_{k}": out["server_llama_cpp"][k]["tok_per_s"]
+                                  for k in ("single", "8", "16") if "server_llama_cpp" in out}},
         "llama_cpp_single_vs_peer": round(out["llama_cpp_single"]["tok_per_s"] / peer_single, 3),
         "llama_cpp_8_vs_peer": round(out["llama_cpp_8"]["tok_per_s"] / peer_single, 3),
         "llama_cpp_q8_0_single_vs_peer": round(out["llama_cpp_q8_0_single"]["tok_per_s"] / peer_single, 3),
@@ -177,6 +217,7 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
         "llama_cpp_q4_0_8_vs_peer": round(out["llama_cpp_q4_0_8"]["tok_per_s"] / peer_single, 3),
         **{f"{name}_{n}_vs_same_weights": round(out[f"{name}_{n}"]["tok_per_s"] / out[f"peer_{name}"]["tok_per_s"], 3)
            for name in ("llama_cpp", "llama_cpp_q8_0", "llama_cpp_q4_0") for n in ("single", "8")},
+        **{key: value for name in ("llama_cpp", "llama_cpp_q8_0", "llama_cpp_q4_0") for key, value in versus_server(name).items()},
         "llama_cpp_label_agreement": agreement("llama_cpp"),
         "llama_cpp_q8_0_label_agreement": agreement("llama_cpp_q8_0"),
         "llama_cpp_q4_0_label_agreement": agreement("llama_cpp_q4_0"),
