@@ -16,9 +16,10 @@ its label agreement says what that costs).
 
 Each llama_cpp fleet is also measured against llama.cpp's own HTTP server on the file it serves
 (bench/llama_server.py: parallel slots, continuous batching; 1, 8 and 16 in flight, the same
-prompts, clients and streaming): whether any server over llama.cpp doubles llama.cpp's one stream at
-8 in flight depends on the CPU, and ``server_*`` says what llama.cpp itself gets on this one
-(``server_skipped`` says why not, where the binary is not built).
+prompts, clients and streaming), both running and each load's rounds alternated between them (one
+stream and 8 in flight: two rounds each, best round each): whether any server over llama.cpp
+doubles llama.cpp's one stream at 8 in flight depends on the CPU, and ``server_*`` says what
+llama.cpp itself gets on this one (``server_skipped`` says why not, where the binary is not built).
 
 Each llama_cpp fleet is compared twice: with the peer on the bundled file (``*_vs_peer``: what a
 user of that file would run instead) and with the peer on the very file that fleet serves, its one
@@ -29,6 +30,7 @@ the fleet itself costs or gains).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +47,11 @@ NEW_TOKENS = 64
 
 def messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
+
+
+def chats(n: int) -> list[list[dict[str, str]]]:
+    """``n`` requests' messages, the prompts in turn (as the fleets and the peer get them)."""
+    return [messages(prompt) for prompt in (PROMPTS * n)[:n]]
 
 
 def llama_model(settings: Any, requantize: str | None = None) -> dict[str, Any]:
@@ -104,19 +111,23 @@ def fleet_generation(client: Any, model: str, in_flight: int, n: int) -> dict[st
             "ttft_p95_ms": round(percentile(first, 95), 1), "requests": n, "in_flight": in_flight}
 
 
-def server_generation(binary: str, gguf: str, singles: int, batched: int) -> dict[str, Any]:
-    """llama.cpp's server on ``gguf``: one request at a time, then 8 and 16 in flight, as the fleets are measured."""
+def serving(binary: str, gguf: str) -> llama_server.LlamaServer:
+    """llama.cpp's server on ``gguf``, configured as the backend is, warmed up."""
     from workers.backends.llama_cpp import LlamaCppOptions
     from workers.backends.llama_cpp.llama_engine import cpu_threads
 
     server = llama_server.LlamaServer(binary, gguf, cpu_threads(), LlamaCppOptions().flash_attn)
     try:
-        server.one(messages(PROMPTS[0]), NEW_TOKENS)  # warm-up
-        return {"single": server.run([messages(p) for p in (PROMPTS * singles)[:singles]], NEW_TOKENS, 1),
-                **{str(k): server.run([messages(p) for p in (PROMPTS * n)[:n]], NEW_TOKENS, k)
-                   for k, n in ((8, batched), (16, 2 * batched))}}
-    finally:
+        server.one(messages(PROMPTS[0]), NEW_TOKENS)
+    except BaseException:
         server.close()
+        raise
+    return server
+
+
+def best(results: dict[str, Any], key: str, result: dict[str, Any]) -> None:
+    """Keep the round with more tok/s under ``key``."""
+    results[key] = max(result, results.get(key, {}), key=lambda r: r.get("tok_per_s", 0))
 
 
 def fleet_classification(client: Any, model: str, rows: list[tuple[str, list[str]]]) -> tuple[float, list[str]]:
@@ -155,21 +166,25 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
         if name != "transformers":
             config = ModelConfig(**model)
             served = str(served_gguf(settings, config, source, LlamaCppBackend.options(config)))
-        with h.fleet(f"peer-{name}", models=[model]) as client:
-            # One stream, two rounds alternated with llama.cpp's own on the file this fleet serves
-            # (the fleet idle meanwhile), best round each: this machine's speed drifts by 10-30 %
-            # over minutes, so engine against engine is read side by side, not minutes apart.
+        with contextlib.ExitStack() as stack:
+            client = stack.enter_context(h.fleet(f"peer-{name}", models=[model]))
+            srv = stack.enter_context(serving(server, served)) if served and server else None
+            theirs = out.setdefault(f"server_{name}", {}) if srv else {}
+            # Each load in rounds alternated with llama.cpp on the file this fleet serves (the other
+            # side idle meanwhile), best round each: this machine's speed drifts by 10-30 % over
+            # minutes, so engine against engine is read side by side, not minutes apart.
             for _ in range(2 if served else 1):
                 if served:
-                    out[f"peer_{name}"] = max(peer(served, singles), out.get(f"peer_{name}", {}),
-                                              key=lambda r: r.get("tok_per_s", 0))
-                out[f"{name}_single"] = max(fleet_generation(client, model["name"], 1, singles),
-                                            out.get(f"{name}_single", {}), key=lambda r: r.get("tok_per_s", 0))
-            for in_flight in (8, 16):
-                out[f"{name}_{in_flight}"] = fleet_generation(client, model["name"], in_flight, batched if in_flight == 8 else 2 * batched)
+                    best(out, f"peer_{name}", peer(served, singles))
+                best(out, f"{name}_single", fleet_generation(client, model["name"], 1, singles))
+                if srv:
+                    best(theirs, "single", srv.run(chats(singles), NEW_TOKENS, 1))
+            for in_flight, n in ((8, batched), (16, 2 * batched)):
+                for _ in range(2 if srv and in_flight == 8 else 1):
+                    best(out, f"{name}_{in_flight}", fleet_generation(client, model["name"], in_flight, n))
+                    if srv:
+                        best(theirs, str(in_flight), srv.run(chats(n), NEW_TOKENS, in_flight))
             out[f"{name}_classify_tasks_per_s"], labels[name] = fleet_classification(client, model["name"], rows)
-        if served and server:  # the fleet stopped: the server has the CPUs to itself, as the fleet had
-            out[f"server_{name}"] = server_generation(server, served, singles, batched)
         print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name + '_') or k in (f'peer_{name}', f'server_{name}')})}",
               flush=True)
 

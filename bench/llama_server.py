@@ -23,7 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -103,6 +103,12 @@ class LlamaServer:
         first = [f for _, f in done]
         return {"tok_per_s": round(sum(t for t, _ in done) / wall, 1), "ttft_p50_ms": round(percentile(first, 50), 1),
                 "ttft_p95_ms": round(percentile(first, 95), 1), "requests": len(prompts), "in_flight": in_flight}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.http.close()
