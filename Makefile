@@ -70,10 +70,10 @@ $(VENV)/.autoglm-llama-cpp: $(STAMP) $(VENV)/.autoglm-llama-wheel
 	touch $@
 
 # llama.cpp's own HTTP server, for the bench only (`python -m bench --only cpu-peer` measures it beside
-# the fleet: what llama.cpp's parallel slots get at 8 and 16 in flight on this CPU). Built from the
+# the fleet: what llama.cpp's parallel slots get at 1, 8 and 16 in flight on this CPU). Built from the
 # llama.cpp that the pinned llama-cpp-python vendors, with the same CPU flags, into .venv/bin; it
-# needs llama.cpp's `common` library and its multimodal part, so it compiles more than the backend's build (~5 min on 2
-# cores). Neither setup nor the tests need it.
+# needs llama.cpp's `common` library and its multimodal part, so it compiles more than the backend's
+# build (a few minutes on 2 cores). Neither setup nor the tests need it.
 llama-server: $(VENV)/bin/llama-server
 
 $(VENV)/bin/llama-server: $(VENV)/.autoglm-venv pyproject.toml
