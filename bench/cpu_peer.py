@@ -111,12 +111,15 @@ def fleet_generation(client: Any, model: str, in_flight: int, n: int) -> dict[st
             "ttft_p95_ms": round(percentile(first, 95), 1), "requests": n, "in_flight": in_flight}
 
 
-def serving(binary: str, gguf: str) -> llama_server.LlamaServer:
-    """llama.cpp's server on ``gguf``, configured as the backend is, warmed up."""
+def serving(binary: str, gguf: str, continuous: Any) -> llama_server.LlamaServer:
+    """llama.cpp's server on ``gguf``, configured as the backend's generation context is (its rows
+    as slots, its KV cells, its flash-attention flag, the CPUs' threads), warmed up."""
     from workers.backends.llama_cpp import LlamaCppOptions
     from workers.backends.llama_cpp.llama_engine import cpu_threads
 
-    server = llama_server.LlamaServer(binary, gguf, cpu_threads(), LlamaCppOptions().flash_attn)
+    options = LlamaCppOptions()
+    server = llama_server.LlamaServer(binary, gguf, cpu_threads(), options.flash_attn,
+                                      continuous.max_rows + continuous.interactive_reserve, options.kv_tokens)
     try:
         server.one(messages(PROMPTS[0]), NEW_TOKENS)
     except BaseException:
@@ -168,7 +171,7 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
             served = str(served_gguf(settings, config, source, LlamaCppBackend.options(config)))
         with contextlib.ExitStack() as stack:
             client = stack.enter_context(h.fleet(f"peer-{name}", models=[model]))
-            srv = stack.enter_context(serving(server, served)) if served and server else None
+            srv = stack.enter_context(serving(server, served, settings.batching.continuous)) if served and server else None
             theirs = out.setdefault(f"server_{name}", {}) if srv else {}
             # Each load in rounds alternated with llama.cpp on the file this fleet serves (the other
             # side idle meanwhile), best round each: this machine's speed drifts by 10-30 % over

@@ -3,7 +3,7 @@ continuous batching, what a CPU user serving many requests with llama.cpp would 
 
 Why it is measured beside the fleet: the 8-in-flight target compares the fleet with llama.cpp's one
 stream, and whether any server over llama.cpp can double its one stream at 8 in flight depends on
-the CPU (a batched step of 8 rows costs 2-5x one row, by weight type and CPU). llama.cpp's server on
+the CPU (a batched step of 8 rows cost 3-6x one row in the CPUs measured, by weight type and CPU). llama.cpp's server on
 the same file, same prompts and same clients says what llama.cpp itself gets there.
 
 The binary is built by ``make llama-server`` from the llama.cpp that the pinned llama-cpp-python
@@ -52,7 +52,7 @@ class LlamaServer:
     (as the llama_cpp backend's generation context), continuous batching, flash attention as the
     backend sets it, all the CPUs' threads."""
 
-    def __init__(self, path: str, gguf: str, threads: int, flash_attn: bool, slots: int = 16, cells: int = 8192) -> None:
+    def __init__(self, path: str, gguf: str, threads: int, flash_attn: bool, slots: int, cells: int) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(tempfile.mkstemp(prefix="autoglm-llama-server-", suffix=".log")[1])
