@@ -18,9 +18,10 @@ ifneq ($(filter test test-all,$(MAKECMDGOALS)),)
 LLAMA_CPP ?= 1
 endif
 LLAMA_CPP ?= 0
+LLAMA_CPU_FLAGS := -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+  -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-  -DLLAMA_BUILD_SERVER=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
-  -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+  -DLLAMA_BUILD_SERVER=OFF $(LLAMA_CPU_FLAGS) \
   '-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/workers/backends/llama_cpp/library-only.cmake'
 STAMP  := $(VENV)/.autoglm-installed
 
@@ -84,7 +85,7 @@ $(VENV)/bin/llama-server: $(VENV)/.autoglm-venv pyproject.toml
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cmake -S $(VENV)/llama-server-src/llama_cpp_python-*/vendor/llama.cpp \
 	  -B $(VENV)/llama-server-build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON \
 	  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-	  -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+	  $(LLAMA_CPU_FLAGS)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cmake --build $(VENV)/llama-server-build --target llama-server -j$$(nproc)
 	cp $(VENV)/llama-server-build/bin/llama-server $@
 	rm -rf $(VENV)/llama-server-src $(VENV)/llama-server-build

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -102,13 +103,19 @@ def fleet_generation(client: Any, model: str, in_flight: int, n: int) -> dict[st
         return result.usage.completion_tokens, first if first is not None else (time.perf_counter() - t0) * 1000
 
     one(PROMPTS[0])  # warm-up
+    return closed_loop(one, (PROMPTS * n)[:n], in_flight)
+
+
+def closed_loop(one: Callable[[Any], tuple[int, float]], requests: list[Any], in_flight: int) -> dict[str, Any]:
+    """``requests`` through ``one`` (-> completion tokens, ms to the first text), ``in_flight`` at a
+    time (closed loop): the fleets and llama.cpp's server are driven and read the same way."""
     started = time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
-        done = list(pool.map(one, (PROMPTS * n)[:n]))
+        done = list(pool.map(one, requests))
     wall = time.perf_counter() - started
     first = [f for _, f in done]
     return {"tok_per_s": round(sum(t for t, _ in done) / wall, 1), "ttft_p50_ms": round(percentile(first, 50), 1),
-            "ttft_p95_ms": round(percentile(first, 95), 1), "requests": n, "in_flight": in_flight}
+            "ttft_p95_ms": round(percentile(first, 95), 1), "requests": len(requests), "in_flight": in_flight}
 
 
 def serving(binary: str, gguf: str, continuous: Any) -> llama_server.LlamaServer:
@@ -119,9 +126,9 @@ def serving(binary: str, gguf: str, continuous: Any) -> llama_server.LlamaServer
 
     options = LlamaCppOptions()
     server = llama_server.LlamaServer(binary, gguf, cpu_threads(), options.flash_attn,
-                                      continuous.max_rows + continuous.interactive_reserve, options.kv_tokens)
+                                      continuous.max_rows + continuous.interactive_reserve, options.kv_tokens, NEW_TOKENS)
     try:
-        server.one(messages(PROMPTS[0]), NEW_TOKENS)
+        server.one(messages(PROMPTS[0]))  # warm-up
     except BaseException:
         server.close()
         raise
@@ -181,12 +188,12 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
                     best(out, f"peer_{name}", peer(served, singles))
                 best(out, f"{name}_single", fleet_generation(client, model["name"], 1, singles))
                 if srv:
-                    best(theirs, "single", srv.run(chats(singles), NEW_TOKENS, 1))
+                    best(theirs, "single", closed_loop(srv.one, chats(singles), 1))
             for in_flight, n in ((8, batched), (16, 2 * batched)):
                 for _ in range(2 if srv and in_flight == 8 else 1):
                     best(out, f"{name}_{in_flight}", fleet_generation(client, model["name"], in_flight, n))
                     if srv:
-                        best(theirs, str(in_flight), srv.run(chats(n), NEW_TOKENS, in_flight))
+                        best(theirs, str(in_flight), closed_loop(srv.one, chats(n), in_flight))
             out[f"{name}_classify_tasks_per_s"], labels[name] = fleet_classification(client, model["name"], rows)
         print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name + '_') or k in (f'peer_{name}', f'server_{name}')})}",
               flush=True)
@@ -196,8 +203,8 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
         8 (16) in flight against its one stream: what llama.cpp's batching gets on this CPU."""
         if f"server_{name}" not in out:
             return {}
-        ours, theirs = out, out[f"server_{name}"]
-        return {f"{name}_{k}_vs_server_{k}": round(ours[f"{name}_{k}"]["tok_per_s"] / theirs[k]["tok_per_s"], 3)
+        theirs = out[f"server_{name}"]
+        return {f"{name}_{k}_vs_server_{k}": round(out[f"{name}_{k}"]["tok_per_s"] / theirs[k]["tok_per_s"], 3)
                 for k in ("single", "8", "16")} | \
                {f"server_{name}_{k}_vs_its_single": round(theirs[k]["tok_per_s"] / theirs["single"]["tok_per_s"], 3)
                 for k in ("8", "16")}

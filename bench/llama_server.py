@@ -3,8 +3,9 @@ continuous batching, what a CPU user serving many requests with llama.cpp would 
 
 Why it is measured beside the fleet: the 8-in-flight target compares the fleet with llama.cpp's one
 stream, and whether any server over llama.cpp can double its one stream at 8 in flight depends on
-the CPU (a batched step of 8 rows cost 3-6x one row in the CPUs measured, by weight type and CPU). llama.cpp's server on
-the same file, same prompts and same clients says what llama.cpp itself gets there.
+the CPU (a batched step of 8 rows cost 3-6x one row in the CPUs measured, by weight type and CPU).
+llama.cpp's server on the same file, same prompts and same clients says what llama.cpp itself gets
+there. Its requests are driven as the fleets' are (bench/cpu_peer.py, ``closed_loop``).
 
 The binary is built by ``make llama-server`` from the llama.cpp that the pinned llama-cpp-python
 vendors, with the backend's CPU flags (bench only: the fleet never runs it). Without it the scenario
@@ -21,13 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import httpx
-
-from bench.harness import percentile
 
 MISSING = "no llama-server binary: `make llama-server` builds it (or set AUTOGLM_LLAMA_SERVER to one)"
 
@@ -52,7 +50,9 @@ class LlamaServer:
     (as the llama_cpp backend's generation context), continuous batching, flash attention as the
     backend sets it, all the CPUs' threads."""
 
-    def __init__(self, path: str, gguf: str, threads: int, flash_attn: bool, slots: int, cells: int) -> None:
+    def __init__(self, path: str, gguf: str, threads: int, flash_attn: bool, slots: int, cells: int,
+                 max_tokens: int) -> None:
+        self.max_tokens = max_tokens
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(tempfile.mkstemp(prefix="autoglm-llama-server-", suffix=".log")[1])
@@ -67,6 +67,7 @@ class LlamaServer:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.http.close()
                 raise RuntimeError(f"llama-server exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
             try:
                 if self.http.get("/health").status_code == 200:
@@ -77,10 +78,10 @@ class LlamaServer:
         self.close()
         raise RuntimeError(f"llama-server not ready in 120 s: {self.log.read_text()[-2000:]}")
 
-    def one(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[int, float]:
+    def one(self, messages: list[dict[str, str]]) -> tuple[int, float]:
         """One streamed chat completion, greedy: (completion tokens, ms to the first text)."""
         started, first, tokens = time.perf_counter(), None, 0
-        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+        body = {"messages": messages, "max_tokens": self.max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
             response.raise_for_status()
@@ -93,16 +94,6 @@ class LlamaServer:
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
         return tokens, first if first is not None else (time.perf_counter() - started) * 1000
-
-    def run(self, prompts: list[list[dict[str, str]]], max_tokens: int, in_flight: int) -> dict[str, Any]:
-        """``prompts``, ``in_flight`` at a time (closed loop, as the fleet's clients)."""
-        started = time.perf_counter()
-        with ThreadPoolExecutor(in_flight) as pool:
-            done = list(pool.map(lambda m: self.one(m, max_tokens), prompts))
-        wall = time.perf_counter() - started
-        first = [f for _, f in done]
-        return {"tok_per_s": round(sum(t for t, _ in done) / wall, 1), "ttft_p50_ms": round(percentile(first, 50), 1),
-                "ttft_p95_ms": round(percentile(first, 95), 1), "requests": len(prompts), "in_flight": in_flight}
 
     def __enter__(self) -> Self:
         return self
