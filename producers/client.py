@@ -83,11 +83,15 @@ class TaskHandle:
         """The TaskResult; raises FleetError with the worker's code (NOT_FOUND for an id this fleet
         does not know), or TimeoutError if not done.
 
-        Waits on Celery's pub/sub in slices of ``RECHECK_S`` and reads the stored state between
-        them: Celery SUBSCRIBEs when ``get`` starts (not at publish: see ``_publish``), then reads
-        the state once on another connection, and a state stored in between publishes to nobody
-        (seen once: a stream's reader asked for the result the moment it was recorded, and
-        ``get`` waited out its whole timeout while the state said SUCCESS)."""
+        Waits on Celery's pub/sub and reads the stored state again once the subscription is
+        live: Celery SUBSCRIBEs when ``get`` starts (not at publish: see ``_publish``), then
+        reads the state on another connection, and Redis may run that read, then the worker's
+        store and PUBLISH, then the SUBSCRIBE (MONITOR showed that order): the answer is
+        published to nobody. A stream's reader asks for the result the moment the stream ends,
+        which is when the worker records it, so this hit 1 in 20-50 streamed requests, each
+        then waiting a whole pub/sub wait (Celery's is 1 s, whatever ``get``'s timeout).
+        ``_read_again`` closes it; the slices of ``RECHECK_S`` (the state read at each) stay as
+        the last resort."""
         deadline = None if timeout is None else time.monotonic() + timeout
         looked_up = False
         try:
@@ -95,7 +99,7 @@ class TaskHandle:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     value = self._result.get(timeout=RECHECK_S if left is None else max(0.01, min(RECHECK_S, left)),
-                                             propagate=False)
+                                             propagate=False, on_interval=self._read_again)
                     break
                 except CeleryTimeoutError:  # the next get reads the stored state again first
                     if not looked_up:  # not done at once: is there such a task at all? (once per wait)
@@ -111,6 +115,14 @@ class TaskHandle:
         except BROKER_ERRORS as exc:
             raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {self.id}'s result: {exc}") from exc
         return decode_outcome(self.id, self._result.state, value)
+
+    def _read_again(self) -> None:
+        """``get``'s ``on_interval``: Celery calls it once per ``get``, after its first wait on
+        the pub/sub connection, which ends when a reply arrives there - with one waiter, the
+        SUBSCRIBE's own: Redis has run it, so a state stored before it is read here and one
+        stored after it is published to this caller. (Celery's own read at the start of a wait,
+        its ResultConsumer.on_wait_for_pending.)"""
+        self._result.backend.result_consumer.on_wait_for_pending(self._result)
 
     def callback(self) -> dict[str, str] | None:
         """The completion webhook's delivery (status pending/retrying/delivered/failed/refused,

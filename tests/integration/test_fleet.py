@@ -247,6 +247,41 @@ def test_a_result_stored_without_its_publish_still_reaches_a_waiting_caller(flee
     assert time.monotonic() - started < 10
 
 
+def test_a_result_stored_between_the_callers_read_and_its_subscribe_reaches_it_in_the_same_wait(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order Redis ran for 1 in 20-50 streamed requests (MONITOR): the caller's read of the
+    state (STARTED), the worker's store and PUBLISH, then the caller's SUBSCRIBE - published to
+    nobody. Played here in that order; the caller reads the state again once its subscription is
+    live, so the wait that was running gets the answer (before, a later recheck did, RECHECK_S in)."""
+    done = fleet.client.submit_generate("Name a fruit.", max_new_tokens=4)
+    answer = done.result(timeout=300)
+    backend = fleet.client.app.backend
+    consumer = backend.result_consumer
+    meta = backend.decode(backend.client.get(backend.get_key_for_task(done.id)))
+    waiting = fleet.client.handle(f"raced-{done.id}")
+    key = backend.get_key_for_task(waiting.id)
+    backend.client.set(key, backend.encode({**meta, "status": "STARTED", "result": None, "task_id": waiting.id}))
+    subscribe, read = consumer.consume_from, consumer.on_wait_for_pending
+    held: list[str] = []
+
+    def stored_before_subscribed(result, **kwargs):  # noqa: ANN001, ANN003 - Celery's signature
+        read(result, **kwargs)  # the caller's read: STARTED
+        if held:
+            stored = backend.encode({**meta, "task_id": waiting.id})
+            backend.client.set(key, stored)
+            backend.client.publish(key, stored)  # nobody is subscribed yet
+            subscribe(held.pop())
+
+    monkeypatch.setattr(consumer, "consume_from", lambda task_id: held.append(task_id) if task_id == waiting.id
+                        else subscribe(task_id))
+    monkeypatch.setattr(consumer, "on_wait_for_pending", stored_before_subscribed)
+    waits: list[float] = []
+    get = waiting._result.get
+    monkeypatch.setattr(waiting._result, "get", lambda **kwargs: waits.append(kwargs["timeout"]) or get(**kwargs))
+    assert waiting.result(timeout=20).output.text == answer.output.text  # type: ignore[union-attr]
+    assert len(waits) == 1  # answered by the wait that began before the store, no recheck needed
+
+
 def test_autoglm_generate_and_classify_print_the_task_id(fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """The id comes first (stderr, before the wait) and again in the JSON, so `autoglm result <id>` can
