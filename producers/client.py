@@ -88,7 +88,7 @@ class TaskHandle:
         reads the state on another connection, and Redis may run that read, then the worker's
         store and PUBLISH, then the SUBSCRIBE (MONITOR showed that order): the answer is
         published to nobody. A stream's reader asks for the result the moment the stream ends,
-        which is when the worker records it, so this hit 1 in 20-50 streamed requests, each
+        which is when the worker records it, so this hit about 1 in 50 streamed requests, each
         then waiting a whole pub/sub wait (Celery's is 1 s, whatever ``get``'s timeout).
         ``_read_again`` closes it; the slices of ``RECHECK_S`` (the state read at each) stay as
         the last resort."""

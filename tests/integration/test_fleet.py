@@ -249,7 +249,7 @@ def test_a_result_stored_without_its_publish_still_reaches_a_waiting_caller(flee
 
 def test_a_result_stored_between_the_callers_read_and_its_subscribe_reaches_it_in_the_same_wait(
         fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The order Redis ran for 1 in 20-50 streamed requests (MONITOR): the caller's read of the
+    """The order Redis ran for about 1 in 50 streamed requests (MONITOR): the caller's read of the
     state (STARTED), the worker's store and PUBLISH, then the caller's SUBSCRIBE - published to
     nobody. Played here in that order; the caller reads the state again once its subscription is
     live, so the wait that was running gets the answer (before, a later recheck did, RECHECK_S in)."""
