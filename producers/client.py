@@ -90,8 +90,8 @@ class TaskHandle:
         published to nobody. A stream's reader asks for the result the moment the stream ends,
         which is when the worker records it, so this hit about 1 in 50 streamed requests, each
         then waiting a whole pub/sub wait (Celery's is 1 s, whatever ``get``'s timeout).
-        ``_read_again`` closes it; the slices of ``RECHECK_S`` (the state read at each) stay as
-        the last resort."""
+        ``_read_again`` closes it (in the first slice: later ones reuse the subscription); the
+        slices of ``RECHECK_S`` (the state read at each) stay as the last resort."""
         deadline = None if timeout is None else time.monotonic() + timeout
         looked_up = False
         try:
@@ -99,7 +99,7 @@ class TaskHandle:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     value = self._result.get(timeout=RECHECK_S if left is None else max(0.01, min(RECHECK_S, left)),
-                                             propagate=False, on_interval=self._read_again)
+                                             propagate=False, on_interval=None if looked_up else self._read_again)
                     break
                 except CeleryTimeoutError:  # the next get reads the stored state again first
                     if not looked_up:  # not done at once: is there such a task at all? (once per wait)
