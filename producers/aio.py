@@ -3,12 +3,15 @@
 Publishing goes through the sync client's Celery producer in a worker thread (kombu is
 synchronous; a publish is ~0.2 ms, so the thread pool is never the bottleneck). Results are read
 with redis.asyncio straight from the Celery result backend keys, decoded by Celery's own backend
-code, polled with a capped backoff: waiting costs the loop nothing.
+code, when the worker's PUBLISH of the state says it changed (one pub/sub connection for all
+waits: producers/published.py; polled with a capped backoff where pub/sub fails): waiting costs
+the loop nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any
@@ -18,8 +21,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from producers.client import FleetClient, Request, unknown_task
+from producers.client import RECHECK_S, FleetClient, Request, unknown_task
 from producers.outcome import READY, decode_outcome
+from producers.published import Published
 from shared import streams, webhook_urls
 from shared.broker import async_redis, submitted_key
 from shared.config import Settings
@@ -70,6 +74,8 @@ class AsyncFleetClient:
         self._stream_redis = async_redis(self._sync.redis_url, master, max_connections=self.settings.streams.max_readers,
                                          socket_timeout=5.0, socket_connect_timeout=1.0,
                                          retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
+        # Every awaited result wakes on its PUBLISH, on one connection of that pool (producers/published.py).
+        self._published = Published(self._redis)
 
     # -- submitting ----------------------------------------------------------------------------
     async def submit(self, request: Request | dict[str, Any]) -> AsyncTaskHandle:
@@ -176,21 +182,33 @@ class AsyncFleetClient:
 
     async def result(self, task_id: str, timeout: float | None = None) -> TaskResult:
         """The TaskResult, or FleetError with the worker's code (NOT_FOUND for an id this fleet does
-        not know), or TimeoutError."""
+        not know), or TimeoutError.
+
+        Wakes on the state's PUBLISH (producers/published.py) and reads the stored state then, and
+        at least every RECHECK_S; without pub/sub (it failed) it polls with a backoff capped at
+        200 ms."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay, looked_up = 0.005, False
-        while True:
-            meta = await self._meta(task_id)
-            if meta["status"] in READY:
-                break
-            if not looked_up and meta["status"] == "PENDING":  # once per wait: is there such a task at all?
-                looked_up = True
-                if not await self.known(task_id):
-                    raise unknown_task(task_id)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"task {task_id} not finished after {timeout}s (status {meta['status']})")
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.2)
+        async with self._published.watch(self._backend.get_key_for_task(task_id)) as watch:
+            while True:
+                if watch is not None:
+                    watch.changed.clear()  # before the read: a PUBLISH after it wakes the wait below
+                meta = await self._meta(task_id)
+                if meta["status"] in READY:
+                    break
+                if not looked_up and meta["status"] == "PENDING":  # once per wait: is there such a task at all?
+                    looked_up = True
+                    if not await self.known(task_id):
+                        raise unknown_task(task_id)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"task {task_id} not finished after {timeout}s (status {meta['status']})")
+                if watch is not None and not watch.lost:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(watch.changed.wait(), RECHECK_S if left is None else min(RECHECK_S, left))
+                else:
+                    await asyncio.sleep(delay if left is None else min(delay, left))
+                    delay = min(delay * 1.5, 0.2)
         return decode_outcome(task_id, meta["status"], meta["result"])
 
     async def generate(self, prompt: str | None = None, timeout: float | None = 120, **params: Any) -> TaskResult:
@@ -207,6 +225,7 @@ class AsyncFleetClient:
         return [o if isinstance(o, TaskResult | TimeoutError) else as_fleet_error(o) for o in outcomes]
 
     async def close(self) -> None:
+        await self._published.close()
         await self._redis.aclose()
         await self._stream_redis.aclose()
         self._sync.close()

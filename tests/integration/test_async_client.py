@@ -64,3 +64,77 @@ def test_async_errors_carry_codes(fleet: Fleet) -> None:
             assert "Paris" in result.output.text  # type: ignore[union-attr]
 
     asyncio.run(main())
+
+
+def _recorded(fleet: Fleet, task_id: str) -> tuple[bytes, bytes, bytes, object]:
+    """A finished task's result copied for ``task_id``: its key, its STARTED and SUCCESS states
+    (in the backend's encoding), and the answer itself."""
+    backend = fleet.client.app.backend
+    done = fleet.client.submit_generate("Name a river.", max_new_tokens=4)
+    done.result(timeout=300)
+    meta = backend.decode(backend.client.get(backend.get_key_for_task(done.id)))
+    return (backend.get_key_for_task(task_id), backend.encode({**meta, "task_id": task_id, "status": "STARTED", "result": None}),
+            backend.encode({**meta, "task_id": task_id}), done.result(timeout=5))
+
+
+def test_an_awaited_result_wakes_on_the_workers_publish_not_on_a_poll(
+        tiny_fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state is read when the worker's PUBLISH says it changed: here once at the start and
+    once at the PUBLISH (the periodic re-read is pushed out of reach), where polling read it every
+    few to 200 ms."""
+    import producers.aio
+
+    monkeypatch.setattr(producers.aio, "RECHECK_S", 60.0)
+    key, started, succeeded, answer = _recorded(tiny_fleet, "published-1")
+    redis = tiny_fleet.client.app.backend.client
+    redis.set(key, started)
+
+    async def main() -> tuple[object, int]:
+        async with AsyncFleetClient(tiny_fleet.client.redis_url, tiny_fleet.settings) as client:
+            reads = 0
+            read = client._meta
+
+            async def counted(task_id: str) -> dict:
+                nonlocal reads
+                reads += 1
+                return await read(task_id)
+
+            client._meta = counted  # type: ignore[method-assign]
+
+            async def record() -> None:  # as workers/consumer/ledger.py does: store, then PUBLISH
+                await asyncio.sleep(0.5)
+                redis.set(key, succeeded)
+                redis.publish(key, succeeded)
+
+            recording = asyncio.create_task(record())
+            result = await client.result("published-1", timeout=20)
+            await recording
+            return result, reads
+
+    result, reads = asyncio.run(main())
+    assert result.output == answer.output  # type: ignore[attr-defined]
+    assert reads == 2
+
+
+def test_a_result_recorded_while_the_pubsub_connection_is_down_still_reaches_its_waiter(tiny_fleet: Fleet) -> None:
+    """Redis drops the client's pub/sub connection mid-wait; the answer is stored and published
+    before the subscription is back. The waiter still gets it: it polls when the connection is
+    lost, and re-reads the state every RECHECK_S where redis-py reconnects by itself."""
+    key, started, succeeded, answer = _recorded(tiny_fleet, "published-2")
+    redis = tiny_fleet.client.app.backend.client
+    redis.set(key, started)
+
+    async def main() -> object:
+        async with AsyncFleetClient(tiny_fleet.client.redis_url, tiny_fleet.settings) as client:
+            async def record() -> None:
+                await asyncio.sleep(0.3)  # the wait has subscribed by now
+                redis.client_kill_filter(_type="pubsub")
+                redis.set(key, succeeded)
+                redis.publish(key, succeeded)  # to nobody: the connection is gone
+
+            recording = asyncio.create_task(record())
+            result = await client.result("published-2", timeout=20)
+            await recording
+            return result
+
+    assert asyncio.run(main()).output == answer.output  # type: ignore[attr-defined]
