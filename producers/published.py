@@ -26,6 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.utils import str_if_bytes
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Published:
     async def watch(self, channel: str | bytes) -> AsyncIterator[Watch | None]:
         """A Watch on ``channel`` once Redis has confirmed the subscription; None when it cannot
         be had within ``confirm_s`` (the caller polls)."""
-        channel = _text(channel)  # Celery's result keys are bytes; replies name channels as text here
+        channel = str_if_bytes(channel)  # Celery's result keys are bytes; replies name channels as text here
         watch = Watch()
         subscribed = await self._subscribe(channel, watch)
         try:
@@ -122,7 +123,7 @@ class Published:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
-                kind, channel = message["type"], _text(message["channel"])
+                kind, channel = message["type"], str_if_bytes(message["channel"])
                 if kind == "subscribe":
                     replies = self._replies.get(channel)
                     if replies:
@@ -160,7 +161,3 @@ class Published:
 async def _close_quietly(pubsub: Any) -> None:
     with contextlib.suppress(Exception):
         await pubsub.aclose()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
