@@ -52,6 +52,7 @@ class Published:
         # starting together each took a connection of their own while it connected, and drained
         # the client's pool).
         self._commands = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()  # lost connections being closed (the loop keeps only weak references)
 
     @contextlib.asynccontextmanager
     async def watch(self, channel: str | bytes) -> AsyncIterator[Watch | None]:
@@ -155,7 +156,9 @@ class Published:
         self._replies.clear()
         if self._pubsub is pubsub:
             self._pubsub = self._reader = None
-        asyncio.get_running_loop().create_task(_close_quietly(pubsub))
+        closing = asyncio.get_running_loop().create_task(_close_quietly(pubsub))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
 
 async def _close_quietly(pubsub: Any) -> None:
