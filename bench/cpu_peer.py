@@ -4,8 +4,9 @@ Competitors, one after another on the same prompts (8 chat prompts, at most 64 n
 - ``peer``: llama-cpp-python's ``Llama.create_chat_completion`` on the bundled GGUF file, in this
   process, one request after another (what a CPU user would run instead: llama.cpp's single stream);
 - the fleet on the ``transformers`` backend (the 8-bit GPTQ artifact) and on the ``llama_cpp``
-  backend (the GGUF file itself): one request at a time, then 8 and 16 in flight, every request
-  streamed so its time to first token is read as a client sees it.
+  backend (the GGUF file itself): one request at a time, then 8 and 16 in flight (read while all
+  8 or 16 run, not over the round's fill and drain: ``steady``), every request streamed so its time
+  to first token is read as a client sees it.
 Then classification tasks/s on both fleets over the report rows of every family (default method),
 and how often their labels agree; and the llama_cpp fleet's interactive p95 under a bulk backlog
 against idle (bench/isolation.py on that fleet; 20 probes each at quick size, so that p95 is not
@@ -35,7 +36,7 @@ import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench import llama_server
 from bench.harness import Harness, percentile
@@ -108,14 +109,56 @@ def fleet_generation(client: Any, model: str, in_flight: int, n: int) -> dict[st
 
 def closed_loop(one: Callable[[Any], tuple[int, float]], requests: list[Any], in_flight: int) -> dict[str, Any]:
     """``requests`` through ``one`` (-> completion tokens, ms to the first text), ``in_flight`` at a
-    time (closed loop): the fleets and llama.cpp's server are driven and read the same way."""
+    time (closed loop): the fleets and llama.cpp's server are driven and read the same way.
+    ``tok_per_s`` is the rate while all of them run (``steady``); ``drained_tok_per_s`` all tokens
+    over the whole round."""
+    def timed(request: Any) -> Span:
+        started = time.perf_counter()
+        tokens, first_ms = one(request)
+        return Span(started, started + first_ms / 1000, time.perf_counter(), tokens)
+
     started = time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
-        done = list(pool.map(one, requests))
-    wall = time.perf_counter() - started
-    first = [f for _, f in done]
-    return {"tok_per_s": round(sum(t for t, _ in done) / wall, 1), "ttft_p50_ms": round(percentile(first, 50), 1),
-            "ttft_p95_ms": round(percentile(first, 95), 1), "requests": len(requests), "in_flight": in_flight}
+        done = list(pool.map(timed, requests))
+    drained = sum(span.tokens for span in done) / (time.perf_counter() - started)
+    rate, window = steady(done, in_flight)
+    first = [(span.first - span.begin) * 1000 for span in done]
+    return {"tok_per_s": round(rate if window else drained, 1), "drained_tok_per_s": round(drained, 1),
+            **({"window_s": round(window, 2)} if window else {}),
+            "ttft_p50_ms": round(percentile(first, 50), 1), "ttft_p95_ms": round(percentile(first, 95), 1),
+            "requests": len(requests), "in_flight": in_flight}
+
+
+class Span(NamedTuple):
+    """One request of a closed loop: when it was sent, its first text came, its answer came."""
+
+    begin: float
+    first: float
+    end: float
+    tokens: int
+
+
+def steady(done: list[Span], in_flight: int) -> tuple[float, float]:
+    """(tokens per second, window seconds) while all ``in_flight`` requests were running: from the
+    moment the loop is full to the first answer after the last request went in; (0, 0) where the
+    loop never held more than one request or never refilled.
+
+    Why: a closed loop of N requests also fills (every prompt at once) and drains (its last wave
+    finishing one by one, the longest answer alone at the end). With 2-4 waves the drain was a
+    quarter of a round's decoding steps, so whole-round tokens over whole-round time read the
+    makespan of N requests rather than the rate at that load. Each request's tokens are spread
+    evenly over its span from first text to answer, and count in the part inside the window."""
+    if in_flight < 2 or len(done) <= in_flight:
+        return 0.0, 0.0
+    begins = sorted(span.begin for span in done)
+    start, end = begins[in_flight - 1], min(span.end for span in done if span.end > begins[-1])
+    inside = 0.0
+    for span in done:
+        if span.end > span.first:
+            inside += span.tokens * max(0.0, min(span.end, end) - max(span.first, start)) / (span.end - span.first)
+        elif start <= span.end <= end:
+            inside += span.tokens
+    return inside / (end - start), end - start
 
 
 def serving(binary: str, gguf: str, continuous: Any) -> llama_server.LlamaServer:
@@ -160,7 +203,8 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
     settings = h.settings
     transformers_model = settings.models[0].model_dump(mode="json")
     llama, llama_q8, llama_q4 = llama_model(settings), llama_model(settings, "Q8_0"), llama_model(settings, "Q4_0")
-    singles, batched = (4, 16) if quick else (8, 32)  # 8 in flight: two waves at least (one is mostly prefill)
+    # 8 in flight: four waves at least, so the window where all 8 run (closed_loop) is most of a round
+    singles, batched = (4, 32) if quick else (8, 64)
     rows = [(text, family.labels) for family in (*families(), *new_families())
             for text, _ in family.examples("report")[: 4 if quick else None]]
     source = resolve_source(settings.models[0].source)

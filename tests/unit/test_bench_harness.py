@@ -38,3 +38,16 @@ def test_the_quantization_bar_holds_every_family_to_the_float_models_best_method
     variants["gptq (shipped)"]["report_split"]["default"]["spam"] = 0.64
     assert family_bar(variants)["spam"]["met"] is True  # type: ignore[index]
     assert family_bar({"float": {"report_split": {"default": {"spam": 0.6, "overall": 0.6}}}}) is None  # quick mode
+
+
+def test_the_rate_at_n_in_flight_leaves_out_the_drain_where_fewer_requests_run() -> None:
+    from bench.cpu_peer import Span, steady
+
+    # Two slots, each decoding a token a second. Slot one answers 10 tokens, then 10 more; slot two
+    # answers 5, then 20 - and its last 5 seconds run alone, after the last request went in.
+    done = [Span(0, 0, 10, 10), Span(0, 0, 5, 5), Span(5, 5, 25, 20), Span(10, 10, 20, 10)]
+    rate, window = steady(done, 2)
+    assert (rate, window) == (2.0, 20.0)  # both slots' rate, over the 20 s both ran
+    assert sum(span.tokens for span in done) / 25 == 1.8  # what the whole round reads
+    assert steady(done, 1) == (0.0, 0.0)  # one at a time: the whole round is the rate
+    assert steady(done[:2], 2) == (0.0, 0.0)  # never refilled: no window where both ran
