@@ -146,8 +146,9 @@ def steady(done: list[Span], in_flight: int) -> tuple[float, float]:
     Why: a closed loop of N requests also fills (every prompt at once) and drains (its last wave
     finishing one by one, the longest answer alone at the end). In rounds of four waves of 8 a third
     of the decoding steps ran under 8 rows (bench/RESULTS.md), so whole-round tokens over
-    whole-round time read the makespan of N requests rather than the rate at that load. Each request's tokens are spread
-    evenly over its span from first text to answer, and count in the part inside the window."""
+    whole-round time read the makespan of N requests rather than the rate at that load. Each
+    request's tokens are spread evenly over its span from first text to answer, and count in the
+    part inside the window."""
     if in_flight < 2 or len(done) <= in_flight:
         return 0.0, 0.0
     begins = sorted(span.begin for span in done)
