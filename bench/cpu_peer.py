@@ -239,6 +239,8 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
                     best(out, f"{name}_{in_flight}", fleet_generation(client, model["name"], in_flight, n))
                     if srv:
                         best(theirs, str(in_flight), closed_loop(srv.one, chats(n), in_flight))
+            if srv:
+                theirs["resent"] = srv.resent
             out[f"{name}_classify_tasks_per_s"], labels[name] = fleet_classification(client, model["name"], rows)
         print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name + '_') or k in (f'peer_{name}', f'server_{name}')})}",
               flush=True)
