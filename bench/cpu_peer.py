@@ -17,16 +17,19 @@ its label agreement says what that costs).
 
 Each llama_cpp fleet is also measured against llama.cpp's own HTTP server on the file it serves
 (bench/llama_server.py: parallel slots, continuous batching; 1, 8 and 16 in flight, the same
-prompts, clients and streaming), both running and each load's rounds alternated between them (one
-stream and 8 in flight: two rounds each, best round each): whether any server over llama.cpp
-doubles llama.cpp's one stream at 8 in flight depends on the CPU, and ``server_*`` says what
-llama.cpp itself gets on this one (``server_skipped`` says why not, where the binary is not built).
+prompts, clients and streaming): whether any server over llama.cpp doubles llama.cpp's one stream
+at 8 in flight depends on the CPU, and ``server_*`` says what llama.cpp itself gets on this one
+(``server_skipped`` says why not, where the binary is not built).
 
-Each llama_cpp fleet is compared twice: with the peer on the bundled file (``*_vs_peer``: what a
-user of that file would run instead) and with the peer on the very file that fleet serves, its one
-stream alternated with the fleet's (``*_vs_same_weights``: engine against engine on the same bytes; on a CPU one stream
-is bound by the bytes of weights read per token, Q8_0's 1.5x Q4_1's, so only this ratio says what
-the fleet itself costs or gains).
+One stream is read side by side, request by request (``interleaved``): each request goes in turn
+to llama.cpp on the bundled file (``peer_beside_*``), on the file that fleet serves where it differs
+(``peer_*``), the fleet and the server. 8 in flight: the fleet's rounds alternate with the
+server's, best round each. Each llama_cpp fleet is compared twice: with the peer on the bundled
+file (``*_vs_peer``, the reading beside that fleet: what a user of that file would run instead) and
+with the peer on the very file it serves (``*_vs_same_weights``: engine against engine on the same
+bytes; on a CPU one stream is bound by the bytes of weights read per token, Q8_0's 1.5x Q4_1's, so
+only this ratio says what the fleet itself costs or gains). ``peer_single`` is the bundled file's
+one stream read alone at the start.
 """
 
 from __future__ import annotations
@@ -65,36 +68,69 @@ def llama_model(settings: Any, requantize: str | None = None) -> dict[str, Any]:
             "options": {"requantize": requantize} if requantize else {}}
 
 
-def peer(gguf: str, n: int) -> dict[str, Any]:
-    from llama_cpp import Llama
+class Peer:
+    """llama-cpp-python's ``Llama`` on a GGUF file, in this process: llama.cpp's single stream."""
 
-    from workers.backends.llama_cpp import LlamaCppOptions
-    from workers.backends.llama_cpp.llama_engine import cpu_threads
+    def __init__(self, gguf: str) -> None:
+        from llama_cpp import Llama
 
-    # Flash attention as the llama_cpp backend sets it (off by library default on a CPU, and slower
-    # there): the ratios compare batching and the fleet, not one flag.
-    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False,
-                flash_attn=LlamaCppOptions().flash_attn)
-    llm.create_chat_completion(messages=messages("Hello"), max_tokens=4, temperature=0)  # warm-up
-    tokens, first, started = 0, [], time.perf_counter()
-    for prompt in (PROMPTS * n)[:n]:
-        t0 = time.perf_counter()
-        for i, chunk in enumerate(llm.create_chat_completion(messages=messages(prompt), max_tokens=NEW_TOKENS,
-                                                             temperature=0, stream=True)):
+        from workers.backends.llama_cpp import LlamaCppOptions
+        from workers.backends.llama_cpp.llama_engine import cpu_threads
+
+        # Flash attention as the llama_cpp backend sets it (off by library default on a CPU, and
+        # slower there): the ratios compare batching and the fleet, not one flag.
+        self.llm = Llama(model_path=gguf, n_ctx=2048, n_threads=cpu_threads(), n_threads_batch=cpu_threads(),
+                         verbose=False, flash_attn=LlamaCppOptions().flash_attn)
+        self.llm.create_chat_completion(messages=messages("Hello"), max_tokens=4, temperature=0)  # warm-up
+
+    def one(self, chat: list[dict[str, str]]) -> tuple[int, float]:
+        """One streamed chat completion, greedy: (completion tokens, ms to the first text)."""
+        t0, first, tokens = time.perf_counter(), None, 0
+        for i, chunk in enumerate(self.llm.create_chat_completion(messages=chat, max_tokens=NEW_TOKENS, temperature=0,
+                                                                  stream=True)):
             if i == 1:  # the first chunk carries only the role
-                first.append((time.perf_counter() - t0) * 1000)
+                first = (time.perf_counter() - t0) * 1000
             tokens += bool(chunk["choices"][0]["delta"].get("content"))
-    wall = time.perf_counter() - started
-    del llm
-    return {"tok_per_s": round(tokens / wall, 1), "ttft_p50_ms": round(percentile(first, 50), 1),
-            "ttft_p95_ms": round(percentile(first, 95), 1), "requests": n}
+        return tokens, first if first is not None else (time.perf_counter() - t0) * 1000
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-def fleet_generation(client: Any, model: str, in_flight: int, n: int) -> dict[str, Any]:
-    """``n`` requests, ``in_flight`` at a time (closed loop), each streamed."""
-    def one(prompt: str) -> tuple[int, float]:
+def peer(gguf: str, n: int) -> dict[str, Any]:
+    """llama.cpp's single stream on ``gguf`` over ``n`` requests, one after another."""
+    side = Peer(gguf)
+    try:
+        return closed_loop(side.one, chats(n), 1)
+    finally:
+        side.close()
+
+
+def interleaved(sides: dict[str, Callable[[Any], tuple[int, float]]], requests: list[Any]) -> dict[str, dict[str, Any]]:
+    """One stream on each side, request by request: every request goes through every side in turn
+    (the order rotated each request), and each side's tok/s is its tokens over its own requests'
+    time. Why: this machine's speed drifts by 10-30 % over minutes, so two sides' rounds run
+    minutes apart compare the minutes as much as the sides; turns of one request (under a second
+    each) put both in the same minute."""
+    spans: dict[str, list[tuple[int, float, float]]] = {name: [] for name in sides}
+    names = list(sides)
+    for index, request in enumerate(requests):
+        for name in names[index % len(names):] + names[: index % len(names)]:
+            started = time.perf_counter()
+            tokens, first_ms = sides[name](request)
+            spans[name].append((tokens, time.perf_counter() - started, first_ms))
+    return {name: {"tok_per_s": round(sum(t for t, _, _ in done) / sum(s for _, s, _ in done), 1),
+                   "ttft_p50_ms": round(percentile([f for _, _, f in done], 50), 1),
+                   "ttft_p95_ms": round(percentile([f for _, _, f in done], 95), 1), "requests": len(done),
+                   "in_flight": 1}
+            for name, done in spans.items()}
+
+
+def fleet_one(client: Any, model: str) -> Callable[[list[dict[str, str]]], tuple[int, float]]:
+    """One streamed request to the fleet (-> completion tokens, ms to the first text), warmed up."""
+    def one(chat: list[dict[str, str]]) -> tuple[int, float]:
         t0 = time.perf_counter()
-        handle = client.submit({"task_type": "text_generation", "messages": messages(prompt), "model": model,
+        handle = client.submit({"task_type": "text_generation", "messages": chat, "model": model,
                                 "max_new_tokens": NEW_TOKENS, "stream": True, "priority": "interactive"})
         first = None
         for _ in handle.stream(timeout=600):
@@ -103,8 +139,13 @@ def fleet_generation(client: Any, model: str, in_flight: int, n: int) -> dict[st
         result = handle.result(timeout=600)
         return result.usage.completion_tokens, first if first is not None else (time.perf_counter() - t0) * 1000
 
-    one(PROMPTS[0])  # warm-up
-    return closed_loop(one, (PROMPTS * n)[:n], in_flight)
+    one(messages(PROMPTS[0]))  # warm-up
+    return one
+
+
+def fleet_generation(client: Any, model: str, in_flight: int, n: int) -> dict[str, Any]:
+    """``n`` requests, ``in_flight`` at a time (closed loop), each streamed."""
+    return closed_loop(fleet_one(client, model), chats(n), in_flight)
 
 
 def closed_loop(one: Callable[[Any], tuple[int, float]], requests: list[Any], in_flight: int) -> dict[str, Any]:
@@ -209,12 +250,14 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
     rows = [(text, family.labels) for family in (*families(), *new_families())
             for text, _ in family.examples("report")[: 4 if quick else None]]
     source = resolve_source(settings.models[0].source)
-    out: dict[str, Any] = {"peer": peer(str(gguf_path(settings.models[0], source)), singles)}
+    bundled = str(gguf_path(settings.models[0], source))
+    out: dict[str, Any] = {"peer": peer(bundled, singles)}
     print(f"[bench] cpu-peer: llama.cpp single stream {json.dumps(out['peer'])}", flush=True)
     labels: dict[str, list[str]] = {}
     server = llama_server.binary()
     if server is None:
         out["server_skipped"] = llama_server.MISSING
+    bundled_peer = Peer(bundled)
     for name, model in (("transformers", transformers_model), ("llama_cpp", llama), ("llama_cpp_q8_0", llama_q8),
                         ("llama_cpp_q4_0", llama_q4)):
         served = None
@@ -225,15 +268,24 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
             client = stack.enter_context(h.fleet(f"peer-{name}", models=[model]))
             srv = stack.enter_context(serving(server, served, settings.batching.continuous)) if served and server else None
             theirs = out.setdefault(f"server_{name}", {}) if srv else {}
-            # Each load in rounds alternated with llama.cpp on the file this fleet serves (the other
-            # side idle meanwhile), best round each: this machine's speed drifts by 10-30 % over
-            # minutes, so engine against engine is read side by side, not minutes apart.
-            for _ in range(2 if served else 1):
-                if served:
-                    best(out, f"peer_{name}", peer(served, singles))
-                best(out, f"{name}_single", fleet_generation(client, model["name"], 1, singles))
+            if served:
+                # One stream: request by request in turn with llama.cpp on the bundled file, on the
+                # file this fleet serves and its server (``interleaved``: this machine's speed
+                # drifts by 10-30 % over minutes). Under load: rounds alternated with the server,
+                # best round each.
+                sides = {"peer": bundled_peer.one}
+                if served != bundled:
+                    sides["same_weights"] = stack.enter_context(contextlib.closing(Peer(served))).one
+                sides["fleet"] = fleet_one(client, model["name"])
                 if srv:
-                    best(theirs, "single", closed_loop(srv.one, chats(singles), 1))
+                    sides["server"] = srv.one
+                got = interleaved(sides, chats(2 * singles))
+                out[f"peer_beside_{name}"], out[f"{name}_single"] = got["peer"], got["fleet"]
+                out[f"peer_{name}"] = got.get("same_weights", got["peer"])
+                if srv:
+                    theirs["single"] = got["server"]
+            else:
+                out[f"{name}_single"] = fleet_generation(client, model["name"], 1, singles)
             for in_flight, n in ((8, batched), (16, 2 * batched)):
                 for _ in range(2 if srv and in_flight == 8 else 1):
                     best(out, f"{name}_{in_flight}", fleet_generation(client, model["name"], in_flight, n))
@@ -242,8 +294,9 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
             if srv:
                 theirs["resent"] = srv.resent
             out[f"{name}_classify_tasks_per_s"], labels[name] = fleet_classification(client, model["name"], rows)
-        print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name + '_') or k in (f'peer_{name}', f'server_{name}')})}",
+        print(f"[bench] cpu-peer: {name} {json.dumps({k: v for k, v in out.items() if k.startswith(name + '_') or k in (f'peer_{name}', f'peer_beside_{name}', f'server_{name}')})}",
               flush=True)
+    bundled_peer.close()
 
     def versus_server(name: str) -> dict[str, float]:
         """The fleet against llama.cpp's server on the same file, by load; and the server's own
@@ -281,12 +334,10 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
                                "llama_cpp_q4_0_16": out["llama_cpp_q4_0_16"]["tok_per_s"],
                                **{f"server_{k}": out["server_llama_cpp"][k]["tok_per_s"]
                                   for k in ("single", "8", "16") if "server_llama_cpp" in out}},
-        "llama_cpp_single_vs_peer": round(out["llama_cpp_single"]["tok_per_s"] / peer_single, 3),
-        "llama_cpp_8_vs_peer": round(out["llama_cpp_8"]["tok_per_s"] / peer_single, 3),
-        "llama_cpp_q8_0_single_vs_peer": round(out["llama_cpp_q8_0_single"]["tok_per_s"] / peer_single, 3),
-        "llama_cpp_q8_0_8_vs_peer": round(out["llama_cpp_q8_0_8"]["tok_per_s"] / peer_single, 3),
-        "llama_cpp_q4_0_single_vs_peer": round(out["llama_cpp_q4_0_single"]["tok_per_s"] / peer_single, 3),
-        "llama_cpp_q4_0_8_vs_peer": round(out["llama_cpp_q4_0_8"]["tok_per_s"] / peer_single, 3),
+        # Against llama.cpp on the bundled file as read beside each fleet (its one stream in turns
+        # with the fleet's; ``peer_single`` is its reading alone at the start).
+        **{f"{name}_{n}_vs_peer": round(out[f"{name}_{n}"]["tok_per_s"] / out[f"peer_beside_{name}"]["tok_per_s"], 3)
+           for name in ("llama_cpp", "llama_cpp_q8_0", "llama_cpp_q4_0") for n in ("single", "8")},
         **{f"{name}_{n}_vs_same_weights": round(out[f"{name}_{n}"]["tok_per_s"] / out[f"peer_{name}"]["tok_per_s"], 3)
            for name in ("llama_cpp", "llama_cpp_q8_0", "llama_cpp_q4_0") for n in ("single", "8")},
         **{key: value for name in ("llama_cpp", "llama_cpp_q8_0", "llama_cpp_q4_0") for key, value in versus_server(name).items()},

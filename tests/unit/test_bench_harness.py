@@ -51,3 +51,24 @@ def test_the_rate_at_n_in_flight_leaves_out_the_drain_where_fewer_requests_run()
     assert sum(span.tokens for span in done) / 25 == 1.8  # what the whole round reads
     assert steady(done, 1) == (0.0, 0.0)  # one at a time: the whole round is the rate
     assert steady(done[:2], 2) == (0.0, 0.0)  # never refilled: no window where both ran
+
+
+def test_one_stream_is_read_request_by_request_in_turns_so_a_drifting_machine_slows_both_sides_alike(
+        monkeypatch) -> None:
+    import bench.cpu_peer as cpu_peer
+
+    clock = [0.0]
+    monkeypatch.setattr(cpu_peer.time, "perf_counter", lambda: clock[0])
+    order: list[str] = []
+
+    def side(name: str, tokens_per_s: float):
+        def one(request: int) -> tuple[int, float]:
+            order.append(name)
+            clock[0] += 10 / tokens_per_s * (1 + request)  # the machine slows down request by request
+            return 10, 5.0
+        return one
+
+    got = cpu_peer.interleaved({"peer": side("peer", 100.0), "fleet": side("fleet", 80.0)}, [0, 1, 2, 3])
+    assert order == ["peer", "fleet", "fleet", "peer", "peer", "fleet", "fleet", "peer"]  # who goes first rotates
+    assert got["fleet"]["tok_per_s"] / got["peer"]["tok_per_s"] == 0.8  # the drift cancels in the ratio
+    assert got["peer"]["requests"] == 4 and got["peer"]["ttft_p50_ms"] == 5.0
