@@ -72,3 +72,34 @@ def test_one_stream_is_read_request_by_request_in_turns_so_a_drifting_machine_sl
     assert order == ["peer", "fleet", "fleet", "peer", "peer", "fleet", "fleet", "peer"]  # who goes first rotates
     assert got["fleet"]["tok_per_s"] / got["peer"]["tok_per_s"] == 0.8  # the drift cancels in the ratio
     assert got["peer"]["requests"] == 4 and got["peer"]["ttft_p50_ms"] == 5.0
+
+
+def test_a_request_llama_server_closes_before_answering_is_sent_again_once_and_counted() -> None:
+    import httpx
+    import pytest
+
+    from bench.llama_server import LlamaServer
+
+    tries: list[int] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        tries.append(1)
+        if len(tries) % 2:  # every other connection closed before a response
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        body = ('data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
+                'data: {"choices": [], "usage": {"completion_tokens": 3}}\n\ndata: [DONE]\n\n')
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    server = LlamaServer.__new__(LlamaServer)  # the client side only: no llama-server process
+    server.http, server.max_tokens, server.resent = httpx.Client(transport=httpx.MockTransport(answer),
+                                                                 base_url="http://peer"), 8, 0
+    tokens, first_ms = server.one([{"role": "user", "content": "Hello"}])
+    assert (tokens, server.resent, len(tries)) == (3, 1, 2) and first_ms >= 0
+
+    def gone(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+
+    server.http = httpx.Client(transport=httpx.MockTransport(gone), base_url="http://peer")
+    with pytest.raises(httpx.RemoteProtocolError):  # once only: a server that keeps closing is an error
+        server.one([{"role": "user", "content": "Hello"}])
+    assert server.resent == 2
