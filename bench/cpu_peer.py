@@ -70,7 +70,9 @@ def llama_model(settings: Any, requantize: str | None = None) -> dict[str, Any]:
 
 
 class Peer:
-    """llama-cpp-python's ``Llama`` on a GGUF file, in this process: llama.cpp's single stream."""
+    """llama-cpp-python's ``Llama`` on a GGUF file, in this process: llama.cpp's single stream.
+    Driven from the calling thread (``interleaved``), not a pool thread (``closed_loop``): from a
+    pool thread the same ``Llama`` decoded at half the rate (bench/RESULTS.md)."""
 
     def __init__(self, gguf: str) -> None:
         from llama_cpp import Llama
@@ -96,17 +98,6 @@ class Peer:
 
     def close(self) -> None:
         self.llm.close()
-
-
-def peer(gguf: str, n: int) -> dict[str, Any]:
-    """llama.cpp's single stream on ``gguf`` over ``n`` requests, one after another, in this thread:
-    driven from a pool thread (``closed_loop``), the same ``Llama`` decoded at half the rate (33
-    against 77 tok/s on a 2-core Xeon)."""
-    side = Peer(gguf)
-    try:
-        return interleaved({"peer": side.one}, chats(n))["peer"]
-    finally:
-        side.close()
 
 
 def interleaved(sides: dict[str, Callable[[Any], tuple[int, float]]], requests: list[Any]) -> dict[str, dict[str, Any]]:
@@ -254,13 +245,13 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
             for text, _ in family.examples("report")[: 4 if quick else None]]
     source = resolve_source(settings.models[0].source)
     bundled = str(gguf_path(settings.models[0], source))
-    out: dict[str, Any] = {"peer": peer(bundled, singles)}
+    bundled_peer = Peer(bundled)
+    out: dict[str, Any] = {"peer": interleaved({"peer": bundled_peer.one}, chats(singles))["peer"]}
     print(f"[bench] cpu-peer: llama.cpp single stream {json.dumps(out['peer'])}", flush=True)
     labels: dict[str, list[str]] = {}
     server = llama_server.binary()
     if server is None:
         out["server_skipped"] = llama_server.MISSING
-    bundled_peer = Peer(bundled)
     for name, model in (("transformers", transformers_model), ("llama_cpp", llama), ("llama_cpp_q8_0", llama_q8),
                         ("llama_cpp_q4_0", llama_q4)):
         served = None
@@ -318,7 +309,7 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
     llama_harness = Harness(settings, h.redis_url, {**h.env, "AUTOGLM_MODELS": json.dumps([llama_q8])})
     isolated = isolation.run(llama_harness, 20 if quick else 40, 400 if quick else 2000, 16)
     # The issue's reference: llama.cpp's one stream on the bundled file, as read in turns beside the
-    # fleet serving that file (the reading alone at the start, ``cpu_peer.peer``, stays in the record).
+    # fleet serving that file (its reading alone at the start, ``cpu_peer.peer``, stays in the record).
     peer_single = out["peer_beside_llama_cpp"]["tok_per_s"]
     return {
         "cpu_peer": out,
