@@ -597,10 +597,12 @@ class StreamsConfig(_Section):
 
     ttl_s: Annotated[int, Field(ge=1)] = Field(default=600, description="A task's token stream expires this long after its last write.")
     interval_ms: Annotated[int, Field(ge=0, le=1_000)] = Field(
-        default=40, description="A stream's tokens are sent at most this often, several tokens a piece (its first "
-        "piece and its end at once): a round trip per decoding step costs a CPU worker decoding time. 0: every step.")
+        default=100, description="A stream's tokens are sent at most this often, several tokens a piece (its first "
+        "piece and its end at once): each piece wakes Redis and every reader, which on a CPU worker costs the "
+        "decoding steps beside them about a millisecond (docs/architecture.md). 0: every step.")
     cancel_poll_ms: Annotated[int, Field(ge=10, le=10_000)] = Field(
-        default=200, description="How often the engine core looks for cancelled rows (one Redis round trip).")
+        default=200, description="How often the engine core looks for cancelled rows: with every write to the "
+        "streams, and alone this often when none was written.")
     max_readers: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=256, description="Streams an asyncio client (a gateway) reads at once; more wait for a connection.")
 

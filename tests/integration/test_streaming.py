@@ -195,3 +195,26 @@ def test_the_engine_core_sends_a_streams_middle_at_its_interval_and_its_first_pi
     every_step.text(task, 11, " time")
     every_step.flush()
     assert length() == 5  # interval 0: every turn sends
+
+
+def test_the_check_for_cancelled_rows_rides_on_a_write_to_the_streams(redis_url: str) -> None:
+    """Each round trip from the engine core wakes Redis and the readers on the cores the model
+    decodes on, so the core asks which of its rows were cancelled in the same round trip as a
+    stream write; alone only when nothing is written."""
+    from shared.broker import redis_client
+    from shared.streams import CANCEL_TTL_S, cancel_key, stream_key
+    from workers.core.stream_writer import StreamWriter
+
+    redis = redis_client(redis_url)
+    writer = StreamWriter(redis, ttl_s=60, interval_s=3600)
+    kept, cancelled = f"kept-{time.monotonic_ns()}", f"cancelled-{time.monotonic_ns()}"
+    redis.set(cancel_key(cancelled), 1, ex=CANCEL_TTL_S)
+
+    writer.text(kept, 0, "Once")
+    assert writer.due()  # a first piece goes at the next flush
+    assert writer.flush(ask_cancelled=[kept, cancelled]) == {cancelled}
+    assert redis.xlen(stream_key(kept)) == 1  # the write went in the same call
+    writer.text(kept, 4, " upon")
+    assert not writer.due()  # a middle piece waits for the interval...
+    assert writer.flush(ask_cancelled=[kept]) == set()  # ...and a check goes alone
+    assert redis.xlen(stream_key(kept)) == 1

@@ -172,21 +172,23 @@ class EngineCore:
         self.streams.end(task_id, answer.output.finish_reason)
 
     def _tend_continuous(self) -> bool:
-        """One turn for the continuous batches: admit, hand out tokens and answers, and (every
-        cancel_poll_ms) drop the rows whose producer cancelled them. True while any row is running."""
+        """One turn for the continuous batches: admit, hand out tokens and answers, send what is due
+        to the streams and drop the rows whose producer cancelled them. The check for cancellations
+        goes with every write to the streams, and alone every cancel_poll_ms when none was written
+        (one round trip, not two: workers/core/stream_writer.py). True while any row is running."""
         busy = False
         for generator in self.continuous.values():
             generator.step()
             busy = busy or generator.busy
         now = time.monotonic()
-        if busy and now - self._cancel_checked >= self._cancel_every_s:
+        ask: list[str] = []
+        if busy and (self.streams.due() or now - self._cancel_checked >= self._cancel_every_s):
+            ask = [t for g in self.continuous.values() for t in g.task_ids() if t]
             self._cancel_checked = now
-            ids = [t for g in self.continuous.values() for t in g.task_ids() if t]
-            cancelled = self.streams.cancelled(ids)
-            if cancelled:
-                for generator in self.continuous.values():
-                    generator.cancel(cancelled)
-        self.streams.flush()
+        cancelled = self.streams.flush(ask_cancelled=ask)
+        if cancelled:
+            for generator in self.continuous.values():
+                generator.cancel(cancelled)
         return busy
 
     def _send_back(self, identity: bytes, request_id: bytes, task_type: str, future: Future) -> None:

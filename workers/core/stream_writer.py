@@ -8,13 +8,17 @@ core's, then Redis's and every reader's wake-up on the same cores) cost about a 
 decoding rate. A stream's first piece (its time to first token), its end and its errors go out at
 the turn that wrote them. A failed write is logged and dropped: a reader whose stream stalls falls
 back to the task's result (producers/client.py), so Redis trouble never fails a generation.
+
+The engine core's check for cancelled rows rides on these writes (``flush(ask_cancelled=...)``):
+every wake-up of Redis and of a reader on the cores the model decodes on stalls a decoding step
+by about a millisecond (bench/RESULTS.md), so a check that goes alone is one more of them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -46,34 +50,34 @@ class StreamWriter:
         self._pending.append((task_id, {"error": code, "message": message}))
         self._due = True
 
-    def flush(self, force: bool = False) -> None:
-        """Send what is buffered if anything is due, ``interval_s`` has passed or ``force``."""
-        if not self._pending:
-            return
-        now = time.monotonic()
-        if not (force or self._due or now - self._sent_at >= self.interval_s):
-            return
-        self._due, self._sent_at = False, now
-        pending, self._pending = self._pending, []
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id in dict.fromkeys(task_id for task_id, _ in pending):
-            key = stream_key(task_id)
-            for fields in (f for t, f in pending if t == task_id):
-                pipe.xadd(key, fields, maxlen=MAXLEN, approximate=True)  # type: ignore[arg-type]
-            pipe.expire(key, self.ttl_s)
-        try:
-            pipe.execute()
-        except RedisError as exc:
-            log.warning("dropped %d stream entries (%s); readers fall back to the results", len(pending), exc)
+    def due(self, force: bool = False) -> bool:
+        """Whether a flush now would write: something is buffered, and it is due, ``interval_s`` has
+        passed or ``force``."""
+        return bool(self._pending) and (force or self._due or time.monotonic() - self._sent_at >= self.interval_s)
 
-    def cancelled(self, task_ids: Iterable[str]) -> set[str]:
-        """The tasks among ``task_ids`` whose producer asked to cancel them (one round trip)."""
-        ids = list(task_ids)
-        if not ids:
+    def flush(self, force: bool = False, ask_cancelled: Sequence[str] = ()) -> set[str]:
+        """Send what is buffered if it is ``due``, and ask which of ``ask_cancelled`` their producer
+        cancelled, in one round trip; returns those cancelled."""
+        write = self.due(force)
+        if not (write or ask_cancelled):
             return set()
+        pipe = self.redis.pipeline(transaction=False)
+        pending: list[tuple[str, dict[str, str | int]]] = []
+        if write:
+            self._due, self._sent_at = False, time.monotonic()
+            pending, self._pending = self._pending, []
+            for task_id in dict.fromkeys(task_id for task_id, _ in pending):
+                key = stream_key(task_id)
+                for fields in (f for t, f in pending if t == task_id):
+                    pipe.xadd(key, fields, maxlen=MAXLEN, approximate=True)  # type: ignore[arg-type]
+                pipe.expire(key, self.ttl_s)
+        ids = list(ask_cancelled)
+        if ids:
+            pipe.mget([cancel_key(t) for t in ids])
         try:
-            marks = self.redis.mget([cancel_key(t) for t in ids])
+            replies = pipe.execute()
         except RedisError as exc:
-            log.warning("cannot check cancellations (%s); trying again next turn", exc)
+            log.warning("dropped %d stream entries (%s); readers fall back to the results%s", len(pending), exc,
+                        "; cancellations are asked again next time" if ids else "")
             return set()
-        return {t for t, mark in zip(ids, marks, strict=True) if mark is not None}
+        return {t for t, mark in zip(ids, replies[-1], strict=True) if mark is not None} if ids else set()
