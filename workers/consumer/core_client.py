@@ -5,16 +5,19 @@ owns the core: it starts it at a fixed address and restarts it there when it die
 to that address (``worker.engine_address``) and watch the core's pid from its hello.
 
 Each Celery task thread gets its own ZMQ DEALER socket (sockets are not thread-safe; the core's
-ROUTER routes each reply back to the socket that asked). A thread waits for its reply in short polls
-and checks between them that the core is still the one it sent to: if the core died, the request is
-gone with it and the task gets EngineLost, which the task turns into a requeue (never an ack), so
-the message is delivered again once the restarted core is ready.
+ROUTER routes each reply back to the socket that asked). A thread waits for its reply and for the
+core's exit at once (a Linux pidfd, readable when the process exits; elsewhere short polls that
+check the core is alive): if the core died, the request is gone with it and the task gets
+EngineLost, which the task turns into a requeue (never an ack), so the message is delivered again
+once the restarted core is ready. Why not poll: a waiting thread woke five times a second, and on a
+CPU worker every wake-up of a process beside the decoding threads delays a decoding step (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import subprocess
 import threading
 import time
@@ -30,6 +33,10 @@ from workers.wire import HELLO, Answer, BatchInfo, Prepared
 log = logging.getLogger(__name__)
 
 
+# With a pidfd the waits need no timeout; this one only bounds how late a closing client is noticed.
+WATCH_S = 5.0
+
+
 class EngineLost(Exception):
     """The engine core died while (or before) it held this request; nothing was answered."""
 
@@ -42,6 +49,15 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _exit_fd(pid: int) -> int | None:
+    """A descriptor that becomes readable when process ``pid`` exits (Linux pidfd), or None where
+    there is none (another OS, an old kernel, the process already gone)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 class EngineClient:
@@ -103,8 +119,16 @@ class EngineClient:
         if self.process is not None:
             self.process.wait()
             return
-        while not self._closing and _pid_alive(self.core_pid):
-            time.sleep(0.1)
+        exit_fd = _exit_fd(self.core_pid)
+        try:
+            while not self._closing and _pid_alive(self.core_pid):
+                if exit_fd is None:
+                    time.sleep(0.1)
+                elif select.select([exit_fd], [], [], WATCH_S)[0]:
+                    return
+        finally:
+            if exit_fd is not None:
+                os.close(exit_fd)
 
     def _watch(self) -> None:
         while not self._closing:
@@ -152,17 +176,27 @@ class EngineClient:
                 raise EngineLost("engine core not ready")
         sock, generation = self._socket()
         request_id = uuid.uuid4().bytes
-        sock.send(wire.encode(wire.request(request_id, model, rank, traceparent, prepared, task_id)))
-        while True:
-            if sock.poll(self.poll_ms):
-                reply_id, outcome, info = wire.decode_reply(sock.recv())
-                if reply_id != request_id:
-                    continue  # a reply to an earlier request of this thread that was given up
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                return outcome, info  # type: ignore[return-value]
-            if generation != self.generation or not self.alive():
-                raise EngineLost(f"engine core (generation {generation}) died with this request in it")
+        exit_fd = _exit_fd(self.core_pid)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if exit_fd is not None:
+            poller.register(exit_fd, zmq.POLLIN)
+        try:
+            sock.send(wire.encode(wire.request(request_id, model, rank, traceparent, prepared, task_id)))
+            while True:
+                ready = dict(poller.poll(self.poll_ms if exit_fd is None else int(WATCH_S * 1000)))
+                if sock in ready:
+                    reply_id, outcome, info = wire.decode_reply(sock.recv())
+                    if reply_id != request_id:
+                        continue  # a reply to an earlier request of this thread that was given up
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    return outcome, info  # type: ignore[return-value]
+                if exit_fd in ready or generation != self.generation or not self.alive():
+                    raise EngineLost(f"engine core (generation {generation}) died with this request in it")
+        finally:
+            if exit_fd is not None:
+                os.close(exit_fd)
 
     def close(self) -> None:
         self._closing = True
