@@ -240,6 +240,8 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
     transformers_model = settings.models[0].model_dump(mode="json")
     llama, llama_q8, llama_q4 = llama_model(settings), llama_model(settings, "Q8_0"), llama_model(settings, "Q4_0")
     # 8 in flight: four waves at least, so the window where all 8 run (closed_loop) is most of a round
+    # One stream beside the llama_cpp fleets: 16 requests a side (quick), as 8 moved the fleet's ratio
+    # by several per cent between two runs of the same code (bench/RESULTS.md)
     singles, batched = (4, 32) if quick else (8, 64)
     rows = [(text, family.labels) for family in (*families(), *new_families())
             for text, _ in family.examples("report")[: 4 if quick else None]]
@@ -273,7 +275,7 @@ def run(h: Harness, quick: bool) -> dict[str, Any]:
                 sides["fleet"] = fleet_one(client, model["name"])
                 if srv:
                     sides["server"] = srv.one
-                got = interleaved(sides, chats(2 * singles))
+                got = interleaved(sides, chats(4 * singles))
                 out[f"peer_beside_{name}"], out[f"{name}_single"] = got["peer"], got["fleet"]
                 out[f"peer_{name}"] = got.get("same_weights", got["peer"])
                 if srv:
