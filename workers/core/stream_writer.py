@@ -2,7 +2,8 @@
 
 Writes are buffered and sent in one pipeline, so a step that produced a token for 20 streaming rows
 costs one round trip, not 20; and a stream's middle pieces are sent at most every ``interval_s``
-(``streams.interval_ms``), several steps' tokens in one piece, as vLLM's ``stream_interval`` does:
+(``streams.interval_ms``), several steps' tokens in one piece (one stream entry: a row's text since
+its last piece), as vLLM's ``stream_interval`` does:
 on a CPU a step of a small model takes a few milliseconds, and a round trip per step (the engine
 core's, then Redis's and every reader's wake-up on the same cores) cost about a tenth of the
 decoding rate. A stream's first piece (its time to first token), its end and its errors go out at
@@ -36,17 +37,26 @@ class StreamWriter:
         self._pending: list[tuple[str, dict[str, str | int]]] = []
         self._due = False  # a first piece, an end or an error waits: the next flush sends
         self._sent_at = 0.0
+        self._open: dict[str, dict[str, str | int]] = {}  # a task's text piece not sent yet, still growing
 
     def text(self, task_id: str, offset: int, text: str) -> None:
-        if text:
-            self._pending.append((task_id, {"o": offset, "d": text}))
-            self._due = self._due or offset == 0
+        if not text:
+            return
+        piece = self._open.get(task_id)
+        if piece is not None and int(piece["o"]) + len(str(piece["d"])) == offset:
+            piece["d"] = f"{piece['d']}{text}"  # the text that follows it: the same piece grows
+            return
+        self._open[task_id] = piece = {"o": offset, "d": text}
+        self._pending.append((task_id, piece))
+        self._due = self._due or offset == 0
 
     def end(self, task_id: str, finish_reason: str) -> None:
+        self._open.pop(task_id, None)
         self._pending.append((task_id, {"end": finish_reason}))
         self._due = True
 
     def error(self, task_id: str, code: str, message: str) -> None:
+        self._open.pop(task_id, None)
         self._pending.append((task_id, {"error": code, "message": message}))
         self._due = True
 
@@ -66,6 +76,7 @@ class StreamWriter:
         if write:
             self._due, self._sent_at = False, time.monotonic()
             pending, self._pending = self._pending, []
+            self._open.clear()
             for task_id in dict.fromkeys(task_id for task_id, _ in pending):
                 key = stream_key(task_id)
                 for fields in (f for t, f in pending if t == task_id):
