@@ -220,3 +220,25 @@ def test_the_check_for_cancelled_rows_rides_on_a_write_to_the_streams(redis_url:
     assert not writer.due()  # a middle piece waits for the interval...
     assert writer.flush(ask_cancelled=[kept]) == set()  # ...and a check goes alone
     assert redis.xlen(stream_key(kept)) == 1
+
+
+def test_rows_decoding_side_by_side_each_get_one_piece_per_write(redis_url: str) -> None:
+    """Steps hand out text row by row, interleaved; what a row decoded since its last piece still
+    goes as one entry of its stream, in order, and a piece after the end is never merged into it."""
+    from shared.broker import redis_client
+    from shared.streams import stream_key
+    from workers.core.stream_writer import StreamWriter
+
+    redis = redis_client(redis_url)
+    writer = StreamWriter(redis, ttl_s=60, interval_s=0)
+    a, b = f"side-a-{time.monotonic_ns()}", f"side-b-{time.monotonic_ns()}"
+    for step, (text_a, text_b) in enumerate([("Once", "Dear"), (" upon", " Sir"), (" a", ",")]):
+        offset_a, offset_b = len("".join(["Once", " upon", " a"][:step])), len("".join(["Dear", " Sir", ","][:step]))
+        writer.text(a, offset_a, text_a)
+        writer.text(b, offset_b, text_b)
+    writer.end(a, "stop")
+    writer.text(a, 11, "!")  # follows the text, but comes after the end: it may not join the piece before it
+    writer.flush(force=True)
+    read = lambda task: [(e.get("o"), e.get("d"), e.get("end")) for _, e in redis.xrange(stream_key(task))]  # noqa: E731
+    assert read(a) == [("0", "Once upon a", None), (None, None, "stop"), ("11", "!", None)]
+    assert read(b) == [("0", "Dear Sir,", None)]
