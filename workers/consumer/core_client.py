@@ -15,6 +15,7 @@ CPU worker every wake-up of a process beside the decoding threads delays a decod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -22,6 +23,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -51,13 +53,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _exit_fd(pid: int) -> int | None:
-    """A descriptor that becomes readable when process ``pid`` exits (Linux pidfd), or None where
-    there is none (another OS, an old kernel, the process already gone)."""
+@contextlib.contextmanager
+def _exit_fd(pid: int) -> Iterator[int | None]:
+    """A descriptor that becomes readable when process ``pid`` exits (Linux pidfd), closed after
+    the block; None where there is none (another OS, an old kernel, the process already gone)."""
     try:
-        return os.pidfd_open(pid)
+        fd = os.pidfd_open(pid)
     except (AttributeError, OSError):
-        return None
+        fd = None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class EngineClient:
@@ -119,16 +127,12 @@ class EngineClient:
         if self.process is not None:
             self.process.wait()
             return
-        exit_fd = _exit_fd(self.core_pid)
-        try:
+        with _exit_fd(self.core_pid) as exit_fd:
             while not self._closing and _pid_alive(self.core_pid):
                 if exit_fd is None:
                     time.sleep(0.1)
                 elif select.select([exit_fd], [], [], WATCH_S)[0]:
                     return
-        finally:
-            if exit_fd is not None:
-                os.close(exit_fd)
 
     def _watch(self) -> None:
         while not self._closing:
@@ -176,12 +180,11 @@ class EngineClient:
                 raise EngineLost("engine core not ready")
         sock, generation = self._socket()
         request_id = uuid.uuid4().bytes
-        exit_fd = _exit_fd(self.core_pid)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        if exit_fd is not None:
-            poller.register(exit_fd, zmq.POLLIN)
-        try:
+        with _exit_fd(self.core_pid) as exit_fd:
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            if exit_fd is not None:
+                poller.register(exit_fd, zmq.POLLIN)
             sock.send(wire.encode(wire.request(request_id, model, rank, traceparent, prepared, task_id)))
             while True:
                 ready = dict(poller.poll(self.poll_ms if exit_fd is None else int(WATCH_S * 1000)))
@@ -194,9 +197,6 @@ class EngineClient:
                     return outcome, info  # type: ignore[return-value]
                 if exit_fd in ready or generation != self.generation or not self.alive():
                     raise EngineLost(f"engine core (generation {generation}) died with this request in it")
-        finally:
-            if exit_fd is not None:
-                os.close(exit_fd)
 
     def close(self) -> None:
         self._closing = True
