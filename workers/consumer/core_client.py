@@ -151,6 +151,10 @@ class EngineClient:
                 except EngineLost:
                     log.exception("engine core failed to become ready; retrying in 1 s")
                     time.sleep(1.0)
+                except zmq.ZMQError:
+                    if self._closing:
+                        return  # close() destroyed the context under this restart attempt
+                    raise
 
     def alive(self) -> bool:
         if self.process is not None:
