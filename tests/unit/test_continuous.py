@@ -23,10 +23,14 @@ INTERACTIVE, BULK = 0, 1
 class Sink:
     """The generator's stream writer here: records what it was given."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_step: bool = True) -> None:
         self.pieces: dict[str, list[tuple[int, str]]] = {}
         self.ends: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.every_step = every_step  # a piece may go every step (else only the first and the last)
+
+    def interval_passed(self) -> bool:
+        return self.every_step
 
     def text(self, task_id: str, offset: int, text: str) -> None:
         self.pieces.setdefault(task_id, []).append((offset, text))
@@ -113,6 +117,22 @@ def test_a_stream_carries_the_text_in_order_and_ends_with_the_finish(engine: Eng
     assert [offset for offset, _ in pieces] == [sum(len(t) for _, t in pieces[:i]) for i in range(len(pieces))]
     assert "".join(t for _, t in pieces).strip() == future.result()[0].output.text
     assert sink.ends["s"] == future.result()[0].output.finish_reason and len(pieces) > 1
+
+
+def test_between_two_writes_a_row_gets_no_piece_and_the_next_one_carries_its_text(engine: Engine) -> None:  # noqa: F811
+    """The stream writer sends middle pieces every ``interval_ms``: between two writes the generator
+    does not decode a row's text at all, and the piece at the next write (here: the end) carries
+    everything since the first piece, in order."""
+    sink = Sink(every_step=False)
+    g = generator(engine, sink)
+    try:
+        future = submit(g, gen(engine, PROMPTS[1], max_new_tokens=16, stream=True), "s")
+        drive(g, [future])
+    finally:
+        g.close()
+    pieces = sink.pieces["s"]
+    assert len(pieces) == 2 and pieces[1][0] == len(pieces[0][1])  # the first piece at once, then the rest
+    assert "".join(t for _, t in pieces).strip() == future.result()[0].output.text
 
 
 def test_a_stop_string_ends_the_row_and_never_reaches_the_stream(engine: Engine, sink: Sink) -> None:  # noqa: F811

@@ -196,9 +196,11 @@ class ContinuousGenerator:
         if not row.first_token and output.generated_tokens:
             row.first_token = time.monotonic()
         finished = output.is_finished()
-        tokens = list(output.generated_tokens)
+        tokens = output.generated_tokens
         if row.needs_steps and not finished:
             stops = row.prepared.request.stop
+            if not stops and row.sent and self.streams is not None and not self.streams.interval_passed():
+                return  # no stop string to look for, and a piece would not go out before the next step's
             text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
             if any(stop in text for stop in stops):
                 self.manager.cancel_request(output.request_id)
@@ -208,7 +210,7 @@ class ContinuousGenerator:
                 self._stream(row, text[: len(text) - max((len(s) - 1 for s in stops), default=0)])
         if finished:
             del self._active[output.request_id]
-            ids, text, finish = self.engine.cut_row(row.prepared, tokens)
+            ids, text, finish = self.engine.cut_row(row.prepared, list(tokens))
             if row.streamed:
                 self._stream(row, text)
             self._answer(row, Answer(GenerateOutput(text=text.strip(), finish_reason=finish),

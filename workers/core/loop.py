@@ -202,7 +202,9 @@ class EngineCore:
     def _take_in(self) -> None:
         """Every request that has arrived, submitted (answered when its future resolves)."""
         router = self._router
-        while True:
+        # The socket is asked first: a receive that finds nothing raises zmq.Again, an exception
+        # built on every turn of a decoding loop, between two of its steps.
+        while router.get(zmq.EVENTS) & zmq.POLLIN:
             try:
                 identity, data = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

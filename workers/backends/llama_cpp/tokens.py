@@ -56,6 +56,17 @@ class TokenBatch:
         self.count = end
         return start
 
+    def add_one(self, token: int, position: int, seq: int, output: bool) -> int:
+        """Append one token of one sequence (a decoding row's step): item stores, none of
+        ``add``'s array building, which cost more than the rest of a one-row step's Python."""
+        index = self.count
+        if index >= self.capacity:
+            raise ValueError(f"{index + 1} tokens in a batch of {self.capacity}")
+        self.token[index], self.pos[index], self.seq[index, 0] = token, position, seq
+        self._counts[index], self.output[index] = 1, output
+        self.count = index + 1
+        return index
+
     def decode(self, llama: Any, ctx: Any) -> int:
         self.struct.n_tokens = self.count
         return llama.llama_decode(ctx, self.struct)
