@@ -130,8 +130,10 @@ def fleet_one(client: Any, model: str) -> Callable[[list[dict[str, str]]], tuple
         for _ in handle.stream(timeout=600):
             if first is None:
                 first = (time.perf_counter() - t0) * 1000
-        result = handle.result(timeout=600)
-        return result.usage.completion_tokens, first if first is not None else (time.perf_counter() - t0) * 1000
+        # Done when its stream ends, as for the peer (the end entry carries the usage; the result
+        # is stored a moment later and a streaming client never waits for it)
+        usage = handle.usage or handle.result(timeout=600).usage
+        return usage.completion_tokens, first if first is not None else (time.perf_counter() - t0) * 1000
 
     one(messages(PROMPTS[0]))  # warm-up
     return one

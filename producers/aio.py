@@ -34,6 +34,12 @@ from shared.schemas import Priority, TaskResult, TaskType
 class AsyncTaskHandle:
     def __init__(self, client: AsyncFleetClient, task_id: str) -> None:
         self._client, self.id = client, task_id
+        self._reader = streams.Reader(task_id)
+
+    @property
+    def stream_end(self) -> streams.Event | None:
+        """The stream's end entry (finish reason, usage) once ``stream()`` has read it; else None."""
+        return self._reader.end
 
     async def status(self) -> str:
         return await self._client.status(self.id)
@@ -43,7 +49,8 @@ class AsyncTaskHandle:
 
     def stream(self, timeout: float | None = None, idle_timeout: float | None = None) -> AsyncIterator[str]:
         """``async for piece in handle.stream(): ...`` (see TaskHandle.stream and stream_task)."""
-        return self._client.stream_task(self.id, timeout, idle_timeout)
+        self._reader = streams.Reader(self.id)
+        return self._client.stream_task(self.id, timeout, idle_timeout, self._reader)
 
     async def cancel(self) -> None:
         await self._client.cancel(self.id)
@@ -118,13 +125,13 @@ class AsyncFleetClient:
             if not finished:
                 await self.cancel(handle.id)
 
-    async def stream_task(self, task_id: str, timeout: float | None = None,
-                          idle_timeout: float | None = None) -> AsyncIterator[str]:
+    async def stream_task(self, task_id: str, timeout: float | None = None, idle_timeout: float | None = None,
+                          reader: streams.Reader | None = None) -> AsyncIterator[str]:
         """A task's text as it is generated (TaskHandle.stream, without blocking the loop).
         ``timeout``: TimeoutError when the whole stream takes longer; ``idle_timeout``: when no text
         arrives for this long (what a streaming client expects: a long answer that keeps coming is
-        never cut, a stalled one is)."""
-        reader = streams.Reader(task_id)
+        never cut, a stalled one is). ``reader``: one whose ``end`` the caller reads afterwards."""
+        reader = reader or streams.Reader(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         heard = time.monotonic()
         while True:

@@ -30,7 +30,7 @@ from shared.errors import ErrorCode, FleetError, invalid_input
 from shared.pipelines import PIPELINE, STEP_TASK, PipelineRequest, check_input, step_request
 from shared.queues import make_celery
 from shared.registry import Registry
-from shared.schemas import ANONYMOUS_TENANT, Priority, TaskRequestBase, TaskResult, TaskType
+from shared.schemas import ANONYMOUS_TENANT, Priority, TaskRequestBase, TaskResult, TaskType, Usage
 from shared.telemetry import setup_tracing, trace_headers, tracer
 
 BROKER_ERRORS = (OperationalError, RedisError, ConnectionError)
@@ -57,6 +57,21 @@ class TaskHandle:
 
     def __init__(self, async_result: AsyncResult) -> None:
         self._result = async_result
+        self._stream_end: streams.Event | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why the answer ended (stop, length), once ``stream()`` has read its end; else None."""
+        return self._stream_end.finish if self._stream_end is not None else None
+
+    @property
+    def usage(self) -> Usage | None:
+        """The answer's token counts, once ``stream()`` has read its end (no round trip for the
+        result, which the worker stores a moment after the end); else None."""
+        end = self._stream_end
+        if end is None or end.usage is None:
+            return None
+        return Usage(prompt_tokens=end.usage[0], completion_tokens=end.usage[1])
 
     @property
     def id(self) -> str:
@@ -146,6 +161,7 @@ class TaskHandle:
                 raise FleetError(ErrorCode.BROKER_UNAVAILABLE, f"cannot read task {self.id}'s stream: {exc}") from exc
             yield from reader.feed(records)
             if reader.done:
+                self._stream_end = reader.end
                 return
             if not records and self.ready():
                 # Done without (the rest of) a stream: failed before generating, or not streamed.

@@ -9,7 +9,10 @@ Entries, in order:
 - ``{"o": offset, "d": text}``  text from character ``offset`` of the answer on. A redelivered task
   streams again from offset 0 (greedy decoding gives the same text): a reader keeps what it has
   already passed on and drops what it has seen, so redelivery never repeats text;
-- ``{"end": finish_reason}``    the answer is complete (the task's result holds the final text);
+- ``{"end": finish_reason, "prompt_tokens": n, "completion_tokens": m}``  the answer is complete
+  (the task's result holds the final text). The token counts let a streaming reader close its
+  response (an OpenAI client's last chunk carries the usage) without waiting for the result,
+  which the worker stores a round trip or two after the end;
 - ``{"error": code, "message": ...}``  the task failed while generating.
 
 Cancellation: ``cancel_key(task_id)`` set (with a TTL) by the producer - ``handle.cancel()``, or a
@@ -46,6 +49,7 @@ class Event:
     finish: str | None = None
     error: str | None = None
     message: str = ""
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens, at the end
 
 
 def _s(value: Any) -> str:
@@ -55,7 +59,9 @@ def _s(value: Any) -> str:
 def decode(fields: dict[Any, Any]) -> Event:
     fields = {_s(k): _s(v) for k, v in fields.items()}
     if "end" in fields:
-        return Event(finish=fields["end"])
+        counts = fields.get("prompt_tokens"), fields.get("completion_tokens")
+        usage = (int(counts[0]), int(counts[1])) if None not in counts else None
+        return Event(finish=fields["end"], usage=usage)
     if "error" in fields:
         return Event(error=fields["error"], message=fields.get("message", ""))
     return Event(offset=int(fields.get("o", 0)), text=fields.get("d", ""))
@@ -78,10 +84,12 @@ class Reassembler:
 
 class Reader:
     """One reader's position in a task's stream: feed it XREAD replies, get the new text; it raises
-    the task's FleetError at an error entry and sets ``done`` at the end entry."""
+    the task's FleetError at an error entry, and sets ``done`` and keeps the ``end`` entry (finish
+    reason, usage) at the end."""
 
     def __init__(self, task_id: str) -> None:
         self.key, self.last, self.done = stream_key(task_id), "0-0", False
+        self.end: Event | None = None
         self._seen = Reassembler()
 
     def feed(self, records: list[Any]) -> list[str]:
@@ -92,7 +100,7 @@ class Reader:
             if event.error is not None:
                 raise FleetError(event.error, event.message)
             if event.finish is not None:
-                self.done = True
+                self.done, self.end = True, event
                 break
             if piece := self._seen.new_text(event):
                 pieces.append(piece)

@@ -47,6 +47,8 @@ def test_a_stream_delivers_text_before_the_answer_is_done(tiny_fleet: Fleet) -> 
     assert done_at_first_piece is False, "the first piece came only after the task had finished"
     # The first piece at once, then one every streams.interval_ms with the tokens decoded since
     assert len(pieces) >= 2 and "".join(pieces).strip() == result.output.text  # type: ignore[union-attr]
+    # The end of the stream carries the finish reason and the usage: a streaming reader needs no result
+    assert (handle.finish_reason, handle.usage) == (result.output.finish_reason, result.usage)  # type: ignore[union-attr]
     # Reading again from the start gives the same text (the stream is kept for streams.ttl_s).
     assert "".join(handle.stream(timeout=30)).strip() == result.output.text  # type: ignore[union-attr]
 

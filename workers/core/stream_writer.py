@@ -50,9 +50,13 @@ class StreamWriter:
         self._pending.append((task_id, piece))
         self._due = self._due or offset == 0
 
-    def end(self, task_id: str, finish_reason: str) -> None:
+    def end(self, task_id: str, finish_reason: str, usage: tuple[int, int] | None = None) -> None:
+        """The answer is complete; ``usage``: its (prompt, completion) tokens, for the readers."""
         self._open.pop(task_id, None)
-        self._pending.append((task_id, {"end": finish_reason}))
+        fields: dict[str, str | int] = {"end": finish_reason}
+        if usage is not None:
+            fields["prompt_tokens"], fields["completion_tokens"] = usage
+        self._pending.append((task_id, fields))
         self._due = True
 
     def error(self, task_id: str, code: str, message: str) -> None:
