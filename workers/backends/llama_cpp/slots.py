@@ -267,7 +267,7 @@ class Slots:
     def _logits(self, rows: int) -> np.ndarray:
         """The step's logits, ``rows`` x vocabulary, read in place. The view is kept while llama.cpp's
         output buffer stays where it was (it moves only when a step asks for more rows than any
-        before): building one costs tens of microseconds, a few per cent of a one-row step's Python."""
+        before): building one cost tens of microseconds between two decodes."""
         pointer = self.llama.llama_get_logits(self.context.ctx)
         at = (ctypes.cast(pointer, ctypes.c_void_p).value, rows)
         if at != self._logits_at:
