@@ -108,17 +108,21 @@ def test_interactive_requests_take_reserved_rows_while_bulk_waits(engine: Engine
         g.close()
 
 
-def test_a_stream_carries_the_text_in_order_and_ends_with_the_finish(engine: Engine, sink: Sink) -> None:  # noqa: F811
+def stream_one(engine: Engine, sink: Sink) -> tuple[list[tuple[int, str]], Any]:  # noqa: F811
+    """One streamed row to its end: (the pieces ``sink`` got, the answer)."""
     g = generator(engine, sink)
     try:
         future = submit(g, gen(engine, PROMPTS[1], max_new_tokens=16, stream=True), "s")
         drive(g, [future])
     finally:
         g.close()
-    pieces = sink.pieces["s"]
+    return sink.pieces["s"], future.result()[0]
+
+
+def test_a_stream_carries_the_text_in_order_and_ends_with_the_finish(engine: Engine, sink: Sink) -> None:  # noqa: F811
+    pieces, answer = stream_one(engine, sink)
     assert [offset for offset, _ in pieces] == [sum(len(t) for _, t in pieces[:i]) for i in range(len(pieces))]
-    assert "".join(t for _, t in pieces).strip() == future.result()[0].output.text
-    answer = future.result()[0]
+    assert "".join(t for _, t in pieces).strip() == answer.output.text
     assert sink.ends["s"] == answer.output.finish_reason and len(pieces) > 1
     assert sink.usage["s"] == (answer.usage.prompt_tokens, answer.usage.completion_tokens)
 
@@ -127,16 +131,9 @@ def test_between_two_writes_a_row_gets_no_piece_and_the_next_one_carries_its_tex
     """The stream writer sends middle pieces every ``interval_ms``: between two writes the generator
     does not decode a row's text at all, and the piece at the next write (here: the end) carries
     everything since the first piece, in order."""
-    sink = Sink(every_step=False)
-    g = generator(engine, sink)
-    try:
-        future = submit(g, gen(engine, PROMPTS[1], max_new_tokens=16, stream=True), "s")
-        drive(g, [future])
-    finally:
-        g.close()
-    pieces = sink.pieces["s"]
+    pieces, answer = stream_one(engine, Sink(every_step=False))
     assert len(pieces) == 2 and pieces[1][0] == len(pieces[0][1])  # the first piece at once, then the rest
-    assert "".join(t for _, t in pieces).strip() == future.result()[0].output.text
+    assert "".join(t for _, t in pieces).strip() == answer.output.text
 
 
 def test_a_stop_string_ends_the_row_and_never_reaches_the_stream(engine: Engine, sink: Sink) -> None:  # noqa: F811
