@@ -28,7 +28,7 @@ from shared import streams, webhook_urls
 from shared.broker import async_redis, submitted_key
 from shared.config import Settings
 from shared.errors import ErrorCode, FleetError, as_fleet_error
-from shared.schemas import Priority, TaskResult, TaskType
+from shared.schemas import Priority, TaskResult, TaskType, Usage
 
 
 class AsyncTaskHandle:
@@ -37,9 +37,14 @@ class AsyncTaskHandle:
         self._reader = streams.Reader(task_id)
 
     @property
-    def stream_end(self) -> streams.Event | None:
-        """The stream's end entry (finish reason, usage) once ``stream()`` has read it; else None."""
-        return self._reader.end
+    def finish_reason(self) -> str | None:
+        """Why the answer ended, once ``stream()`` has read its end; else None (TaskHandle's)."""
+        return self._reader.end.finish if self._reader.end is not None else None
+
+    @property
+    def usage(self) -> Usage | None:
+        """The answer's token counts, once ``stream()`` has read its end; else None (TaskHandle's)."""
+        return self._reader.end.usage if self._reader.end is not None else None
 
     async def status(self) -> str:
         return await self._client.status(self.id)

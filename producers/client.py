@@ -68,10 +68,7 @@ class TaskHandle:
     def usage(self) -> Usage | None:
         """The answer's token counts, once ``stream()`` has read its end (no round trip for the
         result, which the worker stores a moment after the end); else None."""
-        end = self._stream_end
-        if end is None or end.usage is None:
-            return None
-        return Usage(prompt_tokens=end.usage[0], completion_tokens=end.usage[1])
+        return self._stream_end.usage if self._stream_end is not None else None
 
     @property
     def id(self) -> str:

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from shared.schemas import Usage
+
 STREAM_PREFIX = "autoglm:stream:"
 CANCEL_PREFIX = "autoglm:cancel:"
 MAXLEN = 4096
@@ -49,7 +51,7 @@ class Event:
     finish: str | None = None
     error: str | None = None
     message: str = ""
-    usage: tuple[int, int] | None = None  # (prompt, completion) tokens, at the end
+    usage: Usage | None = None  # the answer's tokens, at the end
 
 
 def _s(value: Any) -> str:
@@ -60,7 +62,7 @@ def decode(fields: dict[Any, Any]) -> Event:
     fields = {_s(k): _s(v) for k, v in fields.items()}
     if "end" in fields:
         counts = fields.get("prompt_tokens"), fields.get("completion_tokens")
-        usage = (int(counts[0]), int(counts[1])) if None not in counts else None
+        usage = Usage(prompt_tokens=int(counts[0]), completion_tokens=int(counts[1])) if None not in counts else None
         return Event(finish=fields["end"], usage=usage)
     if "error" in fields:
         return Event(error=fields["error"], message=fields.get("message", ""))

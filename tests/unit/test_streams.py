@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from shared.config import load_settings
+from shared.schemas import Usage
 from shared.streams import Event, Reader, Reassembler, decode
 
 
 def test_entries_decode_to_text_end_or_error() -> None:
     assert decode({b"o": b"3", b"d": b"lo "}) == Event(offset=3, text="lo ")
     assert decode({"end": "stop"}).finish == "stop"
-    assert decode({b"end": b"length", b"prompt_tokens": b"12", b"completion_tokens": b"64"}).usage == (12, 64)
+    assert decode({b"end": b"length", b"prompt_tokens": b"12", b"completion_tokens": b"64"}).usage == Usage(prompt_tokens=12, completion_tokens=64)
     failed = decode({"error": "CANCELLED", "message": "gone"})
     assert (failed.error, failed.message) == ("CANCELLED", "gone")
 
@@ -19,7 +20,7 @@ def test_a_reader_keeps_the_end_entry_with_its_finish_reason_and_usage() -> None
     records = [("autoglm:stream:t", [("1-0", {"o": "0", "d": "Hi"}),
                                      ("2-0", {"end": "stop", "prompt_tokens": "5", "completion_tokens": "2"})])]
     assert reader.feed(records) == ["Hi"] and reader.done
-    assert reader.end == Event(finish="stop", usage=(5, 2))
+    assert reader.end == Event(finish="stop", usage=Usage(prompt_tokens=5, completion_tokens=2))
 
 
 def test_a_redelivered_run_never_repeats_text_to_the_reader() -> None:

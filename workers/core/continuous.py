@@ -225,8 +225,7 @@ class ContinuousGenerator:
     def _answer(self, row: _Row, answer: Answer) -> None:
         now = time.monotonic()
         if row.streamed and self.streams is not None:
-            self.streams.end(row.task_id, answer.output.finish_reason,  # type: ignore[union-attr]
-                             (answer.usage.prompt_tokens, answer.usage.completion_tokens))
+            self.streams.end(row.task_id, answer.output.finish_reason, answer.usage)  # type: ignore[union-attr]
         self._end_spans(row, answer)
         info = BatchInfo(size=row.rows_at_admission, batch_wait_ms=(row.admitted - row.submitted) * 1000.0,
                          inference_ms=(now - row.admitted) * 1000.0, continuous=True)

@@ -169,7 +169,7 @@ class EngineCore:
             return
         answer, _ = done.result()
         self.streams.text(task_id, 0, answer.output.text)
-        self.streams.end(task_id, answer.output.finish_reason, (answer.usage.prompt_tokens, answer.usage.completion_tokens))
+        self.streams.end(task_id, answer.output.finish_reason, answer.usage)
 
     def _tend_continuous(self) -> bool:
         """One turn for the continuous batches: admit, hand out tokens and answers, send what is due

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from redis import Redis
 from redis.exceptions import RedisError
 
+from shared.schemas import Usage
 from shared.streams import MAXLEN, cancel_key, stream_key
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,12 @@ class StreamWriter:
         self._pending.append((task_id, piece))
         self._due = self._due or offset == 0
 
-    def end(self, task_id: str, finish_reason: str, usage: tuple[int, int] | None = None) -> None:
-        """The answer is complete; ``usage``: its (prompt, completion) tokens, for the readers."""
+    def end(self, task_id: str, finish_reason: str, usage: Usage | None = None) -> None:
+        """The answer is complete; ``usage``: its tokens, for the readers."""
         self._open.pop(task_id, None)
         fields: dict[str, str | int] = {"end": finish_reason}
         if usage is not None:
-            fields["prompt_tokens"], fields["completion_tokens"] = usage
+            fields["prompt_tokens"], fields["completion_tokens"] = usage.prompt_tokens, usage.completion_tokens
         self._pending.append((task_id, fields))
         self._due = True
 
@@ -66,15 +67,15 @@ class StreamWriter:
 
     def interval_passed(self) -> bool:
         """Whether a middle piece would go at the next flush (``interval_s`` since the last write).
-        The engine core decodes a row's text only then (workers/core/continuous.py): decoding all
-        of it every step, to find what a piece that is not sent yet would hold, was a tenth of a
-        millisecond per step on a CPU, about 1 % of a small model's decoding step."""
+        The engine core decodes a row's text only then (workers/core/continuous.py), not every step
+        to find what a piece that is not sent yet would hold: on a CPU that decoding sat between
+        two decoding steps (bench/RESULTS.md)."""
         return time.monotonic() - self._sent_at >= self.interval_s
 
     def due(self, force: bool = False) -> bool:
         """Whether a flush now would write: something is buffered, and it is due, ``interval_s`` has
         passed or ``force``."""
-        return bool(self._pending) and (force or self._due or time.monotonic() - self._sent_at >= self.interval_s)
+        return bool(self._pending) and (force or self._due or self.interval_passed())
 
     def flush(self, force: bool = False, ask_cancelled: Sequence[str] = ()) -> set[str]:
         """Send what is buffered if it is ``due``, and ask which of ``ask_cancelled`` their producer

@@ -166,17 +166,14 @@ async def _events(state: Any, handle: Any, model: str, wait_s: float, include_us
         yield chunk({"role": "assistant", "content": ""})
         async for piece in handle.stream(idle_timeout=wait_s):  # cut only when text stops coming
             yield chunk({"content": piece})
-        end = handle.stream_end
-        if end is not None and end.usage is not None:  # the end entry says it all: no wait for the result
-            finish, (prompt_tokens, completion_tokens) = end.finish, end.usage
-        else:  # the answer came whole (no stream), or from a worker whose end entry has no usage
+        finish, tokens = handle.finish_reason, handle.usage  # the stream's end says it: no wait for the result
+        if tokens is None:  # the answer came whole (no stream), or from a worker whose end entry has no usage
             result = await handle.result(timeout=10)
-            finish, prompt_tokens, completion_tokens = (result.output.finish_reason, result.usage.prompt_tokens,
-                                                        result.usage.completion_tokens)
+            finish, tokens = result.output.finish_reason, result.usage
         yield chunk({}, finish)
         if include_usage:
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
+            usage = {"prompt_tokens": tokens.prompt_tokens, "completion_tokens": tokens.completion_tokens,
+                     "total_tokens": tokens.prompt_tokens + tokens.completion_tokens}
             yield _sse({"id": f"chatcmpl-{handle.id}", "object": "chat.completion.chunk", "created": created,
                         "model": model, "choices": [], "usage": usage})
         finished = True
